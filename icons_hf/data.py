@@ -1,0 +1,166 @@
+"""Formatting pool rows into model inputs.
+
+LLaVA records (``{"id", "image", "conversations": [{"from": "human"|"gpt", "value"}]}``) become ``input_ids`` and
+``labels`` with the LLaVA-1.5 (Vicuna v1) layout::
+
+    <bos>{system} USER: {human} ASSISTANT: {gpt}<eos>USER: ...
+
+Only the assistant answers and their end-of-sequence token are supervised; ``<image>`` in a human turn expands
+to ``num_image_tokens`` copies of the model's image token. The image path is kept as a column and turned into
+``pixel_values`` when a row is read (``datasets`` transform), so a pool of millions of rows is never decoded
+up front.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from .gradients.extractor import collate_rows
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def format_conversation(
+    conversations: Sequence[Mapping],
+    tokenizer,
+    *,
+    image_token_id: int | None = None,
+    num_image_tokens: int = 0,
+    system: str | None = DEFAULT_SYSTEM,
+    row: int | None = None,
+) -> tuple[list[int], list[int]]:
+    """Token ids and labels (-100 where not supervised) of one LLaVA conversation."""
+    where = f"row {row}: " if row is not None else ""
+    if not conversations:
+        raise ValueError(f"{where}the conversation is empty.")
+    ids: list[int] = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    labels: list[int] = [-100] * len(ids)
+    if system:
+        piece = _encode(tokenizer, system + " ")
+        ids += piece
+        labels += [-100] * len(piece)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos token; set tokenizer.eos_token.")
+    for turn_no, turn in enumerate(conversations):
+        speaker, value = turn.get("from"), turn.get("value")
+        if not isinstance(value, str):
+            raise ValueError(f"{where}turn {turn_no} has no text 'value'.")
+        if speaker in ("human", "user"):
+            parts = value.split(IMAGE_PLACEHOLDER)
+            if len(parts) > 1 and (image_token_id is None or num_image_tokens <= 0):
+                raise ValueError(f"{where}turn {turn_no} has an {IMAGE_PLACEHOLDER} but no image token is configured.")
+            piece = _encode(tokenizer, "USER: ")
+            for k, text in enumerate(parts):
+                if k:
+                    piece += [image_token_id] * num_image_tokens
+                piece += _encode(tokenizer, text.strip("\n") if k else text.rstrip("\n"))
+            piece += _encode(tokenizer, " ASSISTANT:")
+            ids += piece
+            labels += [-100] * len(piece)
+        elif speaker in ("gpt", "assistant"):
+            piece = _encode(tokenizer, " " + value) + [eos]
+            ids += piece
+            labels += piece
+        else:
+            raise ValueError(f"{where}turn {turn_no} is from {speaker!r}; expected 'human' or 'gpt'.")
+    return ids, labels
+
+
+def prepare_llava_dataset(
+    records: Sequence[Mapping] | str | os.PathLike,
+    tokenizer,
+    *,
+    image_processor=None,
+    image_folder: str | os.PathLike | None = None,
+    image_token_id: int | None = None,
+    num_image_tokens: int = 0,
+    system: str | None = DEFAULT_SYSTEM,
+):
+    """A ``datasets.Dataset`` of model inputs for LLaVA records (a list, or a ``.json``/``.jsonl`` path).
+
+    Columns stored: ``input_ids``, ``labels`` and ``image`` (resolved path or ``None``). Reading a row yields
+    ``input_ids``, ``labels`` and, for rows with an image, ``pixel_values`` from ``image_processor``.
+    Every image path is checked up front: a missing file is an error that names the row and the path.
+    """
+    from datasets import Dataset
+
+    from .export import load_llava_records
+
+    if isinstance(records, (str, os.PathLike)):
+        records = load_llava_records(records)
+    columns = {"input_ids": [], "labels": [], "image": []}
+    for i, record in enumerate(records):
+        ids, labels = format_conversation(
+            record.get("conversations") or [], tokenizer, image_token_id=image_token_id,
+            num_image_tokens=num_image_tokens if record.get("image") else 0, system=system, row=i,
+        )
+        image = record.get("image")
+        if image is not None:
+            if image_processor is None:
+                raise ValueError(f"row {i} has an image ({image}) but no image_processor was given.")
+            path = os.path.join(os.fspath(image_folder), image) if image_folder and not os.path.isabs(image) else image
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"row {i} (id {record.get('id')!r}): image {path} does not exist; check image_folder or the record."
+                )
+            image = path
+        columns["input_ids"].append(ids)
+        columns["labels"].append(labels)
+        columns["image"].append(image)
+    dataset = Dataset.from_dict(columns)
+    if image_processor is not None and any(p is not None for p in columns["image"]):
+        if any(p is None for p in columns["image"]):
+            raise ValueError(
+                "the pool mixes rows with and without images; split it into image and text-only pools, which are "
+                "batched separately."
+            )
+        dataset.set_transform(ImageLoader(image_processor))
+    return dataset
+
+
+class ImageLoader:
+    """``datasets`` transform that adds ``pixel_values`` from the ``image`` path column."""
+
+    def __init__(self, image_processor):
+        self.image_processor = image_processor
+
+    def __call__(self, batch):
+        from PIL import Image, UnidentifiedImageError
+
+        images = []
+        for path in batch["image"]:
+            try:
+                with Image.open(path) as img:
+                    images.append(img.convert("RGB"))
+            except (OSError, UnidentifiedImageError) as err:
+                raise ValueError(f"image {path} cannot be read ({err}); fix or remove that row.") from None
+        pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return {"input_ids": batch["input_ids"], "labels": batch["labels"], "pixel_values": list(pixels)}
+
+
+class IconsCollator:
+    """Trainer data collator: right-pads token columns, stacks the rest (same rules as feature extraction)."""
+
+    def __init__(self, pad_token_id: int = 0, max_length: int | None = None):
+        self.pad_token_id = pad_token_id
+        self.max_length = max_length
+
+    def __call__(self, features: list[Mapping]) -> dict[str, torch.Tensor]:
+        keys = [k for k in features[0] if k not in ("image", "index")]
+        batch = {k: [f[k] for f in features] for k in keys}
+        return collate_rows(batch, self.pad_token_id, self.max_length)

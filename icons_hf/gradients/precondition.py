@@ -1,0 +1,185 @@
+"""Preconditioners that turn a per-example gradient into a feature.
+
+* ``sgd``: the gradient itself.
+* ``adam`` with ``adam_variant="less"`` (default, the map of the released LESS code, used by ICONS):
+  ``m' = b1 m + (1 - b1) g``, ``v' = b2 v + (1 - b2) g^2``, feature ``m' / sqrt(v' + eps)``.
+* ``adam`` with ``adam_variant="torch"`` (the update ``torch.optim.AdamW`` would take next):
+  with ``t = step + 1``, ``m_hat = m' / (1 - b1^t)``, ``v_hat = v' / (1 - b2^t)``, feature
+  ``m_hat / (sqrt(v_hat) + eps)``.
+
+``m``, ``v`` and ``step`` are the checkpoint's optimizer state. They are read, never written: every example
+sees the same state, and the optimizer is unchanged afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+
+import torch
+
+FEATURES = ("sgd", "adam")
+ADAM_VARIANTS = ("less", "torch")
+
+
+class AdamState:
+    """Read-only Adam moments for the trainable parameters, keyed by parameter name."""
+
+    def __init__(self, moments: Mapping[str, Mapping[str, torch.Tensor]], betas=(0.9, 0.999), eps=1e-8, source="mapping"):
+        self.moments = {name: dict(state) for name, state in moments.items()}
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.eps = float(eps)
+        self.source = source
+        for name, state in self.moments.items():
+            missing = [key for key in ("exp_avg", "exp_avg_sq") if key not in state]
+            if missing:
+                raise ValueError(
+                    f"optimizer state of parameter {name!r} lacks {', '.join(missing)}; an Adam feature needs the "
+                    "first and second moments of an Adam/AdamW optimizer."
+                )
+
+    def check_covers(self, shapes: Mapping[str, torch.Size]) -> None:
+        missing = [name for name in shapes if name not in self.moments]
+        if missing:
+            raise ValueError(
+                f"the optimizer state ({self.source}) has no moments for {len(missing)} trainable parameter(s), "
+                f"e.g. {missing[0]!r}. Was it saved by the same model/adapter after at least one optimizer step?"
+            )
+        for name, shape in shapes.items():
+            got = tuple(self.moments[name]["exp_avg"].shape)
+            if got != tuple(shape):
+                raise ValueError(
+                    f"optimizer moment of {name!r} has shape {got} but the parameter has shape {tuple(shape)}; "
+                    "the optimizer state belongs to another model or adapter."
+                )
+
+    @classmethod
+    def from_optimizer(cls, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> "AdamState":
+        """From a live torch optimizer (an accelerate ``AcceleratedOptimizer`` is unwrapped)."""
+        optimizer = getattr(optimizer, "optimizer", optimizer)
+        names = {id(p): n for n, p in model.named_parameters()}
+        moments, betas, eps = {}, (0.9, 0.999), 1e-8
+        for group in optimizer.param_groups:
+            betas = group.get("betas", betas)
+            eps = group.get("eps", eps)
+            for p in group["params"]:
+                state = optimizer.state.get(p)
+                if not state or p.requires_grad is False:
+                    continue
+                if id(p) not in names:
+                    raise ValueError("the optimizer holds a parameter that is not part of the model passed in.")
+                moments[names[id(p)]] = {
+                    "exp_avg": state["exp_avg"],
+                    "exp_avg_sq": state["exp_avg_sq"],
+                    "step": _step_value(state.get("step", 0)),
+                }
+        return cls(moments, betas=betas, eps=eps, source=type(optimizer).__name__)
+
+    @classmethod
+    def from_checkpoint(cls, folder: str | os.PathLike, model: torch.nn.Module) -> "AdamState":
+        """From a ``transformers.Trainer`` checkpoint folder (``optimizer.pt``).
+
+        The optimizer's integer parameter ids are mapped to names the way ``Trainer.create_optimizer`` built its
+        groups: the weight-decay group (``Trainer.get_decay_parameter_names``) first, then the rest, each in
+        ``model.named_parameters()`` order, trainable parameters only. Shapes are checked against the model.
+        """
+        from transformers import Trainer
+
+        path = os.path.join(os.fspath(folder), "optimizer.pt")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{path} not found: pass a Trainer checkpoint folder (checkpoint-N) saved with the optimizer "
+                "state (save_only_model=False), or a mapping name -> {{'exp_avg', 'exp_avg_sq'}}."
+            )
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        decay = set(Trainer.get_decay_parameter_names(None, model))
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        ordered = [n for n, _ in trainable if n in decay] + [n for n, _ in trainable if n not in decay]
+        group_ids = [pid for group in saved["param_groups"] for pid in group["params"]]
+        if len(group_ids) != len(ordered):
+            raise ValueError(
+                f"{path} holds {len(group_ids)} parameters but the model has {len(ordered)} trainable ones; "
+                "load the adapter of this very checkpoint (is_trainable=True) before reading its optimizer state."
+            )
+        group = saved["param_groups"][0]
+        moments = {}
+        for name, pid in zip(ordered, group_ids):
+            state = saved["state"].get(pid)
+            if state is None:
+                continue
+            moments[name] = {
+                "exp_avg": state["exp_avg"],
+                "exp_avg_sq": state["exp_avg_sq"],
+                "step": _step_value(state.get("step", 0)),
+            }
+        return cls(moments, betas=group.get("betas", (0.9, 0.999)), eps=group.get("eps", 1e-8), source=path)
+
+
+def _step_value(step) -> int:
+    return int(step.item()) if isinstance(step, torch.Tensor) else int(step)
+
+
+def checkpoint_learning_rate(folder: str | os.PathLike) -> float | None:
+    """The learning rate a Trainer logged at the checkpoint's step (``trainer_state.json``), if any."""
+    path = os.path.join(os.fspath(folder), "trainer_state.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as handle:
+        state = json.load(handle)
+    entries = [e for e in state.get("log_history", []) if "learning_rate" in e]
+    if not entries:
+        return None
+    step = state.get("global_step")
+    at_step = [e for e in entries if e.get("step") == step]
+    return float((at_step or entries)[-1]["learning_rate"])
+
+
+class Preconditioner:
+    """Maps a batch of per-example gradients of one parameter to features (see the module docstring)."""
+
+    def __init__(self, feature: str, adam_variant: str = "less", state: AdamState | None = None, device="cpu"):
+        if feature not in FEATURES:
+            raise ValueError(f"feature={feature!r} is not supported; choose 'sgd' or 'adam'.")
+        if adam_variant not in ADAM_VARIANTS:
+            raise ValueError(f"adam_variant={adam_variant!r} is not supported; choose 'less' or 'torch'.")
+        if feature == "adam" and state is None:
+            raise ValueError(
+                "feature='adam' needs optimizer_state: a Trainer checkpoint folder, a live optimizer, or a mapping "
+                "name -> {'exp_avg', 'exp_avg_sq'}."
+            )
+        self.feature = feature
+        self.adam_variant = adam_variant
+        self.state = state
+        self.device = torch.device(device)
+        self._moments: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
+
+    def describe(self) -> dict:
+        out = {"feature": self.feature}
+        if self.feature == "adam":
+            out.update(adam_variant=self.adam_variant, betas=list(self.state.betas), eps=self.state.eps)
+        return out
+
+    def _get(self, name):
+        if name not in self._moments:
+            st = self.state.moments[name]
+            # Copies in float32 on the compute device: the optimizer's own tensors are never touched.
+            m = st["exp_avg"].detach().to(self.device, torch.float32, copy=True).reshape(-1)
+            v = st["exp_avg_sq"].detach().to(self.device, torch.float32, copy=True).reshape(-1)
+            self._moments[name] = (m, v, int(st.get("step", 0)))
+        return self._moments[name]
+
+    def __call__(self, name: str, grads: torch.Tensor) -> torch.Tensor:
+        if self.feature == "sgd":
+            return grads
+        m, v, step = self._get(name)
+        b1, b2 = self.state.betas
+        eps = self.state.eps
+        m_new = b1 * m + (1.0 - b1) * grads
+        v_new = b2 * v + (1.0 - b2) * grads.square()
+        if self.adam_variant == "less":
+            return m_new / torch.sqrt(v_new + eps)
+        t = step + 1
+        m_hat = m_new / (1.0 - b1**t)
+        v_hat = v_new / (1.0 - b2**t)
+        return m_hat / (torch.sqrt(v_hat) + eps)

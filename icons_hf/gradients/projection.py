@@ -1,0 +1,125 @@
+"""Random projections of per-example gradients.
+
+Every projection is fixed by ``(kind, seed, parameter name, dim)`` alone: the same coordinate of the same
+parameter lands in the same place on any device, in any batch and in any process.
+
+* ``countsketch`` (default): each gradient coordinate goes to one signed bucket. Bucket and sign come from a
+  stateless 64-bit hash of ``(seed, parameter name, coordinate)``, computed on the CPU with NumPy, so the
+  sketch is identical on every machine. Cost is one scatter-add per parameter.
+* ``rademacher``: a dense matrix of ``+-1/sqrt(dim)`` entries per parameter, drawn from a CPU
+  ``torch.Generator`` seeded from ``(seed, parameter name)``. Exact Johnson-Lindenstrauss style projection
+  (as in TRAK/LESS), but ``numel x dim`` values per parameter, so only for small parameter counts.
+* ``identity``: no projection; the feature is the flat gradient of the trainable parameters in
+  ``model.named_parameters()`` order, and ``dim`` is their total size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+PROJECTIONS = ("countsketch", "rademacher", "identity")
+
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def parameter_key(seed: int, name: str) -> int:
+    """A 64-bit key derived from the seed and the parameter name (stable across Python runs)."""
+    digest = hashlib.blake2b(f"{int(seed)}\x00{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser over a uint64 array (wrap-around arithmetic)."""
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return x
+
+
+def countsketch_hash(seed: int, name: str, numel: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Buckets (int64 in ``[0, dim)``) and signs (+-1 float32) for each coordinate of one parameter."""
+    key = np.uint64(parameter_key(seed, name))
+    buckets = np.empty(numel, dtype=np.int64)
+    signs = np.empty(numel, dtype=np.float32)
+    chunk = 1 << 22
+    for start in range(0, numel, chunk):
+        coords = np.arange(start, min(numel, start + chunk), dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            h = _splitmix64(coords ^ key)
+        buckets[start : start + len(coords)] = ((h >> np.uint64(1)) % np.uint64(dim)).astype(np.int64)
+        signs[start : start + len(coords)] = np.where((h & np.uint64(1)) == 1, 1.0, -1.0)
+    return buckets, signs
+
+
+def rademacher_block(seed: int, name: str, numel: int, dim: int) -> torch.Tensor:
+    """The dense ``numel x dim`` Rademacher matrix of one parameter, scaled by ``1/sqrt(dim)``."""
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(parameter_key(seed, name) & 0x7FFF_FFFF_FFFF_FFFF)
+    bits = torch.randint(0, 2, (numel, dim), generator=generator, dtype=torch.int8)
+    return (bits.to(torch.float32) * 2.0 - 1.0) / float(np.sqrt(dim))
+
+
+class Projector:
+    """Projects per-example gradients parameter by parameter and accumulates them into one feature row.
+
+    Args:
+        kind: ``"countsketch"``, ``"rademacher"`` or ``"identity"``.
+        dim: output dimension (ignored for ``identity``, whose dimension is the parameter count).
+        seed: projection seed.
+        shapes: ordered mapping ``parameter name -> numel`` of the parameters that contribute.
+        device: where the projection runs.
+    """
+
+    def __init__(self, kind: str, dim: int, seed: int, shapes: Mapping[str, int], device: torch.device | str = "cpu"):
+        if kind not in PROJECTIONS:
+            raise ValueError(f"projection={kind!r} is not supported; choose one of {', '.join(PROJECTIONS)}.")
+        if kind != "identity" and (not isinstance(dim, int) or dim <= 0):
+            raise ValueError(f"dim={dim!r} must be a positive integer.")
+        self.kind = kind
+        self.seed = int(seed)
+        self.shapes = dict(shapes)
+        self.device = torch.device(device)
+        self._offsets: dict[str, int] = {}
+        offset = 0
+        for name, numel in self.shapes.items():
+            self._offsets[name] = offset
+            offset += numel
+        self.dim = offset if kind == "identity" else int(dim)
+        self._cache: dict[str, tuple[torch.Tensor, ...]] = {}
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "dim": self.dim, "seed": self.seed}
+
+    def _tables(self, name: str) -> tuple[torch.Tensor, ...]:
+        if name not in self._cache:
+            numel = self.shapes[name]
+            if self.kind == "countsketch":
+                buckets, signs = countsketch_hash(self.seed, name, numel, self.dim)
+                self._cache[name] = (torch.from_numpy(buckets).to(self.device), torch.from_numpy(signs).to(self.device))
+            else:
+                self._cache[name] = (rademacher_block(self.seed, name, numel, self.dim).to(self.device),)
+        return self._cache[name]
+
+    def new_output(self, batch: int) -> torch.Tensor:
+        return torch.zeros(batch, self.dim, dtype=torch.float32, device=self.device)
+
+    def accumulate(self, out: torch.Tensor, name: str, grads: torch.Tensor) -> None:
+        """Add the projection of ``grads`` (``batch x numel`` float32) of parameter ``name`` into ``out``."""
+        if name not in self.shapes:
+            raise KeyError(f"parameter {name!r} was not registered with the projector")
+        grads = grads.reshape(grads.shape[0], -1)
+        if self.kind == "identity":
+            start = self._offsets[name]
+            out[:, start : start + grads.shape[1]] += grads
+        elif self.kind == "countsketch":
+            buckets, signs = self._tables(name)
+            out.index_add_(1, buckets, grads * signs)
+        else:
+            (matrix,) = self._tables(name)
+            out.addmm_(grads, matrix)
