@@ -14,6 +14,7 @@ from .callback import IconsCallback, load_run
 from .consensus import METHODS, select
 from .export import export_selection
 from .gradients import compute_gradients
+from .hub import push_selection
 from .influence import compute_influence
 from .store import load_gradients
 
@@ -26,5 +27,6 @@ __all__ = [
     "export_selection",
     "load_gradients",
     "load_run",
+    "push_selection",
     "select",
 ]

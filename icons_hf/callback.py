@@ -74,6 +74,7 @@ class IconsCallback(TrainerCallback):
             on_bad_row=on_bad_row, max_length=max_length, pad_token_id=pad_token_id,
         )
         self.checkpoints: list[dict] = []
+        self._step_lr: float | None = None
 
     def _task_items(self):
         for name, spec in self.tasks.items():
@@ -87,14 +88,17 @@ class IconsCallback(TrainerCallback):
         if self.output_dir is None:
             self.output_dir = os.path.join(args.output_dir, "icons")
 
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        # The learning rate this step used (the scheduler moves on right after): the value the Trainer logs.
+        if optimizer is not None:
+            self._step_lr = float(getattr(optimizer, "optimizer", optimizer).param_groups[0]["lr"])
+
     def on_save(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None:
             raise RuntimeError("IconsCallback needs the model in on_save; it is meant for transformers.Trainer.")
         name = f"checkpoint-{state.global_step}"
         root = os.path.join(self.output_dir, name)
-        lr = None
-        if optimizer is not None:
-            lr = float(getattr(optimizer, "optimizer", optimizer).param_groups[0]["lr"])
+        lr = self._step_lr
         state_arg = None
         if self.train_feature == "adam":
             if optimizer is None:

@@ -209,6 +209,26 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines)
 
 
+def _method_text(sel: dict) -> str:
+    method = sel["method"]
+    if method == "vote":
+        return (
+            "ICONS consensus voting: a row gets one vote from each task whose influence score exceeds that task's "
+            f"{sel['threshold_percentile']:g}th percentile; the rows with the most votes are kept (ties broken by the "
+            "mean within-task percentile rank, then by row position)"
+        )
+    if method == "task":
+        return f"the influence on the single task {sel.get('task')!r} (LESS-style)"
+    if method == "random":
+        return f"a uniformly random subset (seed {sel.get('seed')})"
+    return {
+        "mean": "the mean of the per-task influence scores",
+        "max": "the maximum of the per-task influence scores",
+        "rank": "the mean within-task percentile rank",
+        "norm": "the mean of per-task z-scored influence scores",
+    }.get(method, method)
+
+
 def render_card(metadata: dict, scores, *, license: str, pretty_name: str | None, task_categories: list[str], tags: list[str]) -> str:
     """The dataset card (README.md) text: Hub YAML metadata followed by a readable account of the selection."""
     from huggingface_hub import DatasetCardData
@@ -229,17 +249,7 @@ def render_card(metadata: dict, scores, *, license: str, pretty_name: str | None
         tags=sorted({"icons", "data-selection", "influence-functions", *tags}),
         configs=[{"config_name": "default", "data_files": [{"split": "train", "path": data_files}]}],
     )
-    method_text = {
-        "vote": f"ICONS consensus voting: a row gets one vote from each task whose influence score exceeds that task's "
-        f"{sel['threshold_percentile']:g}th percentile; the rows with the most votes are kept (ties broken by the "
-        "mean within-task percentile rank, then by row position)",
-        "mean": "the mean of the per-task influence scores",
-        "max": "the maximum of the per-task influence scores",
-        "rank": "the mean within-task percentile rank",
-        "norm": "the mean of per-task z-scored influence scores",
-        "task": f"the influence on the single task {sel.get('task')!r} (LESS-style)",
-        "random": f"a uniformly random subset (seed {sel.get('seed')})",
-    }[sel["method"]]
+    method_text = _method_text(sel)
     parts = [
         f"# {title}",
         "",

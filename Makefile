@@ -1,0 +1,29 @@
+# Two commands on a fresh machine with Python 3.11 and pip:
+#   make demo   creates .venv, installs icons_hf, runs the embedded easy-VQA demo (CPU, offline)
+#   make test   creates .venv, installs icons_hf with test extras, runs the test suite (offline)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch; on a GPU machine install your CUDA torch into the venv first.
+TORCH ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install demo test clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip show torch >/dev/null 2>&1 || $(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/icons-hf demo --output-dir icons_demo
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) icons_demo

@@ -1,0 +1,296 @@
+"""Push a folder written by :func:`icons_hf.export_selection` to the Hugging Face Hub.
+
+The subset becomes the repository's default config (``load_dataset(repo_id, split="train")`` returns the
+selected rows), the score table an optional second config named ``"scores"``, and the export's
+``README.md`` the dataset card, with the ``configs`` / ``dataset_info`` metadata written by
+``Dataset.push_to_hub`` merged into it so that both configs stay declared.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, Image
+from huggingface_hub import DatasetCard, HfApi
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["push_selection"]
+
+SCORES_CONFIG = "scores"
+# Card metadata keys owned by push_to_hub (they describe what is on the Hub); every other key of the
+# card (license, tags, task_categories, size_categories, pretty_name, ...) comes from the export.
+_HUB_OWNED_METADATA = ("configs", "dataset_info")
+_POOL_FORMATS = ("hf", "llava_json", "llava_jsonl")
+
+
+def push_selection(
+    output_dir: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    embed_images: bool = False,
+    push_scores: bool = True,
+    max_shard_size: int | str = "500MB",
+    commit_message: str | None = None,
+    image_folder: str | os.PathLike | None = None,
+) -> str:
+    """Push an exported ICONS selection to a dataset repository on the Hub.
+
+    Three steps, each through the public Hugging Face APIs:
+
+    1. the selected rows are loaded as a ``datasets.Dataset`` (the ``data/*.parquet`` shards of an ``hf``
+       pool, or the original records of a LLaVA ``.json``/``.jsonl`` pool) and pushed with
+       ``Dataset.push_to_hub(repo_id, split="train")`` as the default config;
+    2. if ``push_scores``, ``scores.parquet`` is pushed as a second config named ``"scores"``
+       (``load_dataset(repo_id, "scores", split="train")``);
+    3. the export's ``README.md`` is uploaded as the dataset card. Its own YAML (license, tags,
+       task_categories, size_categories, pretty_name, ...) and body are kept; its ``configs`` and
+       ``dataset_info`` are replaced by the ones ``push_to_hub`` wrote on the Hub, which describe the
+       files actually pushed.
+
+    LLaVA pools are pushed as records only by default — ``id``, ``image`` (the relative path, as a
+    string) and ``conversations`` — like the public ``LLAVA-ICONS-133K`` dataset; the images stay with
+    the user's copy of the LLaVA image folders. With ``embed_images=True`` the ``image`` column
+    becomes a ``datasets.Image()`` column whose bytes are read from ``image_folder`` (the folder the
+    relative paths start from) and stored in the Parquet shards; rows without an image get ``None``.
+
+    Args:
+        output_dir: a folder written by ``icons_hf.export_selection``.
+        repo_id: ``"namespace/name"`` of the dataset repository (created if missing; a bare name
+            goes to the token owner's namespace).
+        private: visibility of the repository when it is created (ignored if it exists).
+        token: a Hub token. ``None`` uses ``HF_TOKEN``, then the cached ``hf auth login`` token (the
+            libraries' own lookup). The token is only sent in Authorization headers; it is never
+            logged, printed or written.
+        revision: branch to push to (created from ``main`` if missing).
+        create_pr: open one pull request holding all the commits (data, scores, card) instead of
+            committing to ``revision`` directly.
+        embed_images: LLaVA pools only: store the images in the dataset (see above).
+        push_scores: also push the score table as the ``"scores"`` config.
+        max_shard_size: largest Parquet shard pushed, e.g. ``"500MB"`` or a number of bytes.
+        commit_message: summary of the data commit (the scores and card commits get a suffix).
+        image_folder: root folder of the LLaVA images; required by ``embed_images=True``.
+
+    Returns:
+        The URL of the pull request when ``create_pr=True``, else the URL of the last commit
+        (``<endpoint>/datasets/<repo_id>/commit/<sha>``).
+
+    Raises:
+        FileNotFoundError: ``output_dir`` is not an export (the missing file is named), or an image
+            is missing under ``image_folder`` (the row and path are named).
+        ValueError: inconsistent export files or arguments.
+    """
+    folder = Path(output_dir)
+    metadata = _read_export(folder, need_scores=push_scores)
+    fmt = metadata["pool"]["format"]
+    if embed_images and fmt == "hf":
+        raise ValueError(
+            "embed_images=True applies to LLaVA JSON/JSONL pools; an 'hf' pool is pushed with the columns "
+            "(and Image features) it already has."
+        )
+    if image_folder is not None and not embed_images:
+        raise ValueError("image_folder is only used with embed_images=True; pass both or neither.")
+
+    subset = _load_subset(folder, metadata, embed_images=embed_images, image_folder=image_folder)
+    scores = Dataset.from_parquet(str(folder / "scores.parquet")) if push_scores else None
+    card = DatasetCard.load(folder / "README.md")
+
+    message = commit_message or f"Upload ICONS selection ({len(subset):,} rows)"
+    logger.info("Pushing %d selected rows to dataset repo %s (revision=%s, create_pr=%s)",
+                len(subset), repo_id, revision or "main", create_pr)
+    info = subset.push_to_hub(
+        repo_id,
+        split="train",
+        private=private,
+        token=token,
+        revision=revision,
+        create_pr=create_pr,
+        max_shard_size=max_shard_size,
+        commit_message=message,
+        embed_external_files=True,
+    )
+    full_repo_id = info.repo_url.repo_id
+    # Later commits go to the same place: the pull request opened by the first push, or `revision`.
+    target = info.pr_revision if create_pr else revision
+    result_url = info.pr_url if create_pr else str(info)
+
+    if scores is not None:
+        logger.info("Pushing the score table (%d rows) as config %r", len(scores), SCORES_CONFIG)
+        info = scores.push_to_hub(
+            full_repo_id,
+            config_name=SCORES_CONFIG,
+            split="train",
+            token=token,
+            revision=target,
+            max_shard_size=max_shard_size,
+            commit_message=f"{message} (scores)",
+        )
+        result_url = result_url if create_pr else str(info)
+
+    api = HfApi(token=token)
+    _merge_hub_metadata(card, api, full_repo_id, target)
+    card_url = card.push_to_hub(
+        full_repo_id,
+        token=token,
+        repo_type="dataset",
+        revision=target,
+        commit_message=f"{message} (dataset card)",
+    )
+    logger.info("Pushed the selection to %s", full_repo_id)
+    return result_url if create_pr else str(card_url)
+
+
+# -- export folder ------------------------------------------------------------------------------
+
+
+def _missing(path: Path) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"{path} does not exist: {path.parent} is not a complete ICONS export. Write it with "
+        "icons_hf.export_selection(pool, scores, output_dir) first, then push that folder."
+    )
+
+
+def _read_export(folder: Path, *, need_scores: bool) -> dict[str, Any]:
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"{folder} is not a folder; pass the output_dir written by icons_hf.export_selection."
+        )
+    required = ["README.md", "selection.json", "indices.json"] + (["scores.parquet"] if need_scores else [])
+    for name in required:
+        if not (folder / name).is_file():
+            raise _missing(folder / name)
+    with open(folder / "selection.json", encoding="utf-8") as handle:
+        metadata = json.load(handle)
+    pool = metadata.get("pool") if isinstance(metadata, dict) else None
+    fmt = pool.get("format") if isinstance(pool, dict) else None
+    if fmt not in _POOL_FORMATS:
+        raise ValueError(
+            f"{folder / 'selection.json'}: pool.format is {fmt!r}, expected one of {_POOL_FORMATS}; "
+            "was the folder written by icons_hf.export_selection?"
+        )
+    with open(folder / "indices.json", encoding="utf-8") as handle:
+        indices = json.load(handle)
+    if not isinstance(indices, list):
+        raise ValueError(f"{folder / 'indices.json'}: expected a list of pool positions.")
+    num_selected = metadata.get("num_selected", len(indices))
+    if num_selected != len(indices):
+        raise ValueError(
+            f"{folder}: selection.json says {num_selected} rows were selected but indices.json lists {len(indices)}; "
+            "re-run export_selection."
+        )
+    metadata["num_selected"] = num_selected
+    return metadata
+
+
+def _load_subset(folder: Path, metadata: dict[str, Any], *, embed_images: bool,
+                 image_folder: str | os.PathLike | None) -> Dataset:
+    fmt = metadata["pool"]["format"]
+    if fmt == "hf":
+        shards = sorted((folder / "data").glob("train-*.parquet"))
+        if not shards:
+            raise _missing(folder / "data" / "train-00000-of-00001.parquet")
+        subset = Dataset.from_parquet([str(p) for p in shards])
+    else:
+        name = metadata.get("subset_file")
+        if not name:
+            raise ValueError(
+                f"{folder / 'selection.json'}: a {fmt} export must name its records file in 'subset_file'."
+            )
+        path = folder / name
+        if not path.is_file():
+            raise _missing(path)
+        records = _read_records(path)
+        if embed_images:
+            records = _resolve_images(records, image_folder, path)
+        subset = _records_to_dataset(records)
+        if embed_images and "image" in subset.column_names:
+            subset = subset.cast_column("image", Image())
+    if len(subset) != metadata["num_selected"]:
+        raise ValueError(
+            f"{folder}: the subset has {len(subset)} rows but {metadata['num_selected']} were selected; "
+            "re-run export_selection."
+        )
+    return subset
+
+
+def _read_records(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as handle:
+        if path.suffix == ".jsonl":
+            records = []
+            for line_no, line in enumerate(handle, start=1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"{path}, line {line_no}: not valid JSON ({err.msg}).") from None
+        else:
+            try:
+                records = json.load(handle)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}).") from None
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise ValueError(f"{path}: expected a list of LLaVA record objects.")
+    return records
+
+
+def _records_to_dataset(records: list[dict]) -> Dataset:
+    # Union of keys in first-seen order: a record without "image" (text-only LLaVA rows) gets None
+    # instead of the column being dropped because the first record lacked it.
+    columns: dict[str, list] = {}
+    for record in records:
+        for key in record:
+            columns.setdefault(key, [])
+    for key, values in columns.items():
+        values.extend(record.get(key) for record in records)
+    return Dataset.from_dict(columns)
+
+
+def _resolve_images(records: list[dict], image_folder: str | os.PathLike | None, source: Path) -> list[dict]:
+    if image_folder is None:
+        raise ValueError(
+            "embed_images=True needs image_folder=: the folder the LLaVA 'image' paths are relative to."
+        )
+    root = Path(image_folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image_folder {root} is not a folder; pass the root of the LLaVA images.")
+    out = []
+    for row, record in enumerate(records):
+        rel = record.get("image")
+        if rel is None:
+            out.append(record)
+            continue
+        full = root / rel
+        if not full.is_file():
+            raise FileNotFoundError(
+                f"{source}: row {row} (id={record.get('id')!r}) refers to image {rel!r}, but {full} does not exist; "
+                "pass image_folder= the folder the LLaVA image paths are relative to."
+            )
+        out.append({**record, "image": str(full)})
+    return out
+
+
+# -- dataset card -------------------------------------------------------------------------------
+
+
+def _merge_hub_metadata(card: DatasetCard, api: HfApi, repo_id: str, revision: str | None) -> None:
+    """Replace the card's Hub-owned metadata (configs, dataset_info) with what push_to_hub wrote."""
+    with tempfile.TemporaryDirectory() as tmp:
+        remote_path = api.hf_hub_download(
+            repo_id, "README.md", repo_type="dataset", revision=revision, cache_dir=tmp
+        )
+        remote = DatasetCard.load(remote_path)
+    for key in _HUB_OWNED_METADATA:
+        value = remote.data.get(key)
+        if value is not None:
+            card.data[key] = value
+        else:
+            card.data.pop(key, None)
