@@ -148,6 +148,7 @@ def run_demo(config: DemoConfig | None = None) -> dict:
     from . import IconsCallback, compute_influence, export_selection, select
     from .consensus import column_arrays, vote_histogram
     from .data import IconsCollator, prepare_llava_dataset
+    from .report import write_report
 
     config = config or DemoConfig()
     rng = np.random.default_rng(config.seed)
@@ -223,6 +224,7 @@ def run_demo(config: DemoConfig | None = None) -> dict:
         "vote_histogram": vote_histogram(scores),
         "subset_dir": subset_dir,
     }
+    summary["report"] = write_report(subset_dir, groups=kinds, group_name="question type")
     with open(os.path.join(config.output_dir, "summary.json"), "w") as handle:
         json.dump(summary, handle, indent=2)
     return summary
@@ -243,4 +245,6 @@ def format_summary(summary: dict) -> str:
     for votes, counts in summary["vote_histogram"].items():
         lines.append(f"  {votes:<6} {counts['pool']:>6}   {counts['selected']:>6}")
     lines += ["", f"Subset, scores and dataset card: {summary['subset_dir']}"]
+    if summary.get("report"):
+        lines.append(f"Selection report: {summary['report']}")
     return "\n".join(lines)
