@@ -6,27 +6,37 @@ Five lines with a Trainer::
     Trainer(model, args, train_dataset=warmup, callbacks=[callback]).train()
     scores = select(compute_influence(*callback.stores()), fraction=0.2)
     export_selection("llava_v1_5_mix665k.json", scores, "llava-icons")
+
+Names are imported on first use, so ``import icons_hf`` (and the CLI's ``--help``) stays fast.
 """
+
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-from .callback import IconsCallback, load_run
-from .consensus import METHODS, select
-from .export import export_selection
-from .gradients import compute_gradients
-from .hub import push_selection
-from .influence import compute_influence
-from .store import load_gradients
+_EXPORTS = {
+    "IconsCallback": "callback",
+    "load_run": "callback",
+    "METHODS": "consensus",
+    "select": "consensus",
+    "export_selection": "export",
+    "compute_gradients": "gradients",
+    "push_selection": "hub",
+    "compute_influence": "influence",
+    "load_gradients": "store",
+    "write_report": "report",
+}
 
-__all__ = [
-    "METHODS",
-    "IconsCallback",
-    "__version__",
-    "compute_gradients",
-    "compute_influence",
-    "export_selection",
-    "load_gradients",
-    "load_run",
-    "push_selection",
-    "select",
-]
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'icons_hf' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

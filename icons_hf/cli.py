@@ -82,6 +82,7 @@ def _add_report(sub):
     p = sub.add_parser("report", help="figures and a Markdown report of an exported selection")
     p.add_argument("export_dir")
     p.add_argument("--output-dir", help="default: <export_dir>/report")
+    p.add_argument("--group-column", help="record field or column to break the subset down by (e.g. source)")
 
 
 def _add_push(sub):
@@ -217,7 +218,7 @@ def _run(args) -> int:
     elif args.command == "report":
         from .report import write_report
 
-        print(write_report(args.export_dir, args.output_dir))
+        print(write_report(args.export_dir, args.output_dir, group_column=args.group_column))
     elif args.command == "push":
         from .hub import push_selection
 
