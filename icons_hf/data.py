@@ -9,6 +9,9 @@ Only the assistant answers and their end-of-sequence token are supervised; ``<im
 to ``num_image_tokens`` copies of the model's image token. The image path is kept as a column and turned into
 ``pixel_values`` when a row is read (``datasets`` transform), so a pool of millions of rows is never decoded
 up front.
+
+Chat rows (``messages``: ``[{"role", "content"}, ...]``, Tulu/LESS style) are rendered with the tokenizer's chat
+template by :func:`format_chat`, which supervises only the assistant turns.
 """
 
 from __future__ import annotations
@@ -164,3 +167,111 @@ class IconsCollator:
         keys = [k for k in features[0] if k not in ("image", "index")]
         batch = {k: [f[k] for f in features] for k in keys}
         return collate_rows(batch, self.pad_token_id, self.max_length)
+
+
+def _render_chat(tokenizer, messages, generation_prompt: bool, chat_template: str | None) -> str:
+    return tokenizer.apply_chat_template(
+        list(messages), tokenize=False, add_generation_prompt=generation_prompt, chat_template=chat_template
+    )
+
+
+def assistant_spans(messages: Sequence[Mapping], tokenizer, *, chat_template: str | None = None, row: int | None = None):
+    """The chat rendered with the tokenizer's chat template, and the character spans of its assistant turns.
+
+    A span runs from the start of the assistant's content to the end of its turn as the template renders it
+    (end-of-turn marker included). Spans are found by rendering prefixes of the conversation: the text before
+    turn ``i`` is the rendering of ``messages[:i]`` with the generation prompt, its end the rendering of
+    ``messages[:i + 1]``; both must be prefixes of the whole rendering, which holds for templates that render
+    each turn independently of the later ones.
+    """
+    where = f"row {row}: " if row is not None else ""
+    if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
+        raise ValueError(f"{where}'messages' must be a non-empty list of {{'role', 'content'}} objects.")
+    for turn_no, message in enumerate(messages):
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+            raise ValueError(f"{where}message {turn_no} has no 'role'; each message needs 'role' and 'content'.")
+        if not isinstance(message.get("content"), str):
+            raise ValueError(f"{where}message {turn_no} has no text 'content'.")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError(f"{where}the chat has no assistant message, so nothing would be supervised; drop the row.")
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template; pass chat_template= (a Jinja template string).")
+    full = _render_chat(tokenizer, messages, False, chat_template)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = ""
+        if i:
+            before = _render_chat(tokenizer, messages[:i], True, chat_template)
+            if not full.startswith(before):
+                # Templates that know no generation prompt: the assistant header is found below instead.
+                before = _render_chat(tokenizer, messages[:i], False, chat_template)
+        through = _render_chat(tokenizer, messages[: i + 1], False, chat_template)
+        if not (full.startswith(before) and full.startswith(through) and len(through) > len(before)):
+            raise ValueError(
+                f"{where}the chat template does not render the first {i + 1} messages as a prefix of the whole chat "
+                "(it rewrites earlier turns), so assistant turns cannot be located; use a template that renders each "
+                "turn independently (chat_template=)."
+            )
+        start, content = len(before), message["content"]
+        found = full.find(content, start, len(through)) if content else -1
+        spans.append((found if found >= 0 else start, len(through)))
+    return full, spans
+
+
+def format_chat(
+    messages: Sequence[Mapping],
+    tokenizer,
+    *,
+    chat_template: str | None = None,
+    row: int | None = None,
+) -> tuple[list[int], list[int]]:
+    """Token ids and labels (-100 where not supervised) of a chat ``[{"role", "content"}, ...]``.
+
+    The chat is rendered with the tokenizer's chat template (or ``chat_template``) and tokenized as a whole,
+    exactly as ``apply_chat_template(..., tokenize=True)`` would; only the tokens of assistant turns (their content
+    and end-of-turn marker, see :func:`assistant_spans`) are supervised. Needs a fast tokenizer (character
+    offsets).
+    """
+    where = f"row {row}: " if row is not None else ""
+    text, spans = assistant_spans(messages, tokenizer, chat_template=chat_template, row=row)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("format_chat needs a fast tokenizer (character offsets); load it with use_fast=True.")
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(encoded["input_ids"])
+    labels = []
+    for token, (lo, hi) in zip(ids, encoded["offset_mapping"]):
+        inside = hi > lo and any(lo < end and start < hi for start, end in spans)
+        labels.append(token if inside else -100)
+    if all(label == -100 for label in labels[1:]):
+        raise ValueError(f"{where}no assistant token survives tokenization; check the chat template.")
+    return ids, labels
+
+
+def prepare_chat_dataset(
+    records,
+    tokenizer,
+    *,
+    messages_key: str = "messages",
+    chat_template: str | None = None,
+):
+    """A ``datasets.Dataset`` of ``input_ids`` and ``labels`` for chat rows (Tulu/LESS style).
+
+    ``records``: a list of objects, a ``.json``/``.jsonl`` path, or a ``datasets.Dataset``, each row holding
+    ``messages_key`` (a list of ``{"role", "content"}``). Row order is kept; a bad row is an error naming it.
+    """
+    from datasets import Dataset
+
+    from .export import load_llava_records
+
+    if isinstance(records, (str, os.PathLike)):
+        records = load_llava_records(records)
+    columns = {"input_ids": [], "labels": []}
+    for i, record in enumerate(records):
+        if messages_key not in record:
+            raise ValueError(f"row {i} has no {messages_key!r} field; pass messages_key= the field holding the chat.")
+        ids, labels = format_chat(record[messages_key], tokenizer, chat_template=chat_template, row=i)
+        columns["input_ids"].append(ids)
+        columns["labels"].append(labels)
+    return Dataset.from_dict(columns)
