@@ -53,6 +53,17 @@ class TaskSpec:
 # ----------------------------------------------------------------------------------------------- arguments
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default in its help when there is one to show (not None, False or empty)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if default is None or default is False or default == [] or default == argparse.SUPPRESS or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, *, lora_targets: list[str] | None, lora_regex: str | None,
                          learning_rate: float) -> None:
     """Argument groups shared by the example scripts (the model and data arguments are the scripts' own)."""
@@ -79,34 +90,35 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, lora_targets: list[
                        help="keep at most this many validation rows per (sub)task, drawn with --seed")
 
     lora = parser.add_argument_group("LoRA")
-    lora.add_argument("--lora-r", type=int, default=128, help="LoRA rank (default: %(default)s, as ICONS/LESS)")
-    lora.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 * r)")
-    lora.add_argument("--lora-dropout", type=float, default=0.05)
+    lora.add_argument("--lora-r", type=int, default=128, help="LoRA rank (as ICONS/LESS)")
+    lora.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 * r, as ICONS)")
+    lora.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input")
     lora.add_argument("--lora-target-modules", nargs="+", default=lora_targets,
-                      help="module names to adapt (default: %(default)s)")
+                      help="names of the modules to adapt (peft suffix match)")
     lora.add_argument("--lora-target-regex", default=lora_regex,
-                      help="a regular expression (peft full match) of module names to adapt; replaces "
-                           "--lora-target-modules (default: %(default)s)")
+                      help="a regular expression (peft full match) of the module names to adapt, instead of "
+                           "--lora-target-modules")
+    parser.set_defaults(default_lora_targets=lora_targets, default_lora_regex=lora_regex)
     lora.add_argument("--modules-to-save", nargs="*", default=[],
                       help="modules trained in full beside the adapters (e.g. multi_modal_projector)")
 
     warm = parser.add_argument_group("warmup training")
     warm.add_argument("--warmup-fraction", type=float, default=0.05,
-                      help="share of the pool drawn at random (with --seed) for the warmup (default: %(default)s, as LESS)")
-    warm.add_argument("--num-train-epochs", type=float, default=1.0)
+                      help="share of the pool drawn at random (with --seed) for the warmup (as LESS)")
+    warm.add_argument("--num-train-epochs", type=float, default=1.0, help="warmup epochs over the warmup sample")
     warm.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (overrides epochs)")
     warm.add_argument("--num-checkpoints", type=int, default=4,
-                      help="checkpoints to extract features at, spread evenly over the run (default: %(default)s, as LESS)")
-    warm.add_argument("--per-device-train-batch-size", type=int, default=4)
-    warm.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    warm.add_argument("--learning-rate", type=float, default=learning_rate, help="default: %(default)s")
-    warm.add_argument("--lr-scheduler-type", default="linear")
+                      help="checkpoints to extract features at, spread evenly over the run (as LESS)")
+    warm.add_argument("--per-device-train-batch-size", type=int, default=4, help="warmup rows per process and step")
+    warm.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per optimizer step")
+    warm.add_argument("--learning-rate", type=float, default=learning_rate, help="peak learning rate of the warmup")
+    warm.add_argument("--lr-scheduler-type", default="linear", help="transformers scheduler name")
     warm.add_argument("--warmup-steps", type=float, default=0.03,
-                      help="learning-rate warmup: steps, or a ratio of the run if below 1 (default: %(default)s)")
-    warm.add_argument("--weight-decay", type=float, default=0.0)
-    warm.add_argument("--logging-steps", type=int, default=10)
+                      help="learning-rate warmup: steps, or a ratio of the run if below 1")
+    warm.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    warm.add_argument("--logging-steps", type=int, default=10, help="log the loss every this many steps (and at every save)")
     warm.add_argument("--bf16", action="store_true", help="train with bfloat16 autocast (GPUs)")
-    warm.add_argument("--gradient-checkpointing", action="store_true")
+    warm.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the warmup backward pass")
     warm.add_argument("--max-length", type=int, default=None,
                       help="truncate rows to this many tokens in training and feature extraction (recorded)")
     warm.add_argument("--seed", type=int, default=0, help="seed of the warmup sample, training and validation subsample")
@@ -114,12 +126,12 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, lora_targets: list[
     feat = parser.add_argument_group("gradient features")
     feat.add_argument("--train-feature", choices=FEATURES, default=None,
                       help="pool-side feature (default: the library's, see icons_hf.IconsCallback)")
-    feat.add_argument("--adam-variant", choices=ADAM_VARIANTS, default=None)
-    feat.add_argument("--projection", choices=PROJECTIONS, default=None)
+    feat.add_argument("--adam-variant", choices=ADAM_VARIANTS, default=None, help="Adam feature map (default: the library's)")
+    feat.add_argument("--projection", choices=PROJECTIONS, default=None, help="random projection (default: the library's)")
     feat.add_argument("--dim", type=int, default=None, help="projected dimension (default: the library's, 8192 as LESS)")
-    feat.add_argument("--projection-seed", type=int, default=0)
+    feat.add_argument("--projection-seed", type=int, default=0, help="seed of the random projection")
     feat.add_argument("--feature-batch-size", type=int, default=8, help="rows per forward/backward in extraction")
-    feat.add_argument("--feature-dtype", choices=("float16", "float32"), default="float16")
+    feat.add_argument("--feature-dtype", choices=("float16", "float32"), default="float16", help="storage dtype of the features")
     feat.add_argument("--on-bad-row", choices=("error", "skip"), default="error",
                       help="'skip' records and leaves out pool rows that give no feature (no supervised token, ...)")
     feat.add_argument("--no-features", action="store_true",
@@ -129,9 +141,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, lora_targets: list[
                            "optimizer.pt for --train-feature adam), in training order")
 
     sel = parser.add_argument_group("selection")
-    sel.add_argument("--method", choices=METHODS, default="vote", help="consensus method (default: %(default)s)")
-    sel.add_argument("--fraction", type=float, default=0.2, help="share of the pool to keep (default: %(default)s)")
-    sel.add_argument("--threshold-percentile", type=float, default=80.0)
+    sel.add_argument("--method", choices=METHODS, default="vote", help="consensus method")
+    sel.add_argument("--fraction", type=float, default=0.2, help="share of the pool to keep")
+    sel.add_argument("--threshold-percentile", type=float, default=80.0, help="per-task vote threshold (percentile of its scores)")
     sel.add_argument("--select-task", default=None, help="the task for --method task")
     sel.add_argument("--selection-seed", type=int, default=0, help="seed for --method random")
 
@@ -149,8 +161,15 @@ def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Names
         parser.error("--checkpoints computes features from saved checkpoints; it cannot be combined with --no-features")
     if args.method == "task" and not args.select_task:
         parser.error("--method task needs --select-task NAME")
-    if not args.lora_target_modules and not args.lora_target_regex:
-        parser.error("give --lora-target-modules or --lora-target-regex")
+    # The option given on the command line replaces the script's default of the other one.
+    modules_given = args.lora_target_modules != args.default_lora_targets
+    regex_given = args.lora_target_regex != args.default_lora_regex
+    if modules_given and regex_given:
+        parser.error("give --lora-target-modules or --lora-target-regex, not both")
+    if modules_given:
+        args.lora_target_regex = None
+    elif regex_given:
+        args.lora_target_modules = None
     for path in args.checkpoints or []:
         if not os.path.isdir(path):
             parser.error(f"--checkpoints: {path} is not a folder; pass Trainer checkpoint-N folders")

@@ -34,8 +34,8 @@ def _env() -> dict:
     return env
 
 
-def _run(cmd: list[str], timeout: int = 240) -> str:
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+def _run(cmd: list[str], timeout: int = 240, env: dict | None = None) -> str:
+    proc = subprocess.run(cmd, cwd=ROOT, env=env or _env(), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc.stdout + proc.stderr
@@ -246,19 +246,36 @@ def _check_export(subset_dir, pool_file, fraction, n_pool):
 # -------------------------------------------------------------------------------------------- the scripts
 
 
-def test_llava_example_end_to_end(llava_setup, tmp_path):
+def test_llava_example_end_to_end_and_push(llava_setup, tmp_path):
+    """The LLaVA script as users run it (plain python), up to --push-to-hub against the in-process fake Hub."""
+    try:
+        from .hub_server import HubServer, hub_env
+    except ImportError:  # tests/ is not a package
+        from hub_server import HubServer, hub_env
+
     root = llava_setup
     out = tmp_path / "run"
-    log = _run([
-        sys.executable, LLAVA, "--model", str(root / "model"), "--data-path", str(root / "pool.json"),
-        "--image-folder", str(root / "images"), "--task", f"color={root / 'color.json'}",
-        "--task", f"shape={root / 'shape.jsonl'}:{root / 'images'}", "--task", f"count/a={root / 'count_a.json'}",
-        "--task", f"count/b={root / 'count_b'}", "--output-dir", str(out),
-        "--lora-r", "4", "--warmup-fraction", "0.3", "--num-train-epochs", "2", "--per-device-train-batch-size", "4",
-        "--num-checkpoints", "2", "--dim", "64", "--feature-batch-size", "4", "--fraction", "0.25",
-        "--learning-rate", "1e-3",
-    ])
+    server = HubServer(token="hf_ExampleTestToken0123456789").start()
+    env = hub_env(server.url, tmp_path, base=_env())
+    env["HF_TOKEN"] = server.token
+    try:
+        log = _run([
+            sys.executable, LLAVA, "--model", str(root / "model"), "--data-path", str(root / "pool.json"),
+            "--image-folder", str(root / "images"), "--task", f"color={root / 'color.json'}",
+            "--task", f"shape={root / 'shape.jsonl'}:{root / 'images'}", "--task", f"count/a={root / 'count_a.json'}",
+            "--task", f"count/b={root / 'count_b'}", "--output-dir", str(out),
+            "--lora-r", "4", "--warmup-fraction", "0.3", "--num-train-epochs", "2", "--per-device-train-batch-size", "4",
+            "--num-checkpoints", "2", "--dim", "64", "--feature-batch-size", "4", "--fraction", "0.25",
+            "--learning-rate", "1e-3", "--push-to-hub", "tester/llava-icons",
+        ], env=env)
+        pushed = server.files("tester/llava-icons")
+    finally:
+        server.stop()
     meta, indices = _check_export(out / "subset", root / "pool.json", 0.25, 30)
+    assert "README.md" in pushed and "Pushed the subset to" in log
+    with open(out / "subset" / "README.md", encoding="utf-8") as handle:
+        body = handle.read().split("\n---\n", 1)[1]  # the card after its YAML header
+    assert body in pushed["README.md"].decode("utf-8") and "ICONS" in body
     assert "Selected 7 of 30 pool rows" in log
     influence = meta["influence"]
     assert influence["num_validation"] == {"color": {"color": 5}, "shape": {"shape": 4}, "count": {"a": 3, "b": 3}}
@@ -343,6 +360,22 @@ def test_bad_arguments_are_reported_by_name(text_setup, tmp_path, capsys, monkey
         _script(TEXT).main(["--model", "model", "--data-path", "pool.jsonl", "--output-dir", str(tmp_path), *extra])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_lora_target_options_replace_the_script_default(text_setup, monkeypatch):
+    monkeypatch.chdir(text_setup)
+    base = ["--model", "model", "--data-path", "pool.jsonl", "--output-dir", "x", "--task", "math=math.jsonl"]
+    for script, extra, modules, regex in (
+        (LLAVA, [], None, r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"),
+        (LLAVA, ["--lora-target-modules", "q_proj"], ["q_proj"], None),
+        (TEXT, [], ["q_proj", "k_proj", "v_proj", "o_proj"], None),
+        (TEXT, ["--lora-target-regex", r".*\.v_proj"], None, r".*\.v_proj"),
+    ):
+        module = _script(script)
+        parser = module.make_parser()
+        args = parser.parse_args([*base, *extra])
+        module.common.check_common_arguments(parser, args)
+        assert (args.lora_target_modules, args.lora_target_regex) == (modules, regex)
 
 
 # --------------------------------------------------------------------------------------------- the configs

@@ -37,7 +37,7 @@ DEFAULT_LORA_REGEX = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="ICONS selection of a LLaVA-format instruction pool for a LLaVA-style model.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=common.HelpFormatter,
     )
     model = parser.add_argument_group("model")
     model.add_argument("--model", required=True, help="model folder or Hub id (an image-text-to-text model, e.g. "

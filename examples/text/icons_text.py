@@ -33,7 +33,7 @@ DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="ICONS selection of a chat-format text instruction pool for a causal language model.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=common.HelpFormatter,
     )
     model = parser.add_argument_group("model")
     model.add_argument("--model", required=True, help="model folder or Hub id (a causal LM)")
