@@ -375,6 +375,7 @@ class LogAtSave:
 
 
 def training_arguments(args, n_warmup: int):
+    import torch
     from transformers import TrainingArguments
 
     training = TrainingArguments(
@@ -397,6 +398,7 @@ def training_arguments(args, n_warmup: int):
         report_to="none",
         seed=args.seed,
         disable_tqdm=True,
+        dataloader_pin_memory=torch.cuda.is_available(),
         # A fully trained module (e.g. the projector) gets no gradient from a batch of text-only rows.
         ddp_find_unused_parameters=bool(args.modules_to_save),
     )

@@ -218,6 +218,10 @@ def text_setup(tmp_path_factory):
     write("pool.jsonl", 40)
     write("math.jsonl", 4)
     write("chat.jsonl", 5)
+    from datasets import Dataset
+
+    # The same task as a datasets folder, as a Hub dataset would arrive.
+    Dataset.from_list([json.loads(line) for line in open(root / "chat.jsonl")]).save_to_disk(root / "chat_ds")
     return root
 
 
@@ -309,7 +313,7 @@ def test_text_example_ddp_then_offline_from_checkpoints(text_setup, tmp_path):
     root = text_setup
     common_args = [
         "--model", str(root / "model"), "--data-path", str(root / "pool.jsonl"),
-        "--task", f"math={root / 'math.jsonl'}", "--task", f"chat={root / 'chat.jsonl'}",
+        "--task", f"math={root / 'math.jsonl'}", "--task", f"chat={root / 'chat_ds'}",
         "--lora-r", "4", "--dim", "128", "--feature-batch-size", "8", "--fraction", "0.3",
     ]
     warm = tmp_path / "warm"
@@ -360,6 +364,20 @@ def test_bad_arguments_are_reported_by_name(text_setup, tmp_path, capsys, monkey
         _script(TEXT).main(["--model", "model", "--data-path", "pool.jsonl", "--output-dir", str(tmp_path), *extra])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_no_features_only_warms_up(text_setup, tmp_path):
+    """--no-features (the first step of a ZeRO-3/FSDP run) saves the checkpoints and computes no feature."""
+    root = text_setup
+    result = _script(TEXT).main([
+        "--model", str(root / "model"), "--data-path", str(root / "pool.jsonl"), "--task", f"math={root / 'math.jsonl'}",
+        "--output-dir", str(tmp_path), "--lora-r", "4", "--max-steps", "2", "--num-checkpoints", "2",
+        "--warmup-fraction", "0.2", "--no-features",
+    ])
+    assert result is None
+    assert sorted(os.listdir(tmp_path / "warmup")) == ["checkpoint-1", "checkpoint-2"]
+    assert os.path.isfile(tmp_path / "warmup" / "checkpoint-2" / "adapter_model.safetensors")
+    assert not os.path.exists(tmp_path / "warmup" / "icons") and not os.path.exists(tmp_path / "subset")
 
 
 def test_lora_target_options_replace_the_script_default(text_setup, monkeypatch):
