@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -15,6 +16,15 @@ from tqdm.auto import tqdm
 
 from ..distributed import is_main_process
 from ..store import StoreWriter
+from .batching import (
+    collate_extra,
+    extraction_checkpointing,
+    fetch_rows,
+    head_selection_supported,
+    plan_batches,
+    row_lengths,
+    supervised_losses,
+)
 from .capture import LinearCapture
 from .precondition import AdamState, Preconditioner, checkpoint_learning_rate
 from .projection import Projector
@@ -95,19 +105,18 @@ def _pad(rows: list, value, dtype) -> torch.Tensor:
 
 
 def collate_rows(batch: Mapping[str, list], pad_token_id: int = 0, max_length: int | None = None) -> dict:
-    """Right-pad ``input_ids`` (``pad_token_id``), ``labels`` (-100) and ``attention_mask`` (0); stack the rest."""
-    ids = [list(r)[:max_length] if max_length else list(r) for r in batch["input_ids"]]
-    labels = [list(r)[:max_length] if max_length else list(r) for r in batch["labels"]]
+    """Right-pad ``input_ids`` (``pad_token_id``), ``labels`` (-100) and ``attention_mask`` (0); stack the rest
+    (zero-padding a differing first axis, concatenating Qwen2-VL-style packed inputs: see
+    :func:`icons_hf.gradients.batching.stack_column`)."""
+    ids = [r[:max_length] if max_length else r for r in batch["input_ids"]]
+    labels = [r[:max_length] if max_length else r for r in batch["labels"]]
     out = {"input_ids": _pad(ids, pad_token_id, torch.long), "labels": _pad(labels, -100, torch.long)}
     if "attention_mask" in batch:
-        masks = [list(r)[:max_length] if max_length else list(r) for r in batch["attention_mask"]]
+        masks = [r[:max_length] if max_length else r for r in batch["attention_mask"]]
         out["attention_mask"] = _pad(masks, 0, torch.long)
     else:
         out["attention_mask"] = _pad([[1] * len(r) for r in ids], 0, torch.long)
-    for key, values in batch.items():
-        if key in out or key == "index":
-            continue
-        out[key] = torch.stack([torch.as_tensor(v) for v in values])
+    out.update(collate_extra(batch, skip=(*out, "index")))
     return out
 
 
@@ -135,6 +144,7 @@ def compute_gradients(
     dim: int = 8192,
     seed: int = 0,
     batch_size: int = 8,
+    max_tokens_per_batch: int | None = None,
     dtype: str = "float16",
     on_bad_row: str = "error",
     max_length: int | None = None,
@@ -147,8 +157,12 @@ def compute_gradients(
     """Compute one gradient feature per row of ``dataset`` and write them to a gradient store.
 
     Args:
-        model: a model with trainable parameters in linear layers (e.g. a peft LoRA model). It runs in eval
-            mode (dropout off, so features are deterministic) and its training mode is restored afterwards.
+        model: a model with trainable parameters in linear layers (e.g. a peft LoRA model), in any dtype
+            (products and features are formed in float32). It runs in eval mode, so LoRA and attention dropout
+            are off and features are deterministic; its training mode is restored afterwards. Gradient
+            checkpointing set up with ``gradient_checkpointing_enable`` stays on during extraction (switched to
+            the non-reentrant implementation for the duration, see
+            :func:`icons_hf.gradients.batching.extraction_checkpointing`).
         dataset: a ``datasets.Dataset`` with ``input_ids`` and ``labels`` (-100 = not supervised, unshifted as
             HF models take them), optionally ``attention_mask``; every further column (e.g. ``pixel_values``)
             is stacked and passed to the model's forward.
@@ -161,7 +175,10 @@ def compute_gradients(
         projection: ``"countsketch"`` (default), ``"rademacher"`` or ``"identity"``.
         dim: projected dimension.
         seed: projection seed.
-        batch_size: rows per forward/backward; features do not depend on it.
+        batch_size: rows per forward/backward; features do not depend on it. Rows are batched longest first
+            within each shard, so rows of similar length share a batch and little compute goes to padding.
+        max_tokens_per_batch: optional budget of padded tokens per batch (rows x longest row); batches of long
+            rows then hold fewer rows. Bounds activation memory; features do not depend on it.
         dtype: storage dtype of features, ``"float16"`` (default) or ``"float32"``; norms are kept in float32.
         on_bad_row: ``"error"`` (default) raises on a row with no supervised token, a non-finite loss or a
             length over the model's limit; ``"skip"`` leaves it out and records it with its reason.
@@ -183,6 +200,8 @@ def compute_gradients(
     validate_choice("on_bad_row", on_bad_row, ON_BAD_ROW)
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1.")
+    if max_tokens_per_batch is not None and max_tokens_per_batch < 1:
+        raise ValueError(f"max_tokens_per_batch={max_tokens_per_batch} must be a positive number of tokens or None.")
     if max_length is not None and max_length < 2:
         raise ValueError(f"max_length={max_length} must be at least 2 tokens.")
     missing = [c for c in ("input_ids", "labels") if c not in dataset.column_names]
@@ -233,7 +252,8 @@ def compute_gradients(
     )
     todo = writer.open()
     limit = _max_positions(model)
-    lengths = np.asarray([len(x) for x in dataset.with_format("arrow")["input_ids"].to_pylist()]) if todo else None
+    lengths = row_lengths(dataset) if todo else None
+    select_positions = head_selection_supported(model, capture)
 
     was_training = model.training
     model.eval()
@@ -243,6 +263,8 @@ def compute_gradients(
         unit="row",
         disable=not (show_progress and is_main_process()),
     )
+    restore = contextlib.ExitStack()
+    restore.enter_context(extraction_checkpointing(model))
     try:
         for start, end in todo:
             feats = np.zeros((end - start, projector.dim), dtype=np.float32)
@@ -250,13 +272,12 @@ def compute_gradients(
             notes = {"skipped": [], "truncated": []}
             rows = np.arange(start, end)
             # Longest first, ties by position: batches of similar length waste little compute on padding.
-            order = rows[np.lexsort((rows, -lengths[start:end]))]
-            for b in range(0, len(order), batch_size):
-                idx = order[b : b + batch_size]
+            sizes = lengths[start:end] if max_length is None else np.minimum(lengths[start:end], max_length)
+            for idx in plan_batches(rows, sizes, batch_size, max_tokens_per_batch):
                 out, bad = _batch_features(
                     model, dataset, idx, capture, precondition, projector, device,
                     pad_token_id=pad_token_id, max_length=max_length, limit=limit, lengths=lengths,
-                    on_bad_row=on_bad_row, notes=notes,
+                    on_bad_row=on_bad_row, notes=notes, select_positions=select_positions,
                 )
                 feats[idx - start] = out
                 keep[[i - start for i in bad]] = False
@@ -264,6 +285,7 @@ def compute_gradients(
             writer.write_shard(start, end, rows[keep], feats[keep], notes)
     finally:
         progress.close()
+        restore.close()
         model.train(was_training)
     return writer.finalize()
 
@@ -279,7 +301,7 @@ def _config_json(model) -> str:
 
 
 def _batch_features(model, dataset, idx, capture, precondition, projector, device, *, pad_token_id, max_length,
-                    limit, lengths, on_bad_row, notes):
+                    limit, lengths, on_bad_row, notes, select_positions=False):
     bad: dict[int, str] = {}
     for i in idx:
         n = int(lengths[i])
@@ -287,7 +309,7 @@ def _batch_features(model, dataset, idx, capture, precondition, projector, devic
             notes["truncated"].append({"index": int(i), "from": n, "to": max_length})
         elif max_length is None and limit is not None and n > limit:
             bad[int(i)] = f"{n} tokens exceed the model's limit of {limit}; pass max_length to truncate"
-    rows = dataset[[int(i) for i in idx]]
+    rows = fetch_rows(dataset, idx)
     batch = {k: v.to(device) for k, v in collate_rows(rows, pad_token_id, max_length).items()}
     labels = batch.pop("labels")
     supervised = (labels[:, 1:] != -100).sum(dim=1)
@@ -295,9 +317,7 @@ def _batch_features(model, dataset, idx, capture, precondition, projector, devic
         if int(supervised[pos]) == 0 and int(i) not in bad:
             bad[int(i)] = "no supervised tokens (every label after the first is -100), so its gradient is zero"
     with torch.enable_grad(), capture:
-        outputs = model(**batch, use_cache=False)
-        logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
-        losses, _ = per_row_loss(logits, labels)
+        losses, _ = supervised_losses(model, batch, labels, select_positions)
         finite = torch.isfinite(losses)
         for pos, i in enumerate(idx):
             if not bool(finite[pos]) and int(i) not in bad:
@@ -308,8 +328,9 @@ def _batch_features(model, dataset, idx, capture, precondition, projector, devic
         valid = torch.tensor([int(i) not in bad for i in idx], device=losses.device)
         total = torch.where(valid, losses, torch.zeros_like(losses)).sum()
         out = projector.new_output(len(idx))
-        for name, grads in capture.per_example(total, len(idx)):
-            projector.accumulate(out, name, precondition(name, grads))
+        # Each parameter's per-example gradients are preconditioned and projected as the backward pass reaches
+        # its layer, so no more than one layer's per-example gradients exist at a time.
+        capture.backward(total, len(idx), lambda name, grads: projector.accumulate(out, name, precondition(name, grads)))
     for i, reason in sorted(bad.items()):
         notes["skipped"].append({"index": i, "reason": reason})
         logger.warning("Skipping row %d: %s", i, reason)

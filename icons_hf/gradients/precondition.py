@@ -152,7 +152,7 @@ class Preconditioner:
         self.adam_variant = adam_variant
         self.state = state
         self.device = torch.device(device)
-        self._moments: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        self._moments: dict[str, tuple] = {}
 
     def describe(self) -> dict:
         out = {"feature": self.feature}
@@ -161,25 +161,29 @@ class Preconditioner:
         return out
 
     def _get(self, name):
+        """Per-parameter constants ``(a, c, alpha, value, eps_out)`` on the compute device, so that the feature is
+        ``(a + alpha * g) / (sqrt(c + value * g^2) + eps_out)``: for ``less``, ``a = b1 m``, ``c = b2 v + eps``,
+        ``alpha = 1 - b1``, ``value = 1 - b2``, ``eps_out = 0``; for ``torch`` the bias corrections are folded in
+        and ``eps_out = eps``. Built once from float32 copies: the optimizer's own tensors are never touched."""
         if name not in self._moments:
             st = self.state.moments[name]
-            # Copies in float32 on the compute device: the optimizer's own tensors are never touched.
             m = st["exp_avg"].detach().to(self.device, torch.float32, copy=True).reshape(-1)
             v = st["exp_avg_sq"].detach().to(self.device, torch.float32, copy=True).reshape(-1)
-            self._moments[name] = (m, v, int(st.get("step", 0)))
+            b1, b2 = self.state.betas
+            eps = self.state.eps
+            if self.adam_variant == "less":
+                self._moments[name] = (m.mul_(b1), v.mul_(b2).add_(eps), 1.0 - b1, 1.0 - b2, 0.0)
+            else:
+                t = int(st.get("step", 0)) + 1
+                c1, c2 = 1.0 - b1**t, 1.0 - b2**t
+                self._moments[name] = (m.mul_(b1 / c1), v.mul_(b2 / c2), (1.0 - b1) / c1, (1.0 - b2) / c2, eps)
         return self._moments[name]
 
     def __call__(self, name: str, grads: torch.Tensor) -> torch.Tensor:
         if self.feature == "sgd":
             return grads
-        m, v, step = self._get(name)
-        b1, b2 = self.state.betas
-        eps = self.state.eps
-        m_new = b1 * m + (1.0 - b1) * grads
-        v_new = b2 * v + (1.0 - b2) * grads.square()
-        if self.adam_variant == "less":
-            return m_new / torch.sqrt(v_new + eps)
-        t = step + 1
-        m_hat = m_new / (1.0 - b1**t)
-        v_hat = v_new / (1.0 - b2**t)
-        return m_hat / (torch.sqrt(v_hat) + eps)
+        a, c, alpha, value, eps_out = self._get(name)
+        denominator = torch.addcmul(c, grads, grads, value=value).sqrt_()
+        if eps_out:
+            denominator.add_(eps_out)
+        return torch.add(a, grads, alpha=alpha).div_(denominator)

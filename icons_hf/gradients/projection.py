@@ -5,12 +5,22 @@ parameter lands in the same place on any device, in any batch and in any process
 
 * ``countsketch`` (default): each gradient coordinate goes to one signed bucket. Bucket and sign come from a
   stateless 64-bit hash of ``(seed, parameter name, coordinate)``, computed on the CPU with NumPy, so the
-  sketch is identical on every machine. Cost is one scatter-add per parameter.
-* ``rademacher``: a dense matrix of ``+-1/sqrt(dim)`` entries per parameter, drawn from a CPU
-  ``torch.Generator`` seeded from ``(seed, parameter name)``. Exact Johnson-Lindenstrauss style projection
-  (as in TRAK/LESS), but ``numel x dim`` values per parameter, so only for small parameter counts.
+  sketch is identical on every machine. Cost is one scatter-add per parameter, and memory one bucket index and
+  one sign per trainable coordinate.
+* ``rademacher``: a dense matrix of ``+-1/sqrt(dim)`` entries per parameter (a Johnson-Lindenstrauss projection
+  as in TRAK/LESS), its signs the bits of a stateless SplitMix64 hash of ``(seed, parameter name, position)``
+  (see :func:`rademacher_signs`). It holds ``numel x dim`` float32 values per parameter (2 GiB for 65,536 LoRA
+  coordinates at dim 8192) and costs a dense matrix product per parameter and batch, so it suits small parameter
+  counts or parity with TRAK-style studies.
 * ``identity``: no projection; the feature is the flat gradient of the trainable parameters in
   ``model.named_parameters()`` order, and ``dim`` is their total size.
+
+Accuracy (measured by ``benchmarks/extract.py``, dim 8192, a 4-layer 256-wide Llama with LoRA r=8 on q,k,v,o,
+i.e. 65,536 coordinates, warmed up on English text): the Spearman rank correlation between projected and exact
+cosine similarities over all pairs of rows was 0.998 for both projections with Adam-LESS features (96 rows,
+4,560 pairs, mean absolute cosine error 0.006) and 0.993 (countsketch) / 0.991 (rademacher) with SGD features
+(48 rows, 1,128 pairs, mean absolute error 0.008-0.009). Both sketches preserve inner products in expectation
+with a cosine error of order ``sqrt(2 / dim)``; countsketch gets there at a fraction of the cost.
 """
 
 from __future__ import annotations
@@ -57,12 +67,24 @@ def countsketch_hash(seed: int, name: str, numel: int, dim: int) -> tuple[np.nda
     return buckets, signs
 
 
-def rademacher_block(seed: int, name: str, numel: int, dim: int) -> torch.Tensor:
-    """The dense ``numel x dim`` Rademacher matrix of one parameter, scaled by ``1/sqrt(dim)``."""
-    generator = torch.Generator(device="cpu")
-    generator.manual_seed(parameter_key(seed, name) & 0x7FFF_FFFF_FFFF_FFFF)
-    bits = torch.randint(0, 2, (numel, dim), generator=generator, dtype=torch.int8)
-    return (bits.to(torch.float32) * 2.0 - 1.0) / float(np.sqrt(dim))
+def rademacher_signs(seed: int, name: str, numel: int, dim: int) -> torch.Tensor:
+    """The dense ``numel x dim`` matrix of +-1 (float32) of one parameter (unscaled).
+
+    Row ``c`` holds the bits of ``ceil(dim / 64)`` consecutive SplitMix64 hashes of ``c * ceil(dim / 64) + k``
+    keyed by ``(seed, parameter name)``, least significant bit first: a stateless function of its inputs, so the
+    matrix is the same for every torch version and device, and is cheap to build (no random number stream)."""
+    key = np.uint64(parameter_key(seed, f"{name}\x00rademacher"))
+    words = -(-dim // 64)
+    out = torch.empty(numel, dim, dtype=torch.float32)
+    chunk = max(1, (1 << 22) // words)
+    for start in range(0, numel, chunk):
+        stop = min(numel, start + chunk)
+        counters = np.arange(start * words, stop * words, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            h = _splitmix64(counters ^ key)
+        bits = np.unpackbits(h.astype("<u8").view(np.uint8), bitorder="little").reshape(stop - start, words * 64)
+        out[start:stop] = torch.from_numpy(bits[:, :dim])
+    return out.mul_(2.0).sub_(1.0)
 
 
 class Projector:
@@ -91,10 +113,14 @@ class Projector:
             self._offsets[name] = offset
             offset += numel
         self.dim = offset if kind == "identity" else int(dim)
+        self._scale = 1.0 / float(np.sqrt(self.dim))
         self._cache: dict[str, tuple[torch.Tensor, ...]] = {}
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "dim": self.dim, "seed": self.seed}
+        out = {"kind": self.kind, "dim": self.dim, "seed": self.seed}
+        if self.kind == "rademacher":
+            out["signs"] = "splitmix64-bits"  # how the matrix is generated (see rademacher_signs)
+        return out
 
     def _tables(self, name: str) -> tuple[torch.Tensor, ...]:
         if name not in self._cache:
@@ -103,7 +129,7 @@ class Projector:
                 buckets, signs = countsketch_hash(self.seed, name, numel, self.dim)
                 self._cache[name] = (torch.from_numpy(buckets).to(self.device), torch.from_numpy(signs).to(self.device))
             else:
-                self._cache[name] = (rademacher_block(self.seed, name, numel, self.dim).to(self.device),)
+                self._cache[name] = (rademacher_signs(self.seed, name, numel, self.dim).to(self.device),)
         return self._cache[name]
 
     def new_output(self, batch: int) -> torch.Tensor:
@@ -121,5 +147,5 @@ class Projector:
             buckets, signs = self._tables(name)
             out.index_add_(1, buckets, grads * signs)
         else:
-            (matrix,) = self._tables(name)
-            out.addmm_(grads, matrix)
+            (signs,) = self._tables(name)
+            out.addmm_(grads, signs, alpha=self._scale)
