@@ -118,6 +118,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, lora_targets: list[
     warm.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     warm.add_argument("--logging-steps", type=int, default=10, help="log the loss every this many steps (and at every save)")
     warm.add_argument("--bf16", action="store_true", help="train with bfloat16 autocast (GPUs)")
+    warm.add_argument("--use-cpu", action="store_true",
+                      help="run on the CPU even where a GPU is present (implied when there is none)")
     warm.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the warmup backward pass")
     warm.add_argument("--max-length", type=int, default=None,
                       help="truncate rows to this many tokens in training and feature extraction (recorded)")
@@ -255,6 +257,40 @@ def nest_tasks(specs: list[TaskSpec], datasets: list) -> dict:
     return tasks
 
 
+# -------------------------------------------------------------------------------------------------- processes
+
+
+def on_cpu(args) -> bool:
+    """Whether to run on the CPU: asked for, or no GPU (CUDA, XPU, MPS) is present."""
+    import torch
+
+    if args.use_cpu:
+        return True
+    xpu = getattr(torch, "xpu", None)
+    mps = getattr(torch.backends, "mps", None)
+    return not (torch.cuda.is_available() or (xpu is not None and xpu.is_available())
+                or (mps is not None and mps.is_available()))
+
+
+def process_state(args):
+    """The accelerate process state of this run. Processes started by ``accelerate launch``/``torchrun`` on a
+    machine without GPUs join one CPU process group (gloo) instead of each running alone."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=on_cpu(args))
+
+
+def check_process_count(num_processes: int) -> None:
+    """Refuse a run whose launcher started several processes that did not join one group (each would train
+    and select alone)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and num_processes != launched:
+        raise RuntimeError(
+            f"the launcher started {launched} processes but this one runs in a group of {num_processes}; check that "
+            "the accelerate config matches the machine (a GPU config on a machine without GPUs needs --use-cpu)."
+        )
+
+
 # ---------------------------------------------------------------------------------------------------- model
 
 
@@ -375,7 +411,6 @@ class LogAtSave:
 
 
 def training_arguments(args, n_warmup: int):
-    import torch
     from transformers import TrainingArguments
 
     training = TrainingArguments(
@@ -398,7 +433,8 @@ def training_arguments(args, n_warmup: int):
         report_to="none",
         seed=args.seed,
         disable_tqdm=True,
-        dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=on_cpu(args),
+        dataloader_pin_memory=not on_cpu(args),
         # A fully trained module (e.g. the projector) gets no gradient from a batch of text-only rows.
         ddp_find_unused_parameters=bool(args.modules_to_save),
     )
@@ -428,6 +464,7 @@ def run_warmup(args, model, warmup, collator, subpools: list[SubPool], tasks: Ma
             )
     trainer = Trainer(model=model, args=training, train_dataset=warmup, data_collator=collator,
                       callbacks=[LogAtSave(), *callbacks.values()])
+    check_process_count(trainer.accelerator.num_processes)
     sharded = [name for name, on in (("DeepSpeed", getattr(trainer, "is_deepspeed_enabled", False)),
                                      ("FSDP", getattr(trainer, "is_fsdp_enabled", False))) if on]
     if sharded and callbacks:
@@ -449,12 +486,11 @@ def extract_from_checkpoints(args, load_base: Callable[[], object], subpools: li
                              pad_token_id: int):
     """Gradient features at saved checkpoints (every process takes its share of rows); same layout as the
     callback's. Returns ``{sub-pool name: (train_paths, tasks)}``."""
-    from accelerate import PartialState
-
     from icons_hf import compute_gradients
     from icons_hf.gradients.precondition import checkpoint_learning_rate
 
-    state = PartialState()
+    state = process_state(args)
+    check_process_count(state.num_processes)
     feature = train_feature(args)
     options = feature_options(args, pad_token_id)
     out = {part.name: ([], {}) for part in subpools}

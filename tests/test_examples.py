@@ -323,7 +323,10 @@ def test_text_example_ddp_then_offline_from_checkpoints(text_setup, tmp_path):
         "--warmup-fraction", "0.5", "--max-steps", "4", "--per-device-train-batch-size", "2", "--num-checkpoints", "2",
         "--learning-rate", "1e-3",
     ], timeout=300)
-    assert "Process 0 of 2" in log  # the extraction was split between two processes
+    with open(warm / "warmup" / "checkpoint-4" / "trainer_state.json") as handle:
+        state = json.load(handle)
+    # 20 warmup rows, 2 per process and step: 5 steps per epoch with two processes (10 with one).
+    assert state["global_step"] == 4 and state["epoch"] == pytest.approx(0.8)
     meta, indices = _check_export(warm / "subset", root / "pool.jsonl", 0.3, 40)
     assert "Selected 12 of 40 pool rows" in log
     assert meta["influence"]["checkpoints"] == ["checkpoint-2", "checkpoint-4"]

@@ -116,13 +116,12 @@ def main(argv: list[str] | None = None) -> str | None:
     parser = make_parser()
     args = parser.parse_args(argv)
     common.check_common_arguments(parser, args)
-    from accelerate import PartialState
     from transformers import AutoImageProcessor, AutoTokenizer
 
     from icons_hf.data import DEFAULT_SYSTEM, prepare_llava_dataset
     from icons_hf.export import load_llava_records
 
-    state = PartialState()
+    state = common.process_state(args)
     logging.basicConfig(level=logging.INFO if state.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     specs = args.task_specs
@@ -177,11 +176,11 @@ def main(argv: list[str] | None = None) -> str | None:
         stores, _ = common.run_warmup(args, model, warmup, common.MixedCollator(tokenizer.pad_token_id, args.max_length),
                                       subpools, tasks, tokenizer.pad_token_id)
         if args.no_features:
-            if state.is_main_process:
+            if common.process_state(args).is_main_process:
                 print(f"Warmup checkpoints in {os.path.join(args.output_dir, 'warmup')}; compute the features with "
                       "--checkpoints under the DDP or single-process config.")
             return None
-    if not state.is_main_process:
+    if not common.process_state(args).is_main_process:
         return None
     scores = common.influence_for_pool(stores, subpools, len(records))
     subset_dir = common.select_and_export(args, scores, args.data_path, tags=["llava"])

@@ -90,11 +90,10 @@ def main(argv: list[str] | None = None) -> str | None:
     parser = make_parser()
     args = parser.parse_args(argv)
     common.check_common_arguments(parser, args)
-    from accelerate import PartialState
 
     from icons_hf.data import prepare_chat_dataset
 
-    state = PartialState()
+    state = common.process_state(args)
     logging.basicConfig(level=logging.INFO if state.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     specs = args.task_specs
@@ -120,11 +119,11 @@ def main(argv: list[str] | None = None) -> str | None:
         stores, _ = common.run_warmup(args, model, warmup, common.MixedCollator(tokenizer.pad_token_id, args.max_length),
                                       [pool], tasks, tokenizer.pad_token_id)
         if args.no_features:
-            if state.is_main_process:
+            if common.process_state(args).is_main_process:
                 print(f"Warmup checkpoints in {os.path.join(args.output_dir, 'warmup')}; compute the features with "
                       "--checkpoints under the DDP or single-process config.")
             return None
-    if not state.is_main_process:
+    if not common.process_state(args).is_main_process:
         return None
     scores = common.influence_for_pool(stores, [pool], len(rows))
     from_hub = args.data_path.startswith(common.HUB_PREFIX)
