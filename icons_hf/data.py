@@ -96,7 +96,7 @@ def prepare_llava_dataset(
 ):
     """A ``datasets.Dataset`` of model inputs for LLaVA records (a list, or a ``.json``/``.jsonl`` path).
 
-    Columns stored: ``input_ids``, ``labels`` and ``image`` (resolved path or ``None``). Reading a row yields
+    Columns stored: ``input_ids``, ``labels`` and, when any record has an image, ``image`` (resolved path). Reading a row yields
     ``input_ids``, ``labels`` and, for rows with an image, ``pixel_values`` from ``image_processor``.
     Every image path is checked up front: a missing file is an error that names the row and the path.
     """
@@ -125,8 +125,11 @@ def prepare_llava_dataset(
         columns["input_ids"].append(ids)
         columns["labels"].append(labels)
         columns["image"].append(image)
+    if all(p is None for p in columns["image"]):
+        # A text-only pool: no image column, so every remaining column is a model input.
+        return Dataset.from_dict({"input_ids": columns["input_ids"], "labels": columns["labels"]})
     dataset = Dataset.from_dict(columns)
-    if image_processor is not None and any(p is not None for p in columns["image"]):
+    if image_processor is not None:
         if any(p is None for p in columns["image"]):
             raise ValueError(
                 "the pool mixes rows with and without images; split it into image and text-only pools, which are "

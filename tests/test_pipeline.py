@@ -276,3 +276,16 @@ def test_demo_pipeline_on_reduced_size(tmp_path):
     indices = json.load(open(os.path.join(summary["subset_dir"], "indices.json")))
     assert subset == [pool[i] for i in indices]
     assert "Selected 24 of 120" in format_summary(summary)
+
+
+def test_text_only_llava_pool_has_only_model_inputs(tmp_path, tiny_lora_llama):
+    from icons_hf.data import prepare_llava_dataset
+    from icons_hf.demo import build_tokenizer
+
+    records = [{"id": str(i), "conversations": [{"from": "human", "value": f"what is {i}?"},
+                                                {"from": "gpt", "value": "a number"}]} for i in range(5)]
+    tokenizer = build_tokenizer(["what is a number ?"] + [str(i) for i in range(5)])
+    pool = prepare_llava_dataset(records, tokenizer)
+    assert pool.column_names == ["input_ids", "labels"]
+    path = compute_gradients(tiny_lora_llama(vocab_size=len(tokenizer)), pool, output_dir=tmp_path / "s", dim=32)
+    assert len(load_gradients(path)) == 5
