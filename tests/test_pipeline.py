@@ -289,3 +289,18 @@ def test_text_only_llava_pool_has_only_model_inputs(tmp_path, tiny_lora_llama):
     assert pool.column_names == ["input_ids", "labels"]
     path = compute_gradients(tiny_lora_llama(vocab_size=len(tokenizer)), pool, output_dir=tmp_path / "s", dim=32)
     assert len(load_gradients(path)) == 5
+
+
+def test_trainable_layer_unused_by_a_batch_gets_zero_gradient(tmp_path, tiny_lora_llama, token_rows):
+    """A trainable layer outside the batch's computation (a projector on text-only rows) contributes zeros."""
+    from torch import nn
+
+    model = tiny_lora_llama(seed=2)
+    model.unused_projector = nn.Linear(4, 3)  # trainable, never called by the forward pass
+    pool = Dataset.from_list(token_rows(4, seed=9))
+    path = compute_gradients(model, pool, output_dir=tmp_path / "s", projection="identity", dtype="float32")
+    features = np.asarray(load_gradients(path)["features"])
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names[-2:] == ["unused_projector.weight", "unused_projector.bias"]
+    np.testing.assert_array_equal(features[:, -15:], 0.0)
+    assert np.abs(features[:, :-15]).sum(axis=1).min() > 0

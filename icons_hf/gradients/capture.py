@@ -37,6 +37,7 @@ class _Site:
     module: nn.Linear
     weight: str | None  # parameter name of the weight, when trainable
     bias: str | None
+    seen: int = 0  # forward calls in the current batch, captured or not
     calls: int = 0  # captured forward calls in the current batch
     pending: int = 0  # captured calls whose output gradient has not arrived yet
     dw: torch.Tensor | None = None
@@ -44,7 +45,7 @@ class _Site:
     done: bool = False
 
     def reset(self) -> None:
-        self.calls = self.pending = 0
+        self.seen = self.calls = self.pending = 0
         self.dw = self.db = None
         self.done = False
 
@@ -115,7 +116,10 @@ class LinearCapture:
         def hook(module, inputs, output):
             # Only the first forward is captured: a recomputation (gradient checkpointing) during the backward
             # pass runs the hook again with capture already closed.
-            if not (self._active and torch.is_grad_enabled() and output.requires_grad):
+            if not self._active:
+                return None
+            site.seen += 1
+            if not (torch.is_grad_enabled() and output.requires_grad):
                 return None
             site.calls += 1
             site.pending += 1
@@ -167,7 +171,9 @@ class LinearCapture:
         (``batch_size x numel``, float32) to ``consume``, layer by layer as the backward pass reaches them.
         A parameter whose layer received no gradient gets zeros. Parameter ``.grad`` fields are not touched."""
         self._active = False
-        unused = [site for site in self.sites if site.calls == 0]
+        # A layer the batch never ran (e.g. a trainable image projector on text-only rows) has a zero gradient;
+        # a layer that ran without autograd, or no layer at all, means features would be wrong.
+        unused = [site for site in self.sites if site.calls == 0 and (site.seen > 0 or not any(s.seen for s in self.sites))]
         if unused:
             raise RuntimeError(
                 f"layer owning {unused[0].weight or unused[0].bias!r} (and {len(unused) - 1} more) was not captured "
