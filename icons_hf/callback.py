@@ -32,7 +32,7 @@ class IconsCallback(TrainerCallback):
         tasks: ``task -> tokenized validation Dataset``, or ``task -> {subtask -> Dataset}``.
         output_dir: where the stores go (default: ``<TrainingArguments.output_dir>/icons``).
         train_feature: ``"adam"`` (default, LESS/ICONS paper) or ``"sgd"``.
-        adam_variant, projection, dim, seed, batch_size, dtype, on_bad_row, max_length, pad_token_id: as in
+        adam_variant, projection, dim, seed, batch_size, dtype, on_bad_row, max_length, pad_token_id, shard_size: as in
             :func:`icons_hf.compute_gradients`.
 
     After training, ``callback.stores()`` returns ``(train_paths, tasks)`` for :func:`icons_hf.compute_influence`.
@@ -54,6 +54,7 @@ class IconsCallback(TrainerCallback):
         on_bad_row: str = "error",
         max_length: int | None = None,
         pad_token_id: int = 0,
+        shard_size: int = 4096,
     ):
         validate_choice("train_feature", train_feature, FEATURES)
         validate_choice("adam_variant", adam_variant, ADAM_VARIANTS)
@@ -62,16 +63,21 @@ class IconsCallback(TrainerCallback):
             raise ValueError("tasks must be a non-empty mapping task name -> validation Dataset.")
         for name, spec in tasks.items():
             subs = spec if isinstance(spec, Mapping) else {name: spec}
-            for sub in subs:
+            for sub, ds in subs.items():
                 if not _TASK_NAME.match(str(sub)):
                     raise ValueError(f"task/subtask name {sub!r} may only use letters, digits, '_', '.', '-'.")
+                if len(ds) == 0:
+                    where = f"task {name!r}" + (f" subtask {sub!r}" if isinstance(spec, Mapping) else "")
+                    raise ValueError(f"{where} has no validation rows; give every task at least one example.")
+        if len(pool) == 0:
+            raise ValueError("the pool has no rows; there is nothing to select from.")
         self.pool = pool
         self.tasks = tasks
         self.output_dir = None if output_dir is None else os.fspath(output_dir)
         self.train_feature = train_feature
         self.options = dict(
             adam_variant=adam_variant, projection=projection, dim=dim, seed=seed, batch_size=batch_size, dtype=dtype,
-            on_bad_row=on_bad_row, max_length=max_length, pad_token_id=pad_token_id,
+            on_bad_row=on_bad_row, max_length=max_length, pad_token_id=pad_token_id, shard_size=shard_size,
         )
         self.checkpoints: list[dict] = []
         self._step_lr: float | None = None

@@ -1,4 +1,4 @@
-"""Specialist scores: per-task influence of every training row, as a batched ``datasets.map``.
+"""Specialist scores: per-task influence of every training row, streamed from the train stores.
 
 For task ``k`` with validation rows ``v`` and checkpoints ``c`` of weight ``w_c``::
 
@@ -6,7 +6,9 @@ For task ``k`` with validation rows ``v`` and checkpoints ``c`` of weight ``w_c`
 
 Because ``mean_v cos(g_z, g_v) = <g_z/|g_z|, mean_v g_v/|g_v|>``, each task's validation features are reduced
 once per checkpoint to one mean unit vector, and scoring the pool is one matrix product per batch of rows, read
-from the memory-mapped train stores. A task given as subtasks (``{"mme": {"count": ..., "color": ...}}``) takes
+from the memory-mapped train stores (:func:`icons_hf.store.iter_store_batches`: float16 features are converted to
+float32 a slice at a time, and the pages of a batch are released once it is scored, so memory does not grow with
+the pool). A task given as subtasks (``{"mme": {"count": ..., "color": ...}}``) takes
 the maximum over its subtasks' scores. Checkpoint weights are the learning rates the train stores recorded,
 normalised to sum to one; equal weights when none were recorded; or an explicit ``checkpoint_weights``.
 """
@@ -20,8 +22,9 @@ import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import pyarrow as pa
 
-from .store import load_gradients, read_store_metadata
+from .store import iter_store_batches, read_store_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +60,11 @@ def _normalise_tasks(tasks: Mapping, n_ckpt: int) -> dict[str, dict[str, list[st
 
 
 def _check_compatible(train_meta: Mapping, other_meta: Mapping, train_path: str, other_path: str) -> None:
+    if train_meta.get("dim") != other_meta.get("dim"):
+        raise ValueError(
+            f"{other_path} holds {other_meta.get('dim')}-dimensional features but {train_path} holds "
+            f"{train_meta.get('dim')}-dimensional ones; compute both with the same model, projection and dim."
+        )
     a, b = train_meta["config"], other_meta["config"]
     for key in ("projection", "parameters", "model_config"):
         if a.get(key) != b.get(key):
@@ -73,19 +81,75 @@ def _check_compatible(train_meta: Mapping, other_meta: Mapping, train_path: str,
 
 
 def _mean_unit_vector(path: str) -> np.ndarray:
-    store = load_gradients(path).with_format("numpy", columns=["index", "features", "norm"], dtype=np.float64)
-    if len(store) == 0:
-        raise ValueError(f"validation store {path} holds no rows; a task needs at least one validation example.")
-    total = None
-    for start in range(0, len(store), 4096):
-        batch = store[start : start + 4096]
-        norms = batch["norm"]
+    meta = read_store_metadata(path)
+    if meta.get("complete") and meta.get("num_features") == 0:
+        skipped = len(meta.get("skipped", []))
+        raise ValueError(
+            f"validation store {path} holds no rows{f' (all {skipped} were skipped as bad rows)' if skipped else ''}; "
+            "a task needs at least one validation example."
+        )
+    total, count = np.zeros(int(meta["dim"]), dtype=np.float64), 0
+    for index, features, norms in iter_store_batches(path, 1024):
         zero = np.flatnonzero(norms == 0)
         if len(zero):
-            raise ValueError(f"{path}: validation row {int(batch['index'][zero[0]])} has a zero gradient; remove it.")
-        part = (batch["features"] / norms[:, None]).sum(axis=0)
-        total = part if total is None else total + part
-    return total / len(store)
+            raise ValueError(f"{path}: validation row {int(index[zero[0]])} has a zero gradient; remove it.")
+        total += (features.astype(np.float64) / norms[:, None].astype(np.float64)).sum(axis=0)
+        count += len(index)
+    return total / count
+
+
+_CHUNK_VALUES = 1 << 23  # float32 values converted at a time (32 MiB)
+
+
+def _train_scores(path: str, means: np.ndarray, batch_size: int):
+    """``(index, float32 rows x columns cosine scores)`` of one train store, streamed batch by batch."""
+    dim = means.shape[0]
+    chunk = max(1, _CHUNK_VALUES // dim)
+    buffer = None
+    for index, features, norms in iter_store_batches(path, batch_size):
+        zero = np.flatnonzero(norms == 0)
+        if len(zero):
+            raise ValueError(f"{path}: row {int(index[zero[0]])} has a zero gradient feature.")
+        out = np.empty((len(index), means.shape[1]), dtype=np.float32)
+        if features.dtype == np.float32:
+            np.matmul(features, means, out=out)
+        else:
+            # float16 has no fast matmul: convert a slice of rows at a time into one reused float32 buffer rather
+            # than allocating the whole batch in float32 (fresh allocations cost page faults on every batch).
+            if buffer is None:
+                buffer = np.empty((chunk, dim), dtype=np.float32)
+            for lo in range(0, len(index), chunk):
+                block = features[lo : lo + chunk]
+                np.copyto(buffer[: len(block)], block)
+                np.matmul(buffer[: len(block)], means, out=out[lo : lo + len(block)])
+        out /= norms[:, None]
+        yield index, out
+
+
+class _Rows:
+    """Takes exactly ``n`` rows at a time from a ``(index, scores)`` stream whatever its batch boundaries."""
+
+    def __init__(self, stream, path: str):
+        self.stream, self.path, self.pending = stream, path, []
+
+    def take(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        parts, have = [], 0
+        while have < n:
+            if not self.pending:
+                try:
+                    self.pending.append(next(self.stream))
+                except StopIteration:
+                    raise ValueError(f"{self.path} holds fewer rows than the first train store.") from None
+            index, scores = self.pending.pop()
+            need = n - have
+            if len(index) > need:
+                self.pending.append((index[need:], scores[need:]))
+                index, scores = index[:need], scores[:need]
+            parts.append((index, scores))
+            have += len(index)
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def checkpoint_weights_from_stores(train: Sequence[str]) -> list[float]:
@@ -153,38 +217,50 @@ def compute_influence(
         if metas[c]["num_features"] != metas[0]["num_features"] or metas[c]["num_rows"] != metas[0]["num_rows"]:
             raise ValueError(f"train stores {train[0]} and {train[c]} hold different rows; compute them on the same pool.")
 
-    stores = [load_gradients(p).with_format("numpy", columns=["index", "features", "norm"], dtype=np.float32) for p in train]
-    base = load_gradients(train[0]).select_columns(["index"])
     task_names = list(tasks)
     col_of = {t: [j for j, (task, _) in enumerate(columns) if task == t] for t in task_names}
 
-    def score(batch, indices):
-        lo, hi = indices[0], indices[-1] + 1
-        total = np.zeros((len(indices), len(columns)), dtype=np.float64)
-        for c, store in enumerate(stores):
-            rows = store[lo:hi]
-            if c and not np.array_equal(rows["index"], np.asarray(batch["index"])):
-                raise ValueError(f"{train[c]} and {train[0]} list different row indices; compute them on the same pool.")
-            norms = rows["norm"]
-            zero = np.flatnonzero(norms == 0)
-            if len(zero):
-                raise ValueError(f"{train[c]}: row {int(rows['index'][zero[0]])} has a zero gradient feature.")
-            total += weights[c] * ((rows["features"] @ means[c]) / norms[:, None])
-        return {f"influence_{t}": total[:, col_of[t]].max(axis=1).astype(np.float32) for t in task_names}
-
-    from datasets import Features, Value
+    from datasets import Dataset, Features, Value
+    from datasets.arrow_writer import ArrowWriter
+    from datasets.table import InMemoryTable
+    from datasets.utils.logging import is_progress_bar_enabled
+    from tqdm.auto import tqdm
 
     features = Features({"index": Value("int64"), **{f"influence_{t}": Value("float32") for t in task_names}})
-    scores = base.map(
-        score,
-        batched=True,
-        batch_size=batch_size,
-        with_indices=True,
-        features=features,
-        keep_in_memory=cache_file_name is None,
-        cache_file_name=cache_file_name,
-        desc="influence",
-    )
+    streams = [_train_scores(p, means[c], batch_size) for c, p in enumerate(train)]
+    others = [_Rows(stream, train[c + 1]) for c, stream in enumerate(streams[1:])]
+    # With cache_file_name the table goes to disk batch by batch; otherwise it is kept in memory (8 + 4 x tasks
+    # bytes per row).
+    writer = ArrowWriter(path=cache_file_name, features=features) if cache_file_name else None
+    kept: dict[str, list] = {name: [] for name in features}
+    progress = tqdm(total=metas[0]["num_features"], desc="influence", unit="row", disable=not is_progress_bar_enabled())
+    for index, first in streams[0]:
+        total = weights[0] * first.astype(np.float64)
+        for c, rows in enumerate(others, start=1):
+            other_index, scores = rows.take(len(index))
+            if not np.array_equal(other_index, index):
+                raise ValueError(f"{train[c]} and {train[0]} list different row indices; compute them on the same pool.")
+            total += weights[c] * scores
+        batch = {"index": index, **{f"influence_{t}": total[:, col_of[t]].max(axis=1).astype(np.float32) for t in task_names}}
+        arrays = {name: pa.array(values) for name, values in batch.items()}  # zero-copy views of the arrays
+        if writer is not None:
+            writer.write_table(pa.table(arrays, schema=features.arrow_schema))
+        else:
+            for name, values in arrays.items():
+                kept[name].append(values)
+        progress.update(len(index))
+    progress.close()
+    for c, rows in enumerate(others, start=1):
+        if rows.pending or next(rows.stream, None) is not None:
+            raise ValueError(f"{train[c]} holds more rows than {train[0]}; compute them on the same pool.")
+    if writer is not None:
+        writer.finalize()
+        scores = Dataset.from_file(cache_file_name)
+    else:
+        schema = features.arrow_schema
+        # One chunk per batch: no concatenated copy of the columns.
+        chunked = [pa.chunked_array(kept[field.name], type=field.type) for field in schema]
+        scores = Dataset(InMemoryTable(pa.Table.from_arrays(chunked, schema=schema)))
     scores.info.description = json.dumps(
         {
             "influence": {

@@ -10,15 +10,20 @@ on the number of processes, and concatenating the shards in name order gives the
 written to a temporary name and renamed into place, so a shard that exists is complete; a run that died is
 resumed by computing the missing shards only. Rows skipped on request (``on_bad_row="skip"``) are listed with
 their reason in the shard's schema metadata and, once the store is complete, in ``store.json``.
+
+A finished store is read either as one memory-mapped ``datasets.Dataset`` (:func:`load_gradients`) or as a
+stream of NumPy batches whose pages are released as it goes (:func:`iter_store_batches`, what influence uses), so
+reading a store of any size needs about one batch of memory.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -66,16 +71,36 @@ def read_store_metadata(path: str | os.PathLike) -> dict:
     return meta
 
 
-def _config_differences(old: Mapping, new: Mapping) -> list[str]:
+_SETTING_NAMES = {
+    "weights": "model weights",
+    "model_config": "model configuration",
+    "model_class": "model class",
+    "parameters": "trainable parameters",
+    "optimizer_state": "optimizer state",
+    "rows": "dataset rows",
+    "projection": "projection",
+    "preconditioner": "feature",
+}
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _config_differences(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
+    """One line per differing setting, descending into nested settings so the line names the exact key."""
     diffs = []
     for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key):
-            a, b = json.dumps(old.get(key), sort_keys=True), json.dumps(new.get(key), sort_keys=True)
-            if len(a) > 80:
-                a = a[:77] + "..."
-            if len(b) > 80:
-                b = b[:77] + "..."
-            diffs.append(f"{key}: stored {a}, requested {b}")
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(a, Mapping) and isinstance(b, Mapping) and key != "parameters":
+            diffs.extend(_config_differences(a, b, prefix=f"{name}."))
+            continue
+        label = _SETTING_NAMES.get(name)
+        diffs.append(f"{name}{f' ({label})' if label else ''}: stored {_short(a)}, requested {_short(b)}")
     return diffs
 
 
@@ -114,6 +139,7 @@ class StoreWriter:
                 self._check_existing(read_store_metadata(self.path))
             else:
                 _atomic_write_json(meta_path, self._metadata(complete=False, skipped=[]))
+            self._remove_partial_shards()
         barrier()
         if self.rank != 0:
             self._check_existing(read_store_metadata(self.path))
@@ -122,11 +148,22 @@ class StoreWriter:
         todo = [r for k, r in enumerate(ranges) if k % self.world == self.rank and r not in done]
         if done:
             logger.info("Resuming %s: %d of %d shards already written.", self.path, len(done), len(ranges))
+        logger.info("Process %d of %d: %d shard(s) to compute in %s.", self.rank, self.world, len(todo), self.path)
+        logger.debug("Process %d shards: %s", self.rank, " ".join(_shard_name(s, e) for s, e in todo))
         return todo
+
+    def _remove_partial_shards(self) -> None:
+        # Left by a process that died while writing; every process waits at the barrier after this, so none of
+        # this job's own writes can be in progress.
+        for name in sorted(os.listdir(self.shard_dir)):
+            if ".arrow.tmp-" in name:
+                logger.warning("Removing %s, a shard a previous run did not finish writing.", name)
+                os.remove(os.path.join(self.shard_dir, name))
 
     def _check_existing(self, meta: Mapping) -> None:
         diffs = _config_differences(meta["config"], self.config)
-        for key, value in (("num_rows", self.num_rows), ("shard_size", self.shard_size)):
+        for key, value in (("num_rows", self.num_rows), ("shard_size", self.shard_size), ("dim", self.dim),
+                           ("dtype", self.dtype)):
             if meta.get(key) != value:
                 diffs.append(f"{key}: stored {meta.get(key)}, requested {value}")
         if diffs:
@@ -218,6 +255,76 @@ def _shard_notes(path: str) -> dict:
     return json.loads((schema.metadata or {}).get(_NOTES_KEY, b"{}"))
 
 
+def _complete_shards(path: str) -> tuple[dict, list[str]]:
+    meta = read_store_metadata(path)
+    if not meta.get("complete"):
+        raise ValueError(
+            f"{path} is incomplete (a run was interrupted); run the same compute_gradients call or command again "
+            "to finish it."
+        )
+    shard_dir = os.path.join(path, "shards")
+    names = sorted(n for n in os.listdir(shard_dir) if _SHARD_RE.match(n))
+    return meta, [os.path.join(shard_dir, n) for n in names]
+
+
+def iter_store_batches(path: str | os.PathLike, batch_size: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Stream a complete store as ``(index, features, norm)`` NumPy arrays of at most ``batch_size`` rows, in row order.
+
+    Each shard file is memory-mapped and read without copying: ``features`` is a read-only ``rows x dim`` view in
+    the stored dtype (``index`` and ``norm`` are small copies). Once the next batch is requested, the pages of the
+    previous one are handed back to the operating system, so this process's resident memory stays at about one
+    batch whatever the size of the store (the view stays valid: its pages are read again if it is touched).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1.")
+    path = os.fspath(path)
+    meta, files = _complete_shards(path)
+    dim, dtype = int(meta["dim"]), np.dtype(meta["dtype"])
+    seen = 0
+    for file in files:
+        for index, features, norm in _iter_shard(file, dim, dtype, batch_size):
+            seen += len(index)
+            yield index, features, norm
+    if seen != meta["num_features"]:
+        raise ValueError(f"{path}: holds {seen} rows, store.json says {meta['num_features']}; the store is damaged.")
+
+
+def _iter_shard(file: str, dim: int, dtype: np.dtype, batch_size: int):
+    with open(file, "rb") as handle:
+        if os.fstat(handle.fileno()).st_size == 0:
+            raise ValueError(f"{file} is empty; the store is damaged (delete that shard and run the extraction again).")
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    buffer = pa.py_buffer(mapped)
+    try:
+        reader = pa.ipc.open_stream(buffer)
+        batches = list(reader)  # record batch headers only: the data stays in the mapped file
+    except pa.ArrowInvalid as err:
+        raise ValueError(f"{file} is not a readable shard ({err}); delete it and run the extraction again.") from err
+    want = pa.list_(pa.from_numpy_dtype(dtype), dim)
+    if reader.schema.field("features").type != want:
+        raise ValueError(f"{file}: features are {reader.schema.field('features').type}, store.json says {want}.")
+    for batch in batches:
+        n = batch.num_rows
+        if n == 0:
+            continue
+        index = batch.column("index").to_numpy()
+        norm = batch.column("norm").to_numpy()
+        features = batch.column("features").flatten().to_numpy(zero_copy_only=True).reshape(n, dim)
+        for lo in range(0, n, batch_size):
+            block = features[lo : lo + batch_size]
+            yield index[lo : lo + batch_size].copy(), block, norm[lo : lo + batch_size].copy()
+            _release_pages(mapped, buffer.address, block)
+
+
+def _release_pages(mapped: mmap.mmap, base: int, block: np.ndarray) -> None:
+    if not hasattr(mapped, "madvise") or block.nbytes == 0:
+        return
+    start = block.__array_interface__["data"][0] - base
+    end = start + block.nbytes
+    start -= start % mmap.PAGESIZE
+    mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
 def load_gradients(path: str | os.PathLike):
     """Open a complete gradient store as a memory-mapped ``datasets.Dataset``.
 
@@ -228,15 +335,8 @@ def load_gradients(path: str | os.PathLike):
     from datasets import Dataset, concatenate_datasets
 
     path = os.fspath(path)
-    meta = read_store_metadata(path)
-    if not meta.get("complete"):
-        raise ValueError(
-            f"{path} is incomplete (a run was interrupted); run the same compute_gradients call or command again "
-            "to finish it."
-        )
-    shard_dir = os.path.join(path, "shards")
-    names = sorted(n for n in os.listdir(shard_dir) if _SHARD_RE.match(n))
-    parts = [Dataset.from_file(os.path.join(shard_dir, n)) for n in names]
+    meta, files = _complete_shards(path)
+    parts = [Dataset.from_file(f) for f in files]
     dataset = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     if len(dataset) != meta["num_features"]:
         raise ValueError(f"{path}: holds {len(dataset)} rows, store.json says {meta['num_features']}; the store is damaged.")

@@ -290,14 +290,29 @@ def compute_gradients(
     return writer.finalize()
 
 
+# Config entries that switch runtime behaviour only (the Trainer turns use_cache off while training, for one); they
+# must not make the same model look like another one.
+_RUNTIME_CONFIG_KEYS = frozenset(
+    {"use_cache", "_name_or_path", "transformers_version", "return_dict", "output_hidden_states", "output_attentions",
+     "torchscript", "architectures"}
+)
+
+
+def _without_runtime_keys(value):
+    if isinstance(value, dict):
+        return {k: _without_runtime_keys(v) for k, v in value.items() if k not in _RUNTIME_CONFIG_KEYS}
+    return value
+
+
 def _config_json(model) -> str:
     config = getattr(model, "config", None)
     if config is None:
         return type(model).__name__
     try:
-        return config.to_json_string(use_diff=False)
+        payload = json.loads(config.to_json_string(use_diff=False))
     except TypeError:
         return json.dumps(str(config))
+    return json.dumps(_without_runtime_keys(payload), sort_keys=True)
 
 
 def _batch_features(model, dataset, idx, capture, precondition, projector, device, *, pad_token_id, max_length,
@@ -305,11 +320,23 @@ def _batch_features(model, dataset, idx, capture, precondition, projector, devic
     bad: dict[int, str] = {}
     for i in idx:
         n = int(lengths[i])
-        if max_length is not None and n > max_length:
-            notes["truncated"].append({"index": int(i), "from": n, "to": max_length})
-        elif max_length is None and limit is not None and n > limit:
-            bad[int(i)] = f"{n} tokens exceed the model's limit of {limit}; pass max_length to truncate"
-    rows = fetch_rows(dataset, idx)
+        kept = n if max_length is None else min(n, max_length)
+        if limit is not None and kept > limit:
+            bad[int(i)] = (f"{kept} tokens{' after truncation' if kept < n else ''} exceed the model's limit of "
+                           f"{limit}; pass max_length <= {limit} to truncate")
+        elif kept < n:
+            notes["truncated"].append({"index": int(i), "from": n, "to": kept})
+    if bad and on_bad_row == "error":
+        first = min(bad)
+        raise BadRowError(f"row {first}: {bad[first]}. Fix the row, or pass on_bad_row='skip' to record and skip it.")
+    # Rows too long for the model or unreadable never reach the forward pass.
+    idx_all = idx
+    rows, unreadable = _fetch_readable(dataset, [i for i in idx if int(i) not in bad], on_bad_row)
+    bad.update(unreadable)
+    idx = np.asarray([i for i in idx if int(i) not in bad], dtype=np.asarray(idx_all).dtype)
+    if len(idx) == 0:
+        _record_skips(bad, notes)
+        return np.zeros((len(idx_all), projector.dim), dtype=np.float32), sorted(bad)
     batch = {k: v.to(device) for k, v in collate_rows(rows, pad_token_id, max_length).items()}
     labels = batch.pop("labels")
     supervised = (labels[:, 1:] != -100).sum(dim=1)
@@ -321,7 +348,7 @@ def _batch_features(model, dataset, idx, capture, precondition, projector, devic
         finite = torch.isfinite(losses)
         for pos, i in enumerate(idx):
             if not bool(finite[pos]) and int(i) not in bad:
-                bad[int(i)] = f"non-finite loss ({float(losses[pos])})"
+                bad[int(i)] = f"non-finite loss ({float(losses[pos].detach())})"
         if bad and on_bad_row == "error":
             first = min(bad)
             raise BadRowError(f"row {first}: {bad[first]}. Fix the row, or pass on_bad_row='skip' to record and skip it.")
@@ -331,7 +358,49 @@ def _batch_features(model, dataset, idx, capture, precondition, projector, devic
         # Each parameter's per-example gradients are preconditioned and projected as the backward pass reaches
         # its layer, so no more than one layer's per-example gradients exist at a time.
         capture.backward(total, len(idx), lambda name, grads: projector.accumulate(out, name, precondition(name, grads)))
+    out = out.cpu().numpy()
+    # A finite loss can still give an overflowing gradient, and a zero feature has no direction: neither may be
+    # stored as if it were a feature.
+    finite, nonzero = np.isfinite(out).all(axis=1), (out != 0).any(axis=1)
+    for pos, i in enumerate(idx):
+        if int(i) not in bad and not (finite[pos] and nonzero[pos]):
+            bad[int(i)] = "its gradient feature is not finite" if not finite[pos] else "its gradient feature is exactly zero"
+            if on_bad_row == "error":
+                raise BadRowError(f"row {int(i)}: {bad[int(i)]}. Fix the row, or pass on_bad_row='skip' to record and skip it.")
+    _record_skips(bad, notes)
+    if len(idx) == len(idx_all):
+        return out, sorted(bad)
+    full = np.zeros((len(idx_all), out.shape[1]), dtype=out.dtype)
+    full[np.isin(idx_all, idx)] = out
+    return full, sorted(bad)
+
+
+def _record_skips(bad: Mapping[int, str], notes: dict) -> None:
     for i, reason in sorted(bad.items()):
         notes["skipped"].append({"index": i, "reason": reason})
         logger.warning("Skipping row %d: %s", i, reason)
-    return out.cpu().numpy(), sorted(bad)
+
+
+def _fetch_readable(dataset, idx, on_bad_row: str) -> tuple[dict, dict[int, str]]:
+    """The batch's rows, and ``row -> reason`` for rows that cannot be read (e.g. an unreadable image in a
+    transform), found by reading the rows one at a time once the batch read has failed."""
+    if not len(idx):
+        return {}, {}
+    try:
+        return fetch_rows(dataset, idx), {}
+    except (OSError, ValueError) as batch_error:
+        unreadable, readable = {}, []
+        for i in idx:
+            try:
+                fetch_rows(dataset, [i])
+            except (OSError, ValueError) as err:
+                if on_bad_row == "error":
+                    raise BadRowError(
+                        f"row {int(i)} cannot be read: {err} (or pass on_bad_row='skip' to record and skip it)"
+                    ) from err
+                unreadable[int(i)] = f"cannot be read: {err}"
+            else:
+                readable.append(i)
+        if not unreadable:
+            raise batch_error
+        return (fetch_rows(dataset, readable) if readable else {}), unreadable

@@ -1,0 +1,297 @@
+"""Hostile input: every bad row is an error that names it, or (on_bad_row="skip") a recorded skip; never a silent
+drop or a silent zero row."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from datasets import Dataset
+
+from icons_hf import compute_gradients, compute_influence, export_selection, load_gradients, select
+from icons_hf.gradients import BadRowError
+from icons_hf.store import StoreWriter
+
+FAST = dict(dim=64, batch_size=4, show_progress=False)
+
+
+def _meta(path):
+    with open(os.path.join(path, "store.json")) as handle:
+        return json.load(handle)
+
+
+def _features(path):
+    store = load_gradients(path)
+    return np.asarray(store["index"]), np.asarray(store["features"])
+
+
+def _records(n, *, ids=None, image=None):
+    words = ["red", "blue", "green", "circle", "square", "yes", "no"]
+    out = []
+    for i in range(n):
+        record = {"id": ids[i] if ids else f"r{i}", "conversations": [
+            {"from": "human", "value": f"{'<image>' + chr(10) if image else ''}what colour is shape {words[i % 3]} ?"},
+            {"from": "gpt", "value": f"{words[(i * 5) % 7]} {words[(i + 3) % 7]}"},
+        ]}
+        if image:
+            record["image"] = image(i)
+        out.append(record)
+    return out
+
+
+def _tokenizer(records):
+    from icons_hf.demo import build_tokenizer
+
+    return build_tokenizer([t["value"] for r in records for t in r["conversations"]])
+
+
+def _text_model(vocab_size, seed=0):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+
+
+# ---- images ----
+
+
+def test_missing_image_is_an_error_naming_the_row_and_path(tmp_path):
+    from icons_hf.data import prepare_llava_dataset
+    from icons_hf.demo import image_processor
+
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "0.png")
+    records = _records(2, image=lambda i: f"{i}.png")
+    tok = _tokenizer(records)
+    with pytest.raises(FileNotFoundError, match=r"row 1 \(id 'r1'\): image .*1\.png does not exist"):
+        prepare_llava_dataset(records, tok, image_processor=image_processor(), image_folder=tmp_path,
+                              image_token_id=tok.convert_tokens_to_ids("<image>"), num_image_tokens=16)
+
+
+def test_unreadable_image_is_an_error_naming_the_row_or_a_recorded_skip(tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from PIL import Image
+
+    from icons_hf.data import prepare_llava_dataset
+    from icons_hf.demo import build_tiny_llava, image_processor
+
+    for i in range(4):
+        Image.new("RGB", (32, 32), ("red", "blue", "green", "white")[i]).save(tmp_path / f"{i}.png")
+    (tmp_path / "2.png").write_bytes(b"not an image at all")  # exists, cannot be decoded
+    records = _records(4, image=lambda i: f"{i}.png")
+    tok = _tokenizer(records)
+    image_token = tok.convert_tokens_to_ids("<image>")
+    pool = prepare_llava_dataset(records, tok, image_processor=image_processor(), image_folder=tmp_path,
+                                 image_token_id=image_token, num_image_tokens=16)
+    torch.manual_seed(0)
+    model = get_peft_model(build_tiny_llava(len(tok), image_token, tok.pad_token_id),
+                           LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)", init_lora_weights=False))
+    with pytest.raises(BadRowError, match=r"row 2 cannot be read: image .*2\.png cannot be read"):
+        compute_gradients(model, pool, output_dir=tmp_path / "err", **FAST)
+    path = compute_gradients(model, pool, output_dir=tmp_path / "skip", on_bad_row="skip", **FAST)
+    meta = _meta(path)
+    assert [s["index"] for s in meta["skipped"]] == [2] and "cannot be read" in meta["skipped"][0]["reason"]
+    index, feats = _features(path)
+    assert index.tolist() == [0, 1, 3] and np.isfinite(feats).all() and (np.abs(feats).sum(axis=1) > 0).all()
+
+
+# ---- rows that cannot give a gradient ----
+
+
+def test_row_without_supervised_tokens_errors_or_is_skipped_and_reaches_the_card(tmp_path, tiny_lora_llama, token_rows):
+    rows = token_rows(9, seed=1)
+    rows[4]["labels"] = [-100] * len(rows[4]["labels"])
+    rows[6]["labels"] = [rows[6]["input_ids"][0]] + [-100] * (len(rows[6]["labels"]) - 1)  # only the first: no target
+    pool = Dataset.from_list(rows)
+    model = tiny_lora_llama(seed=0)
+    with pytest.raises(BadRowError, match=r"row 4: no supervised tokens"):
+        compute_gradients(model, pool, output_dir=tmp_path / "err", **FAST)
+
+    path = compute_gradients(model, pool, output_dir=tmp_path / "skip", on_bad_row="skip", dtype="float32", **FAST)
+    meta = _meta(path)
+    assert [s["index"] for s in meta["skipped"]] == [4, 6] and meta["num_features"] == 7 and meta["num_rows"] == 9
+    assert all("no supervised tokens" in s["reason"] for s in meta["skipped"])
+    index, feats = _features(path)
+    assert index.tolist() == [0, 1, 2, 3, 5, 7, 8]
+    # The other rows are untouched by their bad neighbours: same features as without the bad rows in the pool.
+    good = [i for i in range(9) if i not in (4, 6)]
+    clean = compute_gradients(model, pool.select(good), output_dir=tmp_path / "clean", dtype="float32", **FAST)
+    np.testing.assert_allclose(feats, _features(clean)[1], rtol=1e-5, atol=1e-7)
+
+    # Downstream: the skipped rows are never selected and the card and selection.json list them with reasons.
+    val = compute_gradients(model, Dataset.from_list(token_rows(3, seed=2)), output_dir=tmp_path / "val", dtype="float32", **FAST)
+    scores = select(compute_influence(path, {"t": val}), fraction=0.5)
+    assert scores["index"] == index.tolist() and sum(scores["selected"]) == 3
+    out = export_selection(pool, scores, tmp_path / "export")
+    card = open(os.path.join(out, "README.md")).read()
+    assert "2 pool rows gave no gradient feature" in card and "| 4 | no supervised tokens" in card
+    selection = json.load(open(os.path.join(out, "selection.json")))
+    assert [s["index"] for s in selection["influence"]["skipped"]] == [4, 6]
+    assert not set(json.load(open(os.path.join(out, "indices.json")))) & {4, 6}
+
+
+def test_row_longer_than_the_model_limit(tmp_path, tiny_lora_llama, token_rows):
+    rows = token_rows(5, seed=3)
+    rng = np.random.default_rng(0)
+    long_ids = rng.integers(1, 64, 70).tolist()  # the fixture's model takes 64 positions
+    rows[3] = {"input_ids": long_ids, "labels": [-100] * 10 + long_ids[10:]}
+    pool = Dataset.from_list(rows)
+    model = tiny_lora_llama(seed=0)
+    with pytest.raises(BadRowError, match=r"row 3: 70 tokens exceed the model's limit of 64; pass max_length <= 64"):
+        compute_gradients(model, pool, output_dir=tmp_path / "err", **FAST)
+    skipped = compute_gradients(model, pool, output_dir=tmp_path / "skip", on_bad_row="skip", **FAST)
+    assert _meta(skipped)["skipped"][0]["index"] == 3 and "exceed the model's limit" in _meta(skipped)["skipped"][0]["reason"]
+    # Truncation beyond the limit is still refused.
+    with pytest.raises(BadRowError, match=r"row 3: 66 tokens after truncation exceed the model's limit of 64"):
+        compute_gradients(model, pool, output_dir=tmp_path / "too_far", max_length=66, **FAST)
+
+    path = compute_gradients(model, pool, output_dir=tmp_path / "cut", max_length=32, dtype="float32", **FAST)
+    meta = _meta(path)
+    assert meta["truncated"] == [{"index": 3, "from": 70, "to": 32}] and meta["skipped"] == []
+    assert meta["config"]["max_length"] == 32
+    # The truncated row's feature is that of the row cut by hand.
+    rows[3] = {"input_ids": long_ids[:32], "labels": ([-100] * 10 + long_ids[10:])[:32]}
+    by_hand = compute_gradients(model, Dataset.from_list(rows), output_dir=tmp_path / "by_hand", dtype="float32", **FAST)
+    np.testing.assert_allclose(_features(path)[1], _features(by_hand)[1], rtol=1e-5, atol=1e-7)
+
+
+def test_non_finite_loss_errors_or_is_skipped(tmp_path, tiny_lora_llama, token_rows):
+    import torch
+
+    rows = token_rows(7, seed=4, vocab_size=63)  # token ids 1..62
+    rows[5]["input_ids"][0] = 63
+    pool = Dataset.from_list(rows)
+    model = tiny_lora_llama(seed=0)
+    clean = compute_gradients(model, pool.select([0, 1, 2, 3, 4, 6]), output_dir=tmp_path / "clean", dtype="float32", **FAST)
+    with torch.no_grad():
+        model.get_base_model().model.embed_tokens.weight[63] = float("inf")  # any row with token 63: loss is nan
+    with pytest.raises(BadRowError, match=r"row 5: non-finite loss \(nan\)"):
+        compute_gradients(model, pool, output_dir=tmp_path / "err", **FAST)
+    path = compute_gradients(model, pool, output_dir=tmp_path / "skip", on_bad_row="skip", dtype="float32", **FAST)
+    assert _meta(path)["skipped"] == [{"index": 5, "reason": "non-finite loss (nan)"}]
+    index, feats = _features(path)
+    assert index.tolist() == [0, 1, 2, 3, 4, 6]
+    np.testing.assert_allclose(feats, _features(clean)[1], rtol=1e-5, atol=1e-7)
+
+
+def test_zero_gradient_feature_is_never_stored_silently(tmp_path, tiny_lora_llama, token_rows):
+    import torch
+
+    model = tiny_lora_llama(seed=0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.zero_()  # A = B = 0: every LoRA gradient is exactly zero
+    pool = Dataset.from_list(token_rows(3, seed=5))
+    with pytest.raises(BadRowError, match=r"row \d: its gradient feature is exactly zero"):
+        compute_gradients(model, pool, output_dir=tmp_path / "err", **FAST)
+    path = compute_gradients(model, pool, output_dir=tmp_path / "skip", on_bad_row="skip", **FAST)
+    assert _meta(path)["num_features"] == 0 and len(_meta(path)["skipped"]) == 3
+
+
+# ---- names, shapes and sizes ----
+
+
+def _store(path, feats, *, weights="w0", dim=None):
+    feats = np.asarray(feats, dtype=np.float32)
+    n, d = feats.shape
+    config = {"projection": {"kind": "identity", "dim": d, "seed": 0}, "parameters": {"w": [d]}, "model_config": "m",
+              "weights": weights, "preconditioner": {"feature": "sgd"}}
+    writer = StoreWriter(path, config=config, num_rows=n, shard_size=max(1, n), dim=d, dtype="float32")
+    for start, end in writer.open():
+        writer.write_shard(start, end, np.arange(start, end), feats[start:end])
+    return writer.finalize()
+
+
+def test_unknown_or_invalid_task_names(tmp_path):
+    rng = np.random.default_rng(0)
+    train = _store(tmp_path / "train", rng.normal(size=(6, 4)))
+    val = _store(tmp_path / "val", rng.normal(size=(2, 4)))
+    scores = compute_influence(train, {"vqa": val, "ocr": val})
+    with pytest.raises(ValueError, match=r"method='task' needs task= one of: vqa, ocr \(got 'chart'\)"):
+        select(scores, method="task", task="chart")
+    with pytest.raises(ValueError, match=r"method='task' needs task= one of: vqa, ocr \(got None\)"):
+        select(scores, method="task")
+    with pytest.raises(ValueError, match=r"task name 'my task' may only use"):
+        compute_influence(train, {"my task": val})
+    with pytest.raises(ValueError, match="no influence_<task> columns"):
+        select(Dataset.from_dict({"index": [0, 1]}))
+
+
+def test_train_and_validation_feature_dims_must_match(tmp_path):
+    rng = np.random.default_rng(1)
+    train = _store(tmp_path / "train", rng.normal(size=(5, 6)))
+    val = _store(tmp_path / "val", rng.normal(size=(3, 8)))
+    with pytest.raises(ValueError, match=r"val holds 8-dimensional features but .*train holds 6-dimensional ones"):
+        compute_influence(train, {"t": val})
+
+
+def test_empty_validation_sets(tmp_path, tiny_lora_llama, token_rows):
+    model = tiny_lora_llama(seed=0)
+    with pytest.raises(ValueError, match="dataset is empty"):
+        compute_gradients(model, Dataset.from_dict({"input_ids": [], "labels": []}), output_dir=tmp_path / "e", **FAST)
+    # A validation set whose every row was skipped: refused when scoring, saying why.
+    rows = token_rows(2, seed=6)
+    for row in rows:
+        row["labels"] = [-100] * len(row["labels"])
+    val = compute_gradients(model, Dataset.from_list(rows), output_dir=tmp_path / "val", on_bad_row="skip", **FAST)
+    train = compute_gradients(model, Dataset.from_list(token_rows(4, seed=7)), output_dir=tmp_path / "train", **FAST)
+    with pytest.raises(ValueError, match=r"validation store .*val holds no rows \(all 2 were skipped as bad rows\)"):
+        compute_influence(train, {"t": val})
+    with pytest.raises(ValueError, match="needs at least one validation example|non-empty mapping"):
+        compute_influence(train, {})
+
+
+def test_empty_task_dataset_is_refused_before_training(tmp_path, token_rows):
+    from icons_hf import IconsCallback
+
+    pool = Dataset.from_list(token_rows(3))
+    with pytest.raises(ValueError, match=r"task 'vqa' has no validation rows"):
+        IconsCallback(pool, {"vqa": Dataset.from_dict({"input_ids": [], "labels": []})})
+    with pytest.raises(ValueError, match=r"task 'mme' subtask 'count' has no validation rows"):
+        IconsCallback(pool, {"mme": {"count": Dataset.from_dict({"input_ids": [], "labels": []}), "color": pool}})
+    with pytest.raises(ValueError, match="the pool has no rows"):
+        IconsCallback(pool.select([]), {"vqa": pool})
+
+
+def test_pool_of_one_row_through_the_whole_pipeline(tmp_path, tiny_lora_llama, token_rows):
+    model = tiny_lora_llama(seed=0)
+    pool = Dataset.from_list(token_rows(1, seed=8))
+    train = compute_gradients(model, pool, output_dir=tmp_path / "train", **FAST)
+    val = compute_gradients(model, Dataset.from_list(token_rows(1, seed=9)), output_dir=tmp_path / "val", **FAST)
+    scores = compute_influence(train, {"a": val, "b": val})
+    assert len(scores) == 1 and np.isfinite(scores["influence_a"][0])
+    with pytest.raises(ValueError, match=r"fraction=0.2 of 1 rows selects no row"):
+        select(scores, fraction=0.2)
+    chosen = select(scores, fraction=1.0)
+    assert chosen["selected"] == [True] and chosen["votes"] == [0] and chosen["tiebreak"] == [0.5]
+    out = export_selection(pool, chosen, tmp_path / "export")
+    assert json.load(open(os.path.join(out, "indices.json"))) == [0]
+    assert Dataset.from_parquet(os.path.join(out, "data", "train-00000-of-00001.parquet")).to_list() == pool.to_list()
+    assert select(scores, num_rows=0)["selected"] == [False]
+
+
+def test_duplicate_llava_ids_are_selected_by_position_through_the_whole_pipeline(tmp_path):
+    from icons_hf.data import prepare_llava_dataset
+
+    records = _records(8, ids=["a", "b", "a", "a", "c", "b", "c", "a"])
+    pool_file = tmp_path / "pool.json"
+    pool_file.write_text(json.dumps(records))
+    tok = _tokenizer(records)
+    pool = prepare_llava_dataset(str(pool_file), tok)
+    model = _text_model(len(tok))
+    train = compute_gradients(model, pool, output_dir=tmp_path / "train", pad_token_id=tok.pad_token_id, **FAST)
+    val = compute_gradients(model, prepare_llava_dataset(_records(2), tok), output_dir=tmp_path / "val",
+                            pad_token_id=tok.pad_token_id, **FAST)
+    scores = select(compute_influence(train, {"t": val}), fraction=0.5, method="task", task="t")
+    chosen = [i for i, s in enumerate(scores["selected"]) if s]
+    assert len(chosen) == 4
+    out = export_selection(str(pool_file), scores, tmp_path / "export")
+    exported = json.load(open(os.path.join(out, "pool_icons.json")))
+    assert exported == [records[i] for i in chosen]  # positions, not ids: repeated ids keep their own record
