@@ -45,6 +45,9 @@ def _add_gradients(sub):
     p.add_argument("--max-length", type=int, help="truncate longer rows (recorded in the store)")
     p.add_argument("--learning-rate", type=float, help="checkpoint learning rate (default: from trainer_state.json)")
     p.add_argument("--torch-dtype", default="float32", help="model dtype: float32, bfloat16 or float16")
+    p.add_argument("--shard-size", type=int, default=4096,
+                   help="rows per shard: the unit of resumption and of work split between processes")
+    p.add_argument("--max-tokens-per-batch", type=int, help="cap on padded tokens per batch (rows are length-bucketed)")
 
 
 def _add_influence(sub):
@@ -54,6 +57,8 @@ def _add_influence(sub):
     p.add_argument("--task", action="append", default=[], metavar="NAME[/SUBTASK]=STORE[,STORE...]",
                    help="validation stores of a task (one per checkpoint, same order as --train); repeatable")
     p.add_argument("--checkpoint-weights", type=float, nargs="+", help="explicit checkpoint weights")
+    p.add_argument("--batch-size", type=int, default=4096, help="train rows read per step")
+    p.add_argument("--cache-file", help="write the score table to this Arrow file batch by batch (large pools)")
     p.add_argument("--output", required=True, help="folder to save the score table (datasets save_to_disk)")
 
 
@@ -62,6 +67,7 @@ def _add_select(sub):
     p.add_argument("scores", help="score table folder written by 'icons-hf influence'")
     p.add_argument("--method", choices=METHODS, default="vote")
     p.add_argument("--fraction", type=float, default=0.2)
+    p.add_argument("--num-rows", type=int, help="select exactly this many rows instead of a fraction")
     p.add_argument("--threshold-percentile", type=float, default=80.0)
     p.add_argument("--task", help="the task for --method task")
     p.add_argument("--seed", type=int, default=0, help="seed for --method random")
@@ -169,10 +175,10 @@ def _run(args) -> int:
         summary = run_demo(DemoConfig(output_dir=args.output_dir, pool_size=args.pool_size, fraction=args.fraction, seed=args.seed))
         print(format_summary(summary))
     elif args.command == "gradients":
-        from .distributed import is_main_process
+        from .distributed import init_distributed, is_main_process
         from .gradients import compute_gradients
 
-        _init_distributed()
+        init_distributed()
         model, config = _load_model(args)
         dataset = _load_dataset(args, model, config)
         state = args.optimizer_state or (args.adapter if args.feature == "adam" else None)
@@ -181,7 +187,8 @@ def _run(args) -> int:
             adam_variant=args.adam_variant, projection=args.projection, dim=args.dim, seed=args.seed,
             batch_size=args.batch_size, dtype=args.dtype, on_bad_row=args.on_bad_row, max_length=args.max_length,
             learning_rate=args.learning_rate, checkpoint=os.path.basename(os.path.normpath(args.adapter)) if args.adapter else None,
-            pad_token_id=getattr(config, "pad_token_id", None) or 0,
+            pad_token_id=getattr(config, "pad_token_id", None) or 0, shard_size=args.shard_size,
+            max_tokens_per_batch=args.max_tokens_per_batch,
         )
         if is_main_process():
             print(path)
@@ -195,7 +202,8 @@ def _run(args) -> int:
             train, tasks = args.train, _parse_tasks(args.task)
         else:
             raise SystemExit("give --run DIR, or --train STORE... with at least one --task")
-        scores = compute_influence(train, tasks, checkpoint_weights=args.checkpoint_weights)
+        scores = compute_influence(train, tasks, checkpoint_weights=args.checkpoint_weights, batch_size=args.batch_size,
+                                   cache_file_name=args.cache_file)
         scores.save_to_disk(args.output)
         print(args.output)
     elif args.command == "select":
@@ -204,7 +212,7 @@ def _run(args) -> int:
         from .consensus import select
 
         scores = select(load_from_disk(args.scores), fraction=args.fraction, threshold_percentile=args.threshold_percentile,
-                        method=args.method, task=args.task, seed=args.seed)
+                        method=args.method, task=args.task, seed=args.seed, num_rows=args.num_rows)
         scores.save_to_disk(args.output)
         info = json.loads(scores.info.description)["selection"]
         print(f"selected {info['num_selected']} of {info['num_candidates']} rows -> {args.output}")
@@ -226,14 +234,6 @@ def _run(args) -> int:
                              create_pr=args.create_pr, embed_images=args.embed_images, image_folder=args.image_folder,
                              push_scores=not args.no_scores))
     return 0
-
-
-def _init_distributed() -> None:
-    """Join the process group that ``accelerate launch``/``torchrun`` set up, if any."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
-
-        PartialState()
 
 
 def main(argv: list[str] | None = None) -> int:
