@@ -11,6 +11,13 @@ Methods (``select(method=...)``); ``n = floor(fraction * N)`` rows are kept in e
 * ``task``: a single task's score (LESS-style specialist selection); name it with ``task=``.
 * ``random``: a uniformly random subset drawn with ``seed``.
 
+Coverage-aware selection (``task_floor > 0``, any method): before the method's ranking fills the subset, each of
+the ``K`` tasks reserves ``floor(task_floor * n / K)`` rows, its own highest-scoring rows, taken in turns (task
+order, one row each) so that a row wanted by several tasks is counted once and the next task takes its next
+best; the method's ranking then fills the rest. With few tasks, voting alone can starve a task whose valuable
+rows only it likes (rows liked by two tasks outvote rows liked by one); the floor keeps every task in the
+subset. ``task_floor=0`` (default) is the plain method.
+
 Ties are broken deterministically, never by sort order: for ``vote`` by the mean within-task percentile rank
 (the ``rank`` score), then for every method by the ascending row ``index``. Within-task percentile ranks are
 ``(r - 1) / (N - 1)`` with ``r`` the average rank of equal scores (1 = lowest); ``0.5`` for a one-row pool.
@@ -39,27 +46,82 @@ def task_columns(scores) -> list[str]:
     return cols
 
 
+def _sorted_runs(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions that sort ``values`` ascending (ties in any order), and for each sorted position whether a run of
+    equal values starts there."""
+    n = len(values)
+    if values.dtype == np.float32 and n < 1 << 32:
+        # float32 (what compute_influence writes): sort 64-bit keys "orderable value bits | row" rather than an
+        # argsort, several times faster. "+ 0" turns -0.0 into 0.0 so that equal values have equal bits; negative
+        # values get their magnitude bits flipped so that the keys compare as the values do.
+        bits = (values + np.float32(0)).view(np.int32)
+        ordered = (bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))).view(np.uint32) ^ np.uint32(0x80000000)
+        keys = ordered.astype(np.uint64)
+        keys <<= np.uint64(32)
+        keys |= np.arange(n, dtype=np.uint64)
+        keys.sort()
+        order = (keys & np.uint64(0xFFFFFFFF)).astype(np.int64)
+        sorted_vals = keys >> np.uint64(32)
+    else:
+        order = np.argsort(values)
+        sorted_vals = values[order]
+    run_start = np.empty(n, dtype=bool)
+    run_start[:1] = True
+    np.not_equal(sorted_vals[1:], sorted_vals[:-1], out=run_start[1:])
+    return order, run_start
+
+
+def _doubled_ranks(values: np.ndarray) -> np.ndarray:
+    """Twice the 0-based average rank of each value (an exact integer: ties at positions s..e-1 share s + e - 1)."""
+    n = len(values)
+    if values.dtype == np.float64:
+        narrow = values.astype(np.float32)
+        if np.array_equal(narrow, values):  # float32 scores held as float64: same order, faster sort
+            values = narrow
+    # Equal values get the same average rank whatever order the sort leaves them in, so any sort will do.
+    order, run_start = _sorted_runs(values)
+    starts = np.flatnonzero(run_start)
+    ends = np.append(starts[1:], n)
+    doubled = np.empty(n, dtype=np.int64)
+    doubled[order] = (starts + ends - 1)[np.cumsum(run_start) - 1]
+    return doubled
+
+
 def percentile_ranks(values: np.ndarray) -> np.ndarray:
     """Within-column percentile rank in [0, 1] with ties sharing their average rank."""
+    values = np.asarray(values)
     n = len(values)
+    if n == 0:
+        return np.zeros(0)
     if n == 1:
         return np.full(1, 0.5)
-    order = np.argsort(values, kind="stable")
-    sorted_vals = values[order]
-    ranks = np.empty(n, dtype=np.float64)
-    # Average rank over runs of equal values.
-    boundaries = np.flatnonzero(np.diff(sorted_vals) != 0) + 1
-    starts = np.concatenate(([0], boundaries))
-    ends = np.concatenate((boundaries, [n]))
-    for s, e in zip(starts, ends):
-        ranks[order[s:e]] = (s + e - 1) / 2.0
-    return ranks / (n - 1)
+    return _doubled_ranks(values) / (2.0 * (n - 1))
+
+
+def _mean_rank(mat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean within-task percentile rank of each row, and an exact integer key that orders rows the same way
+    (the sum of doubled ranks), so rows with equal mean ranks compare equal whatever the float rounding."""
+    n, k = mat.shape
+    if n == 1:
+        return np.full(1, 0.5), np.zeros(1, dtype=np.int64)
+    key = np.zeros(n, dtype=np.int64)
+    for j in range(k):
+        key += _doubled_ranks(mat[:, j])
+    return key / (2.0 * (n - 1) * k), key
 
 
 def column_arrays(scores, columns, dtype=None) -> dict[str, np.ndarray]:
-    """Whole columns of a table as NumPy arrays."""
-    table = scores.with_format("numpy", columns=list(columns), dtype=dtype)[:]
-    return {c: np.asarray(table[c]) for c in columns}
+    """Whole columns of a table as NumPy arrays (straight from Arrow: the ``numpy`` formatter of ``datasets``
+    visits every value in Python, minutes for millions of rows)."""
+    table = scores.with_format("arrow", columns=list(columns))[:]
+    out = {}
+    for name in columns:
+        column = table.column(name)
+        if column.null_count:
+            raise ValueError(f"column {name!r} of the score table has {column.null_count} missing values.")
+        values = column.to_numpy()
+        out[name] = values if dtype is None else values.astype(dtype, copy=False)
+    return out
 
 
 def _score_matrix(scores, columns) -> np.ndarray:
@@ -80,6 +142,7 @@ def select(
     task: str | None = None,
     seed: int = 0,
     num_rows: int | None = None,
+    task_floor: float = 0.0,
 ):
     """Select ``floor(fraction * N)`` rows (or exactly ``num_rows``) from a score table.
 
@@ -91,63 +154,78 @@ def select(
     n_total = len(scores)
     if n_total == 0:
         raise ValueError("the score table is empty.")
+    columns = task_columns(scores)
+    if method == "task" and (task is None or f"influence_{task}" not in columns):
+        known = ", ".join(c[len("influence_"):] for c in columns)
+        raise ValueError(f"method='task' needs task= one of: {known} (got {task!r}).")
     if num_rows is None:
         if not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
             raise ValueError(f"fraction={fraction!r} must be in (0, 1].")
         n_keep = math.floor(fraction * n_total)
+        if n_keep == 0:
+            raise ValueError(
+                f"fraction={fraction} of {n_total} rows selects no row (floor({fraction} x {n_total}) = 0); raise "
+                "fraction, or pass num_rows."
+            )
     else:
         if not (isinstance(num_rows, int) and 0 <= num_rows <= n_total):
             raise ValueError(f"num_rows={num_rows!r} must be an integer between 0 and {n_total}.")
         n_keep = num_rows
     if not (0 <= threshold_percentile <= 100):
         raise ValueError(f"threshold_percentile={threshold_percentile!r} must be within [0, 100].")
-    columns = task_columns(scores)
+    if not (isinstance(task_floor, (int, float)) and 0 <= task_floor <= 1):
+        raise ValueError(f"task_floor={task_floor!r} must be a share of the subset within [0, 1].")
     mat = _score_matrix(scores, columns)
     index = column_arrays(scores, ["index"])["index"].astype(np.int64)
-    ranks = np.stack([percentile_ranks(mat[:, j]) for j in range(mat.shape[1])], axis=1)
-    mean_rank = ranks.mean(axis=1)
+    mean_rank = rank_key = None
+    if method in ("vote", "rank"):
+        mean_rank, rank_key = _mean_rank(mat)
+    zeros = np.zeros(n_total)
     extra = {}
     thresholds = None
+    # primary, tiebreak: the reported scores; the sort uses the keys (exact integers where they exist).
     if method == "vote":
         thresholds = np.percentile(mat, threshold_percentile, axis=0)
         votes = (mat > thresholds[None, :]).sum(axis=1)
         primary, tiebreak = votes.astype(np.float64), mean_rank
+        primary_key, tiebreak_key = votes, rank_key
         extra["votes"] = votes.astype(np.int32)
-    elif method == "mean":
-        primary, tiebreak = mat.mean(axis=1), np.zeros(n_total)
-    elif method == "max":
-        primary, tiebreak = mat.max(axis=1), np.zeros(n_total)
     elif method == "rank":
-        primary, tiebreak = mean_rank, np.zeros(n_total)
-    elif method == "norm":
-        std = mat.std(axis=0)
-        std[std == 0] = 1.0
-        primary, tiebreak = ((mat - mat.mean(axis=0)) / std).mean(axis=1), np.zeros(n_total)
-    elif method == "task":
-        if task is None or f"influence_{task}" not in columns:
-            known = ", ".join(c[len("influence_"):] for c in columns)
-            raise ValueError(f"method='task' needs task= one of: {known} (got {task!r}).")
-        primary, tiebreak = mat[:, columns.index(f"influence_{task}")], np.zeros(n_total)
-    else:  # random
-        primary, tiebreak = np.random.default_rng(seed).random(n_total), np.zeros(n_total)
-    # lexsort sorts by the last key first: primary desc, tiebreak desc, index asc.
-    order = np.lexsort((index, -tiebreak, -primary))
+        primary, tiebreak = mean_rank, zeros
+        primary_key, tiebreak_key = rank_key, zeros
+    else:
+        if method == "mean":
+            primary = mat.mean(axis=1)
+        elif method == "max":
+            primary = mat.max(axis=1)
+        elif method == "norm":
+            std = mat.std(axis=0)
+            std[std == 0] = 1.0
+            primary = ((mat - mat.mean(axis=0)) / std).mean(axis=1)
+        elif method == "task":
+            primary = mat[:, columns.index(f"influence_{task}")]
+        else:  # random
+            primary = np.random.default_rng(seed).random(n_total)
+        tiebreak = zeros
+        primary_key, tiebreak_key = primary, zeros
     selected = np.zeros(n_total, dtype=bool)
-    selected[order[:n_keep]] = True
-    if n_keep and n_keep < n_total:
-        cut, nxt = order[n_keep - 1], order[n_keep]
-        if primary[cut] == primary[nxt]:
+    floor_rows = _reserve_task_floors(mat, index, n_keep, task_floor, selected) if task_floor > 0 else None
+    rest = np.flatnonzero(~selected)
+    selected[rest[_top(n_keep - int(selected.sum()), primary_key[rest], tiebreak_key[rest], index[rest])]] = True
+    if 0 < n_keep < n_total and floor_rows is None:
+        cut_value = primary_key[selected].min()
+        if (primary_key[~selected] == cut_value).any():
             logger.info(
                 "%d rows share the cut-off score %.6g; tie broken by %s.",
-                int((primary == primary[cut]).sum()),
-                primary[cut],
+                int((primary_key == cut_value).sum()),
+                float(primary[np.flatnonzero(primary_key == cut_value)[0]]),
                 "mean percentile rank, then index" if method == "vote" else "index",
             )
     out = scores
     for name, values in (*extra.items(), ("consensus", primary.astype(np.float32)), ("tiebreak", tiebreak.astype(np.float32)), ("selected", selected)):
         if name in out.column_names:
             out = out.remove_columns(name)
-        out = out.add_column(name, values.tolist())
+        out = out.add_column(name, np.asarray(values))
     info = provenance(scores)
     info["selection"] = {
         "method": method,
@@ -161,8 +239,45 @@ def select(
         "num_candidates": int(n_total),
         "tiebreak": "mean within-task percentile rank, then ascending index" if method == "vote" else "ascending index",
     }
+    if floor_rows is not None:
+        info["selection"]["task_floor"] = task_floor
+        info["selection"]["floor_rows_per_task"] = floor_rows
     out.info.description = json.dumps(info)
     return out
+
+
+def _reserve_task_floors(mat: np.ndarray, index: np.ndarray, n_keep: int, task_floor: float, selected: np.ndarray) -> int:
+    """Marks every task's reserved rows in ``selected`` (in place): ``floor(task_floor * n_keep / K)`` per task,
+    its best rows by its own score (then ascending index), tasks taking turns. Returns the rows per task."""
+    n_tasks = mat.shape[1]
+    per_task = math.floor(task_floor * n_keep / n_tasks)
+    orders = [np.lexsort((index, -mat[:, j])) for j in range(n_tasks)]
+    pointers = [0] * n_tasks
+    for _ in range(per_task):
+        for j in range(n_tasks):
+            while selected[orders[j][pointers[j]]]:
+                pointers[j] += 1
+            selected[orders[j][pointers[j]]] = True
+    return per_task
+
+
+def _top(n_keep: int, primary: np.ndarray, tiebreak: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Positions of the ``n_keep`` best rows: ``primary`` descending, then ``tiebreak`` descending, then ``index``
+    ascending. Only the rows that tie at the cut-off value of ``primary`` are sorted."""
+    n = len(primary)
+    if n_keep <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if n_keep >= n:
+        return np.arange(n)
+    # The n_keep-th largest primary value: rows above it are in, rows below it are out.
+    cut = np.partition(primary, n - n_keep)[n - n_keep]
+    above = np.flatnonzero(primary > cut)
+    tied = np.flatnonzero(primary == cut)
+    need = n_keep - len(above)
+    if need < len(tied):
+        # lexsort sorts by the last key first: tiebreak descending, then index ascending.
+        tied = tied[np.lexsort((index[tied], -tiebreak[tied]))[:need]]
+    return np.concatenate([above, tied])
 
 
 def vote_histogram(scores) -> dict[int, dict[str, int]]:
