@@ -145,15 +145,7 @@ def main(argv: list[str] | None = None) -> str | None:
             rows = [records[i] for i in positions]
             dataset = prepare_llava_dataset(rows, image_folder=args.image_folder,
                                             **(fmt if name == "image" else dict(fmt, image_processor=None)))
-            if name == "text":
-                dataset = dataset.remove_columns("image")  # all None: nothing for the model
             subpools.append(common.SubPool(name, dataset, positions))
-    if len(subpools) > 1 and args.modules_to_save:
-        raise ValueError(
-            f"{args.data_path} has text-only rows, which leave --modules-to-save {' '.join(args.modules_to_save)} out "
-            "of the forward pass, so those rows have no feature for them; train LoRA adapters only (drop "
-            "--modules-to-save) or split the text-only rows into another pool."
-        )
     logging.getLogger("icons_example").info(
         "Pool: %d rows (%s)", len(records), ", ".join(f"{p.name}: {len(p.positions)}" for p in subpools))
 
