@@ -18,6 +18,8 @@ from typing import Any
 from datasets import Dataset, Image
 from huggingface_hub import DatasetCard, HfApi
 
+from .export import load_llava_records
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["push_selection"]
@@ -208,7 +210,7 @@ def _load_subset(folder: Path, metadata: dict[str, Any], *, embed_images: bool,
         path = folder / name
         if not path.is_file():
             raise _missing(path)
-        records = _read_records(path)
+        records = load_llava_records(path)
         if embed_images:
             records = _resolve_images(records, image_folder, path)
         subset = _records_to_dataset(records)
@@ -220,26 +222,6 @@ def _load_subset(folder: Path, metadata: dict[str, Any], *, embed_images: bool,
             "re-run export_selection."
         )
     return subset
-
-
-def _read_records(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as handle:
-        if path.suffix == ".jsonl":
-            records = []
-            for line_no, line in enumerate(handle, start=1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{path}, line {line_no}: not valid JSON ({err.msg}).") from None
-        else:
-            try:
-                records = json.load(handle)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}).") from None
-    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-        raise ValueError(f"{path}: expected a list of LLaVA record objects.")
-    return records
 
 
 def _records_to_dataset(records: list[dict]) -> Dataset:
