@@ -261,23 +261,27 @@ def compute_influence(
         # One chunk per batch: no concatenated copy of the columns.
         chunked = [pa.chunked_array(kept[field.name], type=field.type) for field in schema]
         scores = Dataset(InMemoryTable(pa.Table.from_arrays(chunked, schema=schema)))
-    scores.info.description = json.dumps(
-        {
-            "influence": {
-                "train_stores": train,
-                "tasks": tasks,
-                "checkpoint_weights": weights,
-                "checkpoints": [m.get("checkpoint") for m in metas],
-                "learning_rates": [m.get("learning_rate") for m in metas],
-                "projection": metas[0]["config"]["projection"],
-                "preconditioner": metas[0]["config"]["preconditioner"],
-                "num_validation": {t: {s: read_store_metadata(ps[0])["num_features"] for s, ps in subs.items()} for t, subs in tasks.items()},
-                "skipped": metas[0].get("skipped", []),
-                "pool_rows": metas[0]["num_rows"],
-            }
-        }
-    )
+    scores.info.description = json.dumps({"influence": influence_provenance(train, tasks, weights, metas)})
     return scores
+
+
+def influence_provenance(train: Sequence[str], tasks: Mapping, weights: Sequence[float], metas: Sequence[Mapping], **extra) -> dict:
+    """The provenance a score table carries (stores, tasks and validation sizes, checkpoint weights, features)."""
+    return {
+        **extra,
+        "train_stores": list(train),
+        "tasks": tasks,
+        "checkpoint_weights": list(weights),
+        "checkpoints": [m.get("checkpoint") for m in metas],
+        "learning_rates": [m.get("learning_rate") for m in metas],
+        "projection": metas[0]["config"]["projection"],
+        "preconditioner": metas[0]["config"]["preconditioner"],
+        "num_validation": {
+            t: {s: read_store_metadata(ps[0])["num_features"] for s, ps in subs.items()} for t, subs in tasks.items()
+        },
+        "skipped": metas[0].get("skipped", []),
+        "pool_rows": metas[0]["num_rows"],
+    }
 
 
 def provenance(scores) -> dict:
