@@ -7,12 +7,12 @@
   top rows drift toward one answer class. Both variants give every validation example the same say. With
   ``c_v(z) = sum_c w_c cos(g_z^c, g_v^c)`` (the paper's checkpoint weights) for validation example ``v``:
 
-  - ``mode="zscore"`` (default): standardise each example's column over the pool,
+  - ``mode="quota"`` (default): ``I_k(z) = max_v q_v(z)`` with ``q_v`` the within-pool percentile rank of
+    ``c_v``. A row is high when it is among the best rows of *some* example, so thresholding ``I_k`` keeps about
+    the same number of rows per validation example (the union of their top lists), whatever its answer class.
+  - ``mode="zscore"``: standardise each example's column over the pool,
     ``z_v(z) = (c_v(z) - mean_z c_v) / std_z c_v``, and average, ``I_k(z) = mean_v z_v(z)``. Every example
     contributes unit variance; the average still cancels what examples disagree on.
-  - ``mode="quota"``: ``I_k(z) = max_v q_v(z)`` with ``q_v`` the within-pool percentile rank of ``c_v``. A row is
-    high when it is among the best rows of *some* example, so thresholding ``I_k`` keeps about the same number
-    of rows per validation example (the union of their top lists).
 
   Subtasks pool their validation examples.
 * :func:`adam_feature_diagnostics`: how much of an Adam (LESS) train feature is the optimizer's shared momentum
@@ -49,10 +49,10 @@ def _unit_rows(path: str, what: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(store["index"]), np.asarray(store["features"], dtype=np.float32) / norms[:, None]
 
 
-BALANCE_MODES = ("zscore", "quota")
+BALANCE_MODES = ("quota", "zscore")
 
 
-def balanced_influence(train, tasks: Mapping, *, mode: str = "zscore", checkpoint_weights: Sequence[float] | None = None,
+def balanced_influence(train, tasks: Mapping, *, mode: str = "quota", checkpoint_weights: Sequence[float] | None = None,
                        batch_size: int = 4096):
     """Per-validation-example balanced specialist scores (see the module docstring for ``mode``).
 
@@ -168,7 +168,8 @@ def adam_feature_diagnostics(
     * ``rows``: how many rows were measured.
 
     Keep ``dataset`` small (a few hundred rows): features are stored at full size in ``work_dir`` (a temporary
-    folder by default, removed afterwards).
+    folder by default, removed afterwards). Under a multi-process launch, call it in every process with the same
+    ``work_dir`` on a file system they share (the rows are split between processes); it is left in place.
     """
     import torch
 

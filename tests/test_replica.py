@@ -1,0 +1,168 @@
+"""The quality replica (examples/replica): pool construction, rule names, and a reduced run of the script's own
+code path end to end (structure only; quality is what the full run measures)."""
+
+import importlib
+import json
+import math
+import os
+import sys
+from collections import Counter
+
+import pytest
+
+pytest.importorskip("easy_vqa")
+pytest.importorskip("matplotlib")
+
+REPLICA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "replica")
+
+
+@pytest.fixture(scope="module")
+def replica():
+    sys.path.insert(0, REPLICA)
+    try:
+        yield importlib.import_module("replica"), importlib.import_module("replica_harness")
+    finally:
+        sys.path.remove(REPLICA)
+
+
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("icons", dict(base="icons", feature="adam", specialist="mean", floor=False)),
+        ("icons-sgd-balanced-floor", dict(base="icons", feature="sgd", specialist="balanced", floor=True)),
+        ("less-color", dict(base="less", task="color", feature="adam")),
+        ("random", dict(base="random")),
+    ],
+)
+def test_rule_names(replica, name, expected):
+    _, harness = replica
+    rule = harness.Rule.parse(name)
+    assert {k: getattr(rule, k) for k in expected} == expected
+
+
+@pytest.mark.parametrize("name,match", [("vote", "unknown base"), ("less", "name the task"), ("icons-fast", "modifier"),
+                                        ("random-floor", "no modifiers")])
+def test_rule_names_refused(replica, name, match):
+    _, harness = replica
+    with pytest.raises(ValueError, match=match):
+        harness.Rule.parse(name)
+
+
+def test_pool_rows_are_corrupted_as_specified(replica, tmp_path):
+    _, harness = replica
+    material = harness.Material()
+    split = harness.seed_split(material, 0, stage1_images=1000, validation_per_task=6, test_per_task=30)
+    for task in ("shape", "color", "yesno"):
+        val_ids = {r["id"] for r in split.validation[task]}
+        assert len(val_ids) == 6 and not val_ids & {r["id"] for r in split.test[task]}
+        assert max(Counter(r["conversations"][1]["value"] for r in split.test[task]).values()) <= math.ceil(30 / len(harness.ANSWERS[task]))
+    spec = harness.POOLS["B"]
+    records, kinds = harness.build_pool(material, split, spec, size=200, seed=0, image_dir=str(tmp_path / "img"))
+    assert Counter(kinds) == Counter({k: n for k, n in spec.counts(200).items() if n})
+    originals = {}
+    for r in material.train_records:
+        originals.setdefault((r["conversations"][0]["value"], r["image"]), []).append(r["conversations"][1]["value"])
+    stage1 = set(split.stage1_images)
+    for record, kind in zip(records, kinds):
+        question, answer = (t["value"] for t in record["conversations"])
+        image = record["image"]
+        assert os.path.isfile(image)
+        task = harness.answer_task(answer)
+        if kind == "unreadable":
+            assert image.startswith(str(tmp_path))
+        else:
+            assert os.path.basename(image) not in stage1
+        if kind == "off_task":
+            assert any(q == question and answer in a for (q, _), a in originals.items())
+        elif kind in ("clean", "wrong_same", "wrong_other"):
+            truth = originals[(question, os.path.basename(image))]
+            assert (answer in truth) == (kind == "clean")
+            if kind != "clean":
+                same_type = harness.answer_task(truth[0]) == task
+                assert same_type == (kind == "wrong_same")
+
+
+def test_reduced_run_end_to_end(replica, tmp_path):
+    script, harness = replica
+    out, reports = tmp_path / "runs", tmp_path / "report"
+    argv = [
+        "--output_dir", str(out), "--report_dir", str(reports), "--seeds", "0", "--pools", "A", "B",
+        "--pool_size", "120", "--fractions", "0.1", "0.25", "--sweep_rules", "icons", "random",
+        "--compare_rules", "icons-floor", "icons-balanced", "less-shape", "icons-sgd", "--other_pool_rules", "icons-floor",
+        "--validation_per_task", "6", "--test_per_task", "24", "--vision_steps", "3", "--stage1_steps", "3",
+        "--stage1_questions", "20", "--warmup_epochs", "1", "--warmup_fraction", "0.1", "--warmup_batch_size", "4", "--checkpoints", "1",
+        "--dim", "64", "--diagnostic_rows", "6", "--train_steps", "3", "--workers", "1",
+    ]
+    results = script.main(argv)
+
+    plan = script.plan_runs(script.make_parser().parse_args_into_dataclasses(args=argv)[0])
+    assert len(results["runs"]) == sum(len(v) for v in plan.values())
+    assert {r["rule"] for r in results["runs"] if r["pool"] == "B"} == {"full", "icons", "icons-floor", "random",
+                                                                         "icons-sgd-balanced-floor"}
+    for run in results["runs"]:
+        assert set(run["accuracy"]) == {"shape", "color", "yesno"}
+        assert all(0.0 <= a <= 1.0 for a in run["accuracy"].values())
+        expected_rows = 120 if run["rule"] == "full" else math.floor(run["fraction"] * 120)
+        assert run["rows"] == expected_rows
+    for pool in ("A", "B"):
+        selections = json.loads((out / "seed0" / f"pool{pool}" / "selections.json").read_text())
+        for key, sel in selections.items():
+            rows = sel["rows"]
+            assert len(rows) == len(set(rows)) == sel["composition"]["rows"]
+            assert sum(sel["composition"]["kind"].values()) == len(rows)
+        full = results["summary"][pool]["full@1"]
+        assert full["relative"][0] == pytest.approx(1.0) or math.isnan(full["relative"][0])
+    # Row kinds are written next to the pool for the report, never into what the rules read.
+    pool_file = json.loads((out / "seed0" / "poolA" / "pool.json").read_text())
+    assert len(pool_file["kinds"]) == len(pool_file["records"]) == 120
+    assert all(set(r) == {"id", "image", "conversations"} for r in pool_file["records"])
+    # Diagnostics: the momentum share is a share.
+    feats = results["features"]
+    assert 0.0 <= feats["momentum_share"][0] <= 1.5 and feats["measurements"] == 2
+    targets = results["targets"]["A"]
+    assert set(targets) == {"icons", "icons-floor", "icons-balanced", "less-shape", "icons-sgd", "icons-sgd-balanced-floor"}
+    assert targets["icons"]["is_default"] and targets["icons-sgd-balanced-floor"]["is_proposed"]
+    # The report: one JSON, one page, two figures.
+    for name in ("replica.json", "replica.md", "replica.png", "replica_composition.png"):
+        assert (reports / name).stat().st_size > 0
+    page = (reports / "replica.md").read_text()
+    assert "python examples/replica/replica.py" in page and "## Targets at 25%" not in page and "## Targets at 20%" in page
+    assert json.loads((reports / "replica.json").read_text())["summary"]["A"]["icons@0.1"]["seeds"] == 1
+
+    # A rerun resumes from the finished jobs (same numbers); other arguments are refused.
+    again = script.main(argv)
+    assert again["summary"] == results["summary"]
+    changed = list(argv)
+    changed[changed.index("--train_steps") + 1] = "4"
+    with pytest.raises(ValueError, match="train_steps"):
+        script.main(changed)
+
+
+@pytest.mark.multiprocess
+def test_reduced_run_under_accelerate_launch_with_two_processes(tmp_path):
+    """Two CPU processes: warmups run data-parallel with the callback's rows split, training runs shared out."""
+    import subprocess
+
+    out, reports = tmp_path / "runs", tmp_path / "report"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(REPLICA, "replica.py"),
+        "--output_dir", str(out), "--report_dir", str(reports), "--seeds", "0", "--pools", "A", "--pool_size", "80",
+        "--fractions", "0.25", "--sweep_rules", "icons", "random", "--compare_rules", "icons-floor",
+        "--validation_per_task", "4", "--test_per_task", "12", "--vision_steps", "2", "--stage1_steps", "2",
+        "--stage1_questions", "10", "--warmup_epochs", "1", "--warmup_fraction", "0.1", "--warmup_batch_size", "2",
+        "--checkpoints", "1", "--dim", "32", "--diagnostic_rows", "4", "--train_steps", "2",
+    ]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((reports / "replica.json").read_text())
+    assert results["timing"]["mode"] == "accelerate launch, 2 processes"
+    assert {(r["rule"], r["fraction"]) for r in results["runs"]} == {
+        ("full", 1.0), ("icons", 0.25), ("random", 0.25), ("icons", 0.2), ("random", 0.2), ("icons-floor", 0.2),
+        ("icons-sgd-balanced-floor", 0.2)}
+    # One store per checkpoint and feature kind, complete, with every pool row.
+    for kind in ("adam", "sgd"):
+        run = json.loads((out / "seed0" / "poolA" / f"features-{kind}" / "icons_run.json").read_text())
+        train = json.loads((out / "seed0" / "poolA" / f"features-{kind}" / run["checkpoints"][0]["checkpoint"] / "train" / "store.json").read_text())
+        assert train["num_features"] == 80
