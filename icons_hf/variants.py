@@ -34,7 +34,13 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from .consensus import percentile_ranks
-from .influence import _as_list, _check_compatible, _normalise_tasks, checkpoint_weights_from_stores
+from .influence import (
+    _as_list,
+    _check_compatible,
+    _normalise_tasks,
+    checkpoint_weights_from_stores,
+    influence_provenance,
+)
 from .store import load_gradients, read_store_metadata
 
 logger = logging.getLogger(__name__)
@@ -124,21 +130,7 @@ def balanced_influence(train, tasks: Mapping, *, mode: str = "quota", checkpoint
     features = Features({"index": Value("int64"), **{name: Value("float32") for name in columns}})
     scores = Dataset.from_dict({"index": index.astype(np.int64), **columns}, features=features)
     scores.info.description = json.dumps(
-        {
-            "influence": {
-                "specialist": f"balanced-{mode}",
-                "train_stores": train,
-                "tasks": tasks,
-                "checkpoint_weights": weights,
-                "checkpoints": [m.get("checkpoint") for m in metas],
-                "learning_rates": [m.get("learning_rate") for m in metas],
-                "projection": metas[0]["config"]["projection"],
-                "preconditioner": metas[0]["config"]["preconditioner"],
-                "num_validation": {t: {s: read_store_metadata(ps[0])["num_features"] for s, ps in subs.items()} for t, subs in tasks.items()},
-                "skipped": metas[0].get("skipped", []),
-                "pool_rows": metas[0]["num_rows"],
-            }
-        }
+        {"influence": influence_provenance(train, tasks, weights, metas, specialist=f"balanced-{mode}")}
     )
     return scores
 

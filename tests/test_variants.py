@@ -9,6 +9,7 @@ import torch
 from datasets import Dataset
 
 from icons_hf import select
+from icons_hf.influence import provenance
 from icons_hf.store import StoreWriter
 from icons_hf.variants import adam_feature_diagnostics, balanced_influence, pairwise_cosine
 
@@ -67,8 +68,10 @@ def test_balanced_influence_matches_loops(tmp_path):
         np.testing.assert_array_equal(scores["index"], np.arange(n))
         np.testing.assert_allclose(scores["influence_a"], expected(["a"]), atol=1e-5)
         np.testing.assert_allclose(scores["influence_b"], expected(["b1", "b2"]), atol=1e-5)
-        # It plugs into select() like compute_influence's table.
+        # It plugs into select() like compute_influence's table, and says which specialist made it.
         assert sum(select(scores, fraction=0.3)["selected"]) == math.floor(0.3 * n)
+        info = provenance(scores)["influence"]
+        assert info["specialist"] == f"balanced-{mode}" and info["checkpoint_weights"] == pytest.approx(weights)
     with pytest.raises(ValueError, match="mode"):
         balanced_influence(train_paths, tasks, mode="max")
 
