@@ -210,7 +210,8 @@ def markdown(results) -> str:
     lines = [
         "# Replica: does an ICONS subset beat a random one?",
         "",
-        "Regenerate everything on this page (about 10-20 minutes on 2 CPU cores, see *Cost*):",
+        "Regenerate everything on this page with one command (it resumes from `--output_dir` when interrupted;",
+        "cost on 2 CPU cores under *Cost*):",
         "",
         "```",
         "python examples/replica/replica.py",
