@@ -69,7 +69,8 @@ def train(out):
         learning_rate=1e-2, report_to="none", use_cpu=True, remove_unused_columns=False, disable_tqdm=True, seed=0,
         logging_steps=1,
     )
-    callback = IconsCallback(pool, tasks, os.path.join(out, "icons"), dim=128, batch_size=3, shard_size=4)
+    callback = IconsCallback(pool, tasks, os.path.join(out, "icons"), dim=128, batch_size=3, shard_size=4,
+                             train_feature="adam")
     trainer = Trainer(model=build_model(0), args=args, train_dataset=Dataset.from_list(build_rows(16, 3)),
                       data_collator=IconsCollator(0), callbacks=[callback])
     trainer.train()

@@ -215,7 +215,8 @@ def test_callback_stores_match_offline_extraction_from_checkpoint(tmp_path, tiny
     tasks = {"t1": Dataset.from_list(token_rows(5, seed=5)), "t2": {"s1": Dataset.from_list(token_rows(3, seed=6)),
                                                                     "s2": Dataset.from_list(token_rows(4, seed=7))}}
     model = tiny_lora_llama(seed=0)
-    callback = _train_with_callback(tmp_path, model, rows, pool, tasks, dim=128, dtype="float32", batch_size=3)
+    callback = _train_with_callback(tmp_path, model, rows, pool, tasks, dim=128, dtype="float32", batch_size=3,
+                                    train_feature="adam")
     train_paths, task_paths = callback.stores()
     assert [c["checkpoint"] for c in callback.checkpoints] == ["checkpoint-2", "checkpoint-4"]
     assert set(task_paths) == {"t1", "t2"} and set(task_paths["t2"]) == {"s1", "s2"}
