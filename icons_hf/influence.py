@@ -167,6 +167,24 @@ def checkpoint_weights_from_stores(train: Sequence[str]) -> list[float]:
     return [float(r) / total for r in rates]
 
 
+def resolve_inputs(train, tasks: Mapping, checkpoint_weights: Sequence[float] | None):
+    """Validated ``(train paths, tasks, train store metadata, normalised checkpoint weights)``."""
+    train = _as_list(train)
+    if not train:
+        raise ValueError("train must name at least one train store.")
+    tasks = _normalise_tasks(tasks, len(train))
+    metas = [read_store_metadata(p) for p in train]
+    if checkpoint_weights is None:
+        weights = checkpoint_weights_from_stores(train)
+    else:
+        if len(checkpoint_weights) != len(train) or any(w < 0 for w in checkpoint_weights) or sum(checkpoint_weights) <= 0:
+            raise ValueError(
+                f"checkpoint_weights={list(checkpoint_weights)} must hold {len(train)} non-negative numbers with a positive sum."
+            )
+        weights = [float(w) / float(sum(checkpoint_weights)) for w in checkpoint_weights]
+    return train, tasks, metas, weights
+
+
 def compute_influence(
     train,
     tasks: Mapping,
@@ -189,19 +207,7 @@ def compute_influence(
         A ``datasets.Dataset`` with ``index`` and one float32 column ``influence_<task>`` per task, in the train
         stores' row order. Its ``info.description`` holds the JSON provenance (stores, weights, projection).
     """
-    train = _as_list(train)
-    if not train:
-        raise ValueError("train must name at least one train store.")
-    tasks = _normalise_tasks(tasks, len(train))
-    metas = [read_store_metadata(p) for p in train]
-    if checkpoint_weights is None:
-        weights = checkpoint_weights_from_stores(train)
-    else:
-        if len(checkpoint_weights) != len(train) or any(w < 0 for w in checkpoint_weights) or sum(checkpoint_weights) <= 0:
-            raise ValueError(
-                f"checkpoint_weights={list(checkpoint_weights)} must hold {len(train)} non-negative numbers with a positive sum."
-            )
-        weights = [float(w) / float(sum(checkpoint_weights)) for w in checkpoint_weights]
+    train, tasks, metas, weights = resolve_inputs(train, tasks, checkpoint_weights)
 
     # One matrix per checkpoint: columns are the mean unit validation vectors of every (task, subtask).
     columns = [(task, sub) for task, subs in tasks.items() for sub in subs]

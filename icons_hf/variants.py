@@ -34,13 +34,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from .consensus import percentile_ranks
-from .influence import (
-    _as_list,
-    _check_compatible,
-    _normalise_tasks,
-    checkpoint_weights_from_stores,
-    influence_provenance,
-)
+from .influence import _check_compatible, influence_provenance, resolve_inputs
 from .store import load_gradients, read_store_metadata
 
 logger = logging.getLogger(__name__)
@@ -72,19 +66,7 @@ def balanced_influence(train, tasks: Mapping, *, mode: str = "quota", checkpoint
     from .config import validate_choice
 
     validate_choice("mode", mode, BALANCE_MODES)
-    train = _as_list(train)
-    if not train:
-        raise ValueError("train must name at least one train store.")
-    tasks = _normalise_tasks(tasks, len(train))
-    metas = [read_store_metadata(p) for p in train]
-    if checkpoint_weights is None:
-        weights = checkpoint_weights_from_stores(train)
-    else:
-        if len(checkpoint_weights) != len(train) or any(w < 0 for w in checkpoint_weights) or sum(checkpoint_weights) <= 0:
-            raise ValueError(
-                f"checkpoint_weights={list(checkpoint_weights)} must hold {len(train)} non-negative numbers with a positive sum."
-            )
-        weights = [float(w) / float(sum(checkpoint_weights)) for w in checkpoint_weights]
+    train, tasks, metas, weights = resolve_inputs(train, tasks, checkpoint_weights)
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1.")
 
