@@ -280,6 +280,16 @@ def process_state(args):
     return PartialState(cpu=on_cpu(args))
 
 
+def start(parser: argparse.ArgumentParser, argv: list[str] | None):
+    """Parse and check the arguments, join the process group, and set up logging (main process at INFO)."""
+    args = parser.parse_args(argv)
+    check_common_arguments(parser, args)
+    state = process_state(args)
+    logging.basicConfig(level=logging.INFO if state.is_main_process else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args, state
+
+
 def check_process_count(num_processes: int) -> None:
     """Refuse a run whose launcher started several processes that did not join one group (each would train
     and select alone)."""

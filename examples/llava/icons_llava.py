@@ -113,17 +113,12 @@ def task_records(rows, spec: common.TaskSpec, image_dir: str) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> str | None:
-    parser = make_parser()
-    args = parser.parse_args(argv)
-    common.check_common_arguments(parser, args)
+    args, state = common.start(make_parser(), argv)
     from transformers import AutoImageProcessor, AutoTokenizer
 
     from icons_hf.data import DEFAULT_SYSTEM, prepare_llava_dataset
     from icons_hf.export import load_llava_records
 
-    state = common.process_state(args)
-    logging.basicConfig(level=logging.INFO if state.is_main_process else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     specs = args.task_specs
     processor_path = args.processor or args.model
     tokenizer = AutoTokenizer.from_pretrained(processor_path)

