@@ -14,6 +14,7 @@ import sys
 
 from .consensus import METHODS
 from .gradients import ADAM_VARIANTS, FEATURES, PROJECTIONS
+from .influence import SPECIALISTS
 
 
 def _add_demo(sub):
@@ -58,6 +59,11 @@ def _add_influence(sub):
                    help="validation stores of a task (one per checkpoint, same order as --train); repeatable")
     p.add_argument("--checkpoint-weights", type=float, nargs="+", help="explicit checkpoint weights")
     p.add_argument("--batch-size", type=int, default=4096, help="train rows read per step")
+    p.add_argument("--specialist", choices=SPECIALISTS, default="balanced",
+                   help="how a task's validation examples combine: balanced (default; an equal quota of top rows per "
+                        "example), zscore, or mean (the ICONS paper's mean cosine)")
+    p.add_argument("--work-dir", help="folder for the temporary per-example cosine file of balanced/zscore "
+                                      "(4 x rows x validation examples bytes; default: the system's temporary folder)")
     p.add_argument("--cache-file", help="write the score table to this Arrow file batch by batch (large pools)")
     p.add_argument("--output", required=True, help="folder to save the score table (datasets save_to_disk)")
 
@@ -71,6 +77,9 @@ def _add_select(sub):
     p.add_argument("--threshold-percentile", type=float, default=80.0)
     p.add_argument("--task", help="the task for --method task")
     p.add_argument("--seed", type=int, default=0, help="seed for --method random")
+    p.add_argument("--task-floor", type=float,
+                   help="share of the subset reserved as equal per-task floors of each task's top rows (default: 1.0 "
+                        "for vote, 0 otherwise; 0 with vote is the ICONS paper's rule)")
     p.add_argument("--output", required=True, help="folder to save the table with votes/selected columns")
 
 
@@ -202,8 +211,8 @@ def _run(args) -> int:
             train, tasks = args.train, _parse_tasks(args.task)
         else:
             raise SystemExit("give --run DIR, or --train STORE... with at least one --task")
-        scores = compute_influence(train, tasks, checkpoint_weights=args.checkpoint_weights, batch_size=args.batch_size,
-                                   cache_file_name=args.cache_file)
+        scores = compute_influence(train, tasks, specialist=args.specialist, checkpoint_weights=args.checkpoint_weights,
+                                   batch_size=args.batch_size, cache_file_name=args.cache_file, work_dir=args.work_dir)
         scores.save_to_disk(args.output)
         print(args.output)
     elif args.command == "select":
@@ -212,7 +221,8 @@ def _run(args) -> int:
         from .consensus import select
 
         scores = select(load_from_disk(args.scores), fraction=args.fraction, threshold_percentile=args.threshold_percentile,
-                        method=args.method, task=args.task, seed=args.seed, num_rows=args.num_rows)
+                        method=args.method, task=args.task, seed=args.seed, num_rows=args.num_rows,
+                        task_floor=args.task_floor)
         scores.save_to_disk(args.output)
         info = json.loads(scores.info.description)["selection"]
         print(f"selected {info['num_selected']} of {info['num_candidates']} rows -> {args.output}")

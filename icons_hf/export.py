@@ -211,22 +211,63 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 def _method_text(sel: dict) -> str:
     method = sel["method"]
+    floor = float(sel.get("task_floor") or 0.0)
+    votes = (
+        "a row gets one vote from each task whose influence score exceeds that task's "
+        f"{sel['threshold_percentile']:g}th percentile" if method == "vote" else ""
+    )
+    if method == "vote" and floor == 0:
+        return (
+            f"ICONS consensus voting (the paper's rule): {votes}; the rows with the most votes are kept (ties broken "
+            "by the mean within-task percentile rank, then by row position)"
+        )
     if method == "vote":
         return (
-            "ICONS consensus voting: a row gets one vote from each task whose influence score exceeds that task's "
-            f"{sel['threshold_percentile']:g}th percentile; the rows with the most votes are kept (ties broken by the "
-            "mean within-task percentile rank, then by row position)"
+            f"ICONS consensus with per-task floors: {floor:.0%} of the subset is reserved in equal shares "
+            f"({sel.get('floor_rows_per_task')} rows per task), each task taking its own highest-influence rows in "
+            "turns so that a row wanted by several tasks counts once; the rest is ranked by votes "
+            f"({votes}; ties by the mean within-task percentile rank, then by row position)"
         )
     if method == "task":
-        return f"the influence on the single task {sel.get('task')!r} (LESS-style)"
-    if method == "random":
-        return f"a uniformly random subset (seed {sel.get('seed')})"
-    return {
-        "mean": "the mean of the per-task influence scores",
-        "max": "the maximum of the per-task influence scores",
-        "rank": "the mean within-task percentile rank",
-        "norm": "the mean of per-task z-scored influence scores",
-    }.get(method, method)
+        text = f"the influence on the single task {sel.get('task')!r} (LESS-style)"
+    elif method == "random":
+        text = f"a uniformly random subset (seed {sel.get('seed')})"
+    else:
+        text = {
+            "mean": "the mean of the per-task influence scores",
+            "max": "the maximum of the per-task influence scores",
+            "rank": "the mean within-task percentile rank",
+            "norm": "the mean of per-task z-scored influence scores",
+        }.get(method, method)
+    if floor > 0:
+        text += (
+            f", after {floor:.0%} of the subset was reserved as equal per-task floors "
+            f"({sel.get('floor_rows_per_task')} rows per task) of each task's own highest-influence rows"
+        )
+    return text
+
+
+_SPECIALIST_TEXT = {
+    "mean": (
+        "Influence of a pool row on a task is the mean cosine similarity between its gradient feature and the task's "
+        "validation gradient features (the ICONS paper's specialist), summed over checkpoints with the weights below."
+    ),
+    "balanced": (
+        "Influence of a pool row on a task is the highest within-pool percentile rank it reaches for any one of the "
+        "task's validation examples, by the cosine similarity of gradient features summed over checkpoints with the "
+        "weights below; every validation example thus contributes about the same number of top rows."
+    ),
+    "zscore": (
+        "Influence of a pool row on a task is the mean over the task's validation examples of its z-scored cosine "
+        "similarity with that example's gradient feature (standardised over the pool, summed over checkpoints with "
+        "the weights below)."
+    ),
+}
+
+
+def _specialist(inf: dict) -> str:
+    name = inf.get("specialist", "mean")
+    return {"balanced-quota": "balanced", "balanced-zscore": "zscore"}.get(name, name)
 
 
 def render_card(metadata: dict, scores, *, license: str, pretty_name: str | None, task_categories: list[str], tags: list[str]) -> str:
@@ -276,15 +317,16 @@ def render_card(metadata: dict, scores, *, license: str, pretty_name: str | None
         rows = []
         for task, subs in inf["num_validation"].items():
             n_val = sum(subs.values())
-            sub_text = "" if list(subs) == [task] else f" ({len(subs)} subtasks, max over subtasks)"
+            pooled = "max over subtasks" if _specialist(inf) == "mean" else "examples pooled"
+            sub_text = "" if list(subs) == [task] else f" ({len(subs)} subtasks, {pooled})"
             rows.append([task, f"{n_val}{sub_text}", f"{thresholds[task]:.4g}" if task in thresholds else "-", f"{overlap[task]:.1%}"])
         parts += [
             "",
             "## Target tasks",
             "",
-            "Influence of a pool row on a task is the mean cosine similarity between its gradient feature and the task's "
-            "validation gradient features, summed over checkpoints with the weights below. *Overlap* is the share of the "
-            "task's own top rows (as many as were selected) that the selection contains.",
+            _SPECIALIST_TEXT.get(_specialist(inf), f"Specialist `{_specialist(inf)}`.")
+            + " *Overlap* is the share of the task's own top rows (as many as were selected) that the selection "
+            "contains.",
             "",
             _md_table(["task", "validation rows", "threshold", "overlap with task's top rows"], rows),
             "",

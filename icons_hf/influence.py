@@ -1,16 +1,29 @@
 """Specialist scores: per-task influence of every training row, streamed from the train stores.
 
-For task ``k`` with validation rows ``v`` and checkpoints ``c`` of weight ``w_c``::
+With checkpoints ``c`` of weight ``w_c``, a pool row ``z`` and a validation example ``v`` of task ``k`` have the
+weighted cosine ``c_v(z) = sum_c w_c cos(g_z^c, g_v^c)``. The *specialist* combines a task's examples:
 
-    I_k(z) = sum_c w_c * mean_v cos(g_z^c, g_v^c)
+* ``"balanced"`` (default): ``I_k(z) = max_v q_v(z)``, with ``q_v`` the within-pool percentile rank of ``c_v``.
+  A row scores high when it is among the best rows of *some* validation example, so a task's top rows are about
+  the same number per example (the union of their top lists) whatever the example's answer class.
+* ``"zscore"``: every example's column standardised over the pool, ``(c_v - mean c_v) / std c_v``, then averaged.
+* ``"mean"`` (the ICONS paper, following LESS): ``I_k(z) = mean_v c_v(z)``. It equals the cosine with one mean
+  unit vector, so the examples whose cosines spread widest over the pool (typically the answer class the
+  warmup model currently gets wrong) decide the ranking, and the task's top rows drift toward one answer class.
 
-Because ``mean_v cos(g_z, g_v) = <g_z/|g_z|, mean_v g_v/|g_v|>``, each task's validation features are reduced
-once per checkpoint to one mean unit vector, and scoring the pool is one matrix product per batch of rows, read
-from the memory-mapped train stores (:func:`icons_hf.store.iter_store_batches`: float16 features are converted to
-float32 a slice at a time, and the pages of a batch are released once it is scored, so memory does not grow with
-the pool). A task given as subtasks (``{"mme": {"count": ..., "color": ...}}``) takes
-the maximum over its subtasks' scores. Checkpoint weights are the learning rates the train stores recorded,
-normalised to sum to one; equal weights when none were recorded; or an explicit ``checkpoint_weights``.
+Why ``"balanced"`` is the default: in the easy-VQA replica (``examples/replica``, README) the mean specialist's
+selections drift toward one answer and, with the other defaults, lose to random; the balanced one does not.
+
+Computation. ``"mean"``: each task's validation features are reduced once per checkpoint to one mean unit vector
+and scoring the pool is one matrix product per batch of rows, read from the memory-mapped train stores
+(:func:`icons_hf.store.iter_store_batches`: float16 features are converted to float32 a slice at a time and the
+pages of a batch are released once it is scored, so memory does not grow with the pool). ``"balanced"`` and
+``"zscore"``: the product is with every validation example's unit vector (cost grows with the number of
+validation examples ``V``); the cosines go to a temporary ``4 x rows x V``-byte file (``work_dir``) and are read
+back one example's column at a time, so memory is a few vectors of pool length. Subtasks
+(``{"mme": {"count": ..., "color": ...}}``): ``"mean"`` takes the maximum over the subtasks' scores; the
+balanced specialists pool the subtasks' examples. Checkpoint weights are the learning rates the train stores
+recorded, normalised to sum to one; equal weights when none were recorded; or an explicit ``checkpoint_weights``.
 """
 
 from __future__ import annotations
@@ -80,7 +93,7 @@ def _check_compatible(train_meta: Mapping, other_meta: Mapping, train_path: str,
         )
 
 
-def _mean_unit_vector(path: str) -> np.ndarray:
+def _require_rows(path: str) -> dict:
     meta = read_store_metadata(path)
     if meta.get("complete") and meta.get("num_features") == 0:
         skipped = len(meta.get("skipped", []))
@@ -88,6 +101,11 @@ def _mean_unit_vector(path: str) -> np.ndarray:
             f"validation store {path} holds no rows{f' (all {skipped} were skipped as bad rows)' if skipped else ''}; "
             "a task needs at least one validation example."
         )
+    return meta
+
+
+def _mean_unit_vector(path: str) -> np.ndarray:
+    meta = _require_rows(path)
     total, count = np.zeros(int(meta["dim"]), dtype=np.float64), 0
     for index, features, norms in iter_store_batches(path, 1024):
         zero = np.flatnonzero(norms == 0)
@@ -101,12 +119,22 @@ def _mean_unit_vector(path: str) -> np.ndarray:
 _CHUNK_VALUES = 1 << 23  # float32 values converted at a time (32 MiB)
 
 
-def _train_scores(path: str, means: np.ndarray, batch_size: int):
-    """``(index, float32 rows x columns cosine scores)`` of one train store, streamed batch by batch."""
+def _part_batches(parts: Sequence[str], batch_size: int):
+    """``iter_store_batches`` over the parts of one checkpoint's pool, in order, with row indices offset so that
+    they count pool rows across the parts."""
+    offset = 0
+    for path in parts:
+        for index, features, norms in iter_store_batches(path, batch_size):
+            yield path, index + offset, features, norms
+        offset += int(read_store_metadata(path)["num_rows"])
+
+
+def _train_scores(parts: Sequence[str], means: np.ndarray, batch_size: int):
+    """``(index, float32 rows x columns cosine scores)`` of one checkpoint's train store(s), streamed batch by batch."""
     dim = means.shape[0]
     chunk = max(1, _CHUNK_VALUES // dim)
     buffer = None
-    for index, features, norms in iter_store_batches(path, batch_size):
+    for path, index, features, norms in _part_batches(parts, batch_size):
         zero = np.flatnonzero(norms == 0)
         if len(zero):
             raise ValueError(f"{path}: row {int(index[zero[0]])} has a zero gradient feature.")
@@ -152,6 +180,65 @@ class _Rows:
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
+SPECIALISTS = ("balanced", "zscore", "mean")
+
+
+def _unit_validation_rows(path: str) -> np.ndarray:
+    """``(dim, rows)`` float32: a validation store's unit feature vectors, one column per example."""
+    _require_rows(path)
+    blocks = []
+    for index, features, norms in iter_store_batches(path, 1024):
+        zero = np.flatnonzero(norms == 0)
+        if len(zero):
+            raise ValueError(f"{path}: validation row {int(index[zero[0]])} has a zero gradient; remove it.")
+        blocks.append((features.astype(np.float64) / norms[:, None].astype(np.float64)).astype(np.float32))
+    return np.concatenate(blocks, axis=0).T
+
+
+class _ColumnFile:
+    """Per-validation-example cosines of every pool row, ``columns x rows`` float32 in a temporary file:
+    written a block of rows at a time, read back one whole column at a time (memory stays one column)."""
+
+    def __init__(self, n_columns: int, n_rows: int, work_dir: str | None, block_values: int = 1 << 24):
+        import tempfile
+
+        self.n_columns, self.n_rows = n_columns, n_rows
+        self.folder = tempfile.mkdtemp(prefix="icons_cosines_", dir=work_dir)
+        self.path = os.path.join(self.folder, "cosines.f32")
+        self.handle = open(self.path, "w+b")
+        self.handle.truncate(4 * n_columns * n_rows)
+        self.block_rows = max(1, block_values // max(1, n_columns))
+        self.pending: list[np.ndarray] = []
+        self.pending_rows = 0
+        self.written = 0
+
+    def add(self, scores: np.ndarray) -> None:
+        self.pending.append(np.asarray(scores, dtype=np.float32))
+        self.pending_rows += len(scores)
+        if self.pending_rows >= self.block_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        block = np.ascontiguousarray(np.concatenate(self.pending, axis=0).T)
+        for j in range(self.n_columns):
+            self.handle.seek(4 * (j * self.n_rows + self.written))
+            self.handle.write(block[j].tobytes())
+        self.written += block.shape[1]
+        self.pending, self.pending_rows = [], 0
+
+    def column(self, j: int) -> np.ndarray:
+        self.handle.seek(4 * j * self.n_rows)
+        return np.fromfile(self.handle, dtype=np.float32, count=self.n_rows)
+
+    def close(self) -> None:
+        import shutil
+
+        self.handle.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 def checkpoint_weights_from_stores(train: Sequence[str]) -> list[float]:
     rates = [read_store_metadata(p).get("learning_rate") for p in train]
     if all(r is None for r in rates):
@@ -167,15 +254,61 @@ def checkpoint_weights_from_stores(train: Sequence[str]) -> list[float]:
     return [float(r) / total for r in rates]
 
 
+def _train_parts(train) -> list[list[str]]:
+    """Per checkpoint, the store(s) of its pool: a path, or a list of paths (parts scored as one pool)."""
+    if isinstance(train, (str, os.PathLike)):
+        return [[os.fspath(train)]]
+    out = []
+    for item in train:
+        parts = [os.fspath(item)] if isinstance(item, (str, os.PathLike)) else [os.fspath(p) for p in item]
+        if not parts:
+            raise ValueError(f"checkpoint {len(out) + 1} of train lists no store; give a path or a list of paths.")
+        out.append(parts)
+    return out
+
+
+def _name(parts: Sequence[str]) -> str:
+    return parts[0] if len(parts) == 1 else f"{parts[0]} (+{len(parts) - 1} more parts)"
+
+
+_PART_KEYS = ("projection", "parameters", "model_config", "weights", "preconditioner")
+
+
+def _merged_metadata(parts: Sequence[str]) -> dict:
+    """One checkpoint's store metadata; parts must come from the same checkpoint and settings, and their row
+    counts, skipped rows (offset to pool rows) and feature counts add up."""
+    metas = [read_store_metadata(p) for p in parts]
+    first = metas[0]
+    if len(metas) == 1:
+        return first
+    merged = dict(first, num_rows=0, num_features=0, skipped=[], parts=list(parts))
+    for path, meta in zip(parts, metas):
+        for key in _PART_KEYS:
+            if meta["config"].get(key) != first["config"].get(key):
+                raise ValueError(
+                    f"{path} and {parts[0]} are parts of one checkpoint's pool but differ in {key}; compute every part "
+                    "with the same model weights, projection and feature."
+                )
+        for key in ("learning_rate", "checkpoint", "dim"):
+            if meta.get(key) != first.get(key):
+                raise ValueError(f"{path} and {parts[0]} are parts of one checkpoint's pool but record other {key}s "
+                                 f"({meta.get(key)!r} vs {first.get(key)!r}).")
+        merged["skipped"] += [dict(s, index=int(s["index"]) + merged["num_rows"]) for s in meta.get("skipped", [])]
+        merged["num_rows"] += int(meta["num_rows"])
+        merged["num_features"] += int(meta["num_features"])
+    return merged
+
+
 def resolve_inputs(train, tasks: Mapping, checkpoint_weights: Sequence[float] | None):
-    """Validated ``(train paths, tasks, train store metadata, normalised checkpoint weights)``."""
-    train = _as_list(train)
+    """Validated ``(train store parts per checkpoint, tasks, merged train store metadata, normalised checkpoint
+    weights)``."""
+    train = _train_parts(train)
     if not train:
         raise ValueError("train must name at least one train store.")
     tasks = _normalise_tasks(tasks, len(train))
-    metas = [read_store_metadata(p) for p in train]
+    metas = [_merged_metadata(parts) for parts in train]
     if checkpoint_weights is None:
-        weights = checkpoint_weights_from_stores(train)
+        weights = checkpoint_weights_from_stores([parts[0] for parts in train])
     else:
         if len(checkpoint_weights) != len(train) or any(w < 0 for w in checkpoint_weights) or sum(checkpoint_weights) <= 0:
             raise ValueError(
@@ -189,76 +322,116 @@ def compute_influence(
     train,
     tasks: Mapping,
     *,
+    specialist: str = "balanced",
     checkpoint_weights: Sequence[float] | None = None,
     batch_size: int = 4096,
     cache_file_name: str | None = None,
+    work_dir: str | os.PathLike | None = None,
 ):
     """Per-task influence scores of every training row.
 
     Args:
-        train: train store path(s), one per checkpoint.
+        train: train store path(s), one per checkpoint. A checkpoint given as a list of stores (parts of one pool,
+            e.g. its image rows and its text-only rows) is scored as their concatenation: ``index`` then counts pool
+            rows across the parts in order (part ``i``'s row ``r`` is ``r`` plus the rows of the parts before it).
         tasks: ``task -> validation store path(s)`` (one per checkpoint, same order as ``train``), or
-            ``task -> {subtask -> path(s)}`` for a task scored as the max over its subtasks.
+            ``task -> {subtask -> path(s)}``.
+        specialist: how a task's validation examples are combined (module docstring): ``"balanced"`` (default;
+            every validation example gets an equal quota of top rows), ``"zscore"``, or ``"mean"`` (the paper's
+            mean cosine).
         checkpoint_weights: explicit per-checkpoint weights (normalised to sum to one).
         batch_size: train rows read per step.
         cache_file_name: where ``datasets`` writes the score table; kept in memory when ``None``.
+        work_dir: folder for the temporary per-example cosine file of ``"balanced"``/``"zscore"``
+            (``4 x rows x validation examples`` bytes, removed afterwards); the system's temporary folder when
+            ``None``.
 
     Returns:
         A ``datasets.Dataset`` with ``index`` and one float32 column ``influence_<task>`` per task, in the train
-        stores' row order. Its ``info.description`` holds the JSON provenance (stores, weights, projection).
+        stores' row order. Its ``info.description`` holds the JSON provenance (stores, weights, specialist,
+        projection).
     """
+    from .config import validate_choice
+
+    validate_choice("specialist", specialist, SPECIALISTS)
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer.")
     train, tasks, metas, weights = resolve_inputs(train, tasks, checkpoint_weights)
 
-    # One matrix per checkpoint: columns are the mean unit validation vectors of every (task, subtask).
-    columns = [(task, sub) for task, subs in tasks.items() for sub in subs]
-    means = []
-    for c, train_path in enumerate(train):
-        vectors = []
-        for task, sub in columns:
+    # One matrix per checkpoint. "mean": one column per (task, subtask), its mean unit validation vector.
+    # "balanced"/"zscore": one column per validation example, its unit vector.
+    pairs = [(task, sub) for task, subs in tasks.items() for sub in subs]
+    matrices, owners = [], None
+    for c, parts in enumerate(train):
+        train_path = _name(parts)
+        blocks, owner = [], []
+        for task, sub in pairs:
             path = tasks[task][sub][c]
             _check_compatible(metas[c], read_store_metadata(path), train_path, path)
-            vectors.append(_mean_unit_vector(path))
-        means.append(np.stack(vectors, axis=1).astype(np.float32))
+            block = _mean_unit_vector(path)[:, None] if specialist == "mean" else _unit_validation_rows(path)
+            blocks.append(block)
+            owner += [(task, sub)] * block.shape[1]
+        matrices.append(np.concatenate(blocks, axis=1).astype(np.float32))
+        if owners is None:
+            owners = owner
+        elif owner != owners:
+            raise ValueError(
+                f"the validation stores of checkpoint {c + 1} ({train_path}) hold other numbers of rows than those of "
+                f"the first checkpoint; compute every checkpoint on the same validation sets."
+            )
     for c in range(1, len(train)):
         if metas[c]["num_features"] != metas[0]["num_features"] or metas[c]["num_rows"] != metas[0]["num_rows"]:
-            raise ValueError(f"train stores {train[0]} and {train[c]} hold different rows; compute them on the same pool.")
+            raise ValueError(f"train stores {_name(train[0])} and {_name(train[c])} hold different rows; compute them on the "
+                             "same pool.")
 
     task_names = list(tasks)
-    col_of = {t: [j for j, (task, _) in enumerate(columns) if task == t] for t in task_names}
+    col_of = {t: [j for j, (task, _) in enumerate(owners) if task == t] for t in task_names}
+    n_rows = int(metas[0]["num_features"])
 
     from datasets import Dataset, Features, Value
     from datasets.arrow_writer import ArrowWriter
     from datasets.table import InMemoryTable
     from datasets.utils.logging import is_progress_bar_enabled
-    from tqdm.auto import tqdm
 
     features = Features({"index": Value("int64"), **{f"influence_{t}": Value("float32") for t in task_names}})
-    streams = [_train_scores(p, means[c], batch_size) for c, p in enumerate(train)]
-    others = [_Rows(stream, train[c + 1]) for c, stream in enumerate(streams[1:])]
     # With cache_file_name the table goes to disk batch by batch; otherwise it is kept in memory (8 + 4 x tasks
     # bytes per row).
     writer = ArrowWriter(path=cache_file_name, features=features) if cache_file_name else None
     kept: dict[str, list] = {name: [] for name in features}
-    progress = tqdm(total=metas[0]["num_features"], desc="influence", unit="row", disable=not is_progress_bar_enabled())
-    for index, first in streams[0]:
-        total = weights[0] * first.astype(np.float64)
-        for c, rows in enumerate(others, start=1):
-            other_index, scores = rows.take(len(index))
-            if not np.array_equal(other_index, index):
-                raise ValueError(f"{train[c]} and {train[0]} list different row indices; compute them on the same pool.")
-            total += weights[c] * scores
-        batch = {"index": index, **{f"influence_{t}": total[:, col_of[t]].max(axis=1).astype(np.float32) for t in task_names}}
+
+    def emit(batch: dict) -> None:
         arrays = {name: pa.array(values) for name, values in batch.items()}  # zero-copy views of the arrays
         if writer is not None:
             writer.write_table(pa.table(arrays, schema=features.arrow_schema))
         else:
             for name, values in arrays.items():
                 kept[name].append(values)
-        progress.update(len(index))
-    progress.close()
-    for c, rows in enumerate(others, start=1):
-        if rows.pending or next(rows.stream, None) is not None:
-            raise ValueError(f"{train[c]} holds more rows than {train[0]}; compute them on the same pool.")
+
+    show = is_progress_bar_enabled()
+    cosines = None
+    if specialist != "mean":
+        if work_dir is None and cache_file_name:
+            work_dir = os.path.dirname(os.path.abspath(cache_file_name))
+        cosines = _ColumnFile(len(owners), n_rows, None if work_dir is None else os.fspath(work_dir))
+    try:
+        indices = []
+        for index, total in _weighted_scores(train, matrices, weights, batch_size, n_rows, show):
+            if cosines is None:
+                emit({"index": index,
+                      **{f"influence_{t}": total[:, col_of[t]].max(axis=1).astype(np.float32) for t in task_names}})
+            else:
+                indices.append(index)
+                cosines.add(total)
+        if cosines is not None:
+            cosines.flush()
+            index = np.concatenate(indices) if indices else np.zeros(0, dtype=np.int64)
+            columns = _combine_examples(cosines, col_of, specialist, show)
+            for start in range(0, max(1, len(index)), batch_size):
+                emit({"index": index[start : start + batch_size],
+                      **{f"influence_{t}": col[start : start + batch_size] for t, col in columns.items()}})
+    finally:
+        if cosines is not None:
+            cosines.close()
     if writer is not None:
         writer.finalize()
         scores = Dataset.from_file(cache_file_name)
@@ -267,15 +440,70 @@ def compute_influence(
         # One chunk per batch: no concatenated copy of the columns.
         chunked = [pa.chunked_array(kept[field.name], type=field.type) for field in schema]
         scores = Dataset(InMemoryTable(pa.Table.from_arrays(chunked, schema=schema)))
-    scores.info.description = json.dumps({"influence": influence_provenance(train, tasks, weights, metas)})
+    scores.info.description = json.dumps(
+        {"influence": influence_provenance(train, tasks, weights, metas, specialist=specialist)}
+    )
     return scores
+
+
+def _weighted_scores(train: Sequence[str], matrices: Sequence[np.ndarray], weights: Sequence[float], batch_size: int,
+                     n_rows: int, show: bool):
+    """``(index, rows x columns float64)``: ``sum_c w_c cos(g_z^c, column^c)``, streamed from the train stores in
+    lockstep (each checkpoint's rows must list the same indices)."""
+    from tqdm.auto import tqdm
+
+    streams = [_train_scores(p, matrices[c], batch_size) for c, p in enumerate(train)]
+    others = [_Rows(stream, _name(train[c + 1])) for c, stream in enumerate(streams[1:])]
+    progress = tqdm(total=n_rows, desc="influence", unit="row", disable=not show)
+    for index, first in streams[0]:
+        total = weights[0] * first.astype(np.float64)
+        for c, rows in enumerate(others, start=1):
+            other_index, scores = rows.take(len(index))
+            if not np.array_equal(other_index, index):
+                raise ValueError(f"{_name(train[c])} and {_name(train[0])} list different row indices; compute them on the "
+                                 "same pool.")
+            total += weights[c] * scores
+        yield index, total
+        progress.update(len(index))
+    progress.close()
+    for c, rows in enumerate(others, start=1):
+        if rows.pending or next(rows.stream, None) is not None:
+            raise ValueError(f"{_name(train[c])} holds more rows than {_name(train[0])}; compute them on the same pool.")
+
+
+def _combine_examples(cosines: _ColumnFile, col_of: Mapping, specialist: str, show: bool) -> dict[str, np.ndarray]:
+    """Per task, the per-example cosine columns combined: max of percentile ranks (``balanced``) or mean of
+    z-scores (``zscore``); one column in memory at a time."""
+    from tqdm.auto import tqdm
+
+    from .consensus import percentile_ranks
+
+    out = {}
+    progress = tqdm(total=cosines.n_columns, desc="balancing", unit="example", disable=not show)
+    for task, cols in col_of.items():
+        if specialist == "balanced":
+            acc = np.full(cosines.n_rows, -np.inf)
+            for j in cols:
+                np.maximum(acc, percentile_ranks(cosines.column(j)), out=acc)
+                progress.update(1)
+        else:
+            acc = np.zeros(cosines.n_rows)
+            for j in cols:
+                col = cosines.column(j).astype(np.float64)
+                std = col.std()
+                acc += (col - col.mean()) / (std if std > 0 else 1.0)
+                progress.update(1)
+            acc /= len(cols)
+        out[task] = acc.astype(np.float32)
+    progress.close()
+    return out
 
 
 def influence_provenance(train: Sequence[str], tasks: Mapping, weights: Sequence[float], metas: Sequence[Mapping], **extra) -> dict:
     """The provenance a score table carries (stores, tasks and validation sizes, checkpoint weights, features)."""
     return {
         **extra,
-        "train_stores": list(train),
+        "train_stores": [parts[0] if len(parts) == 1 else list(parts) for parts in train],
         "tasks": tasks,
         "checkpoint_weights": list(weights),
         "checkpoints": [m.get("checkpoint") for m in metas],

@@ -439,6 +439,9 @@ def _markdown(metadata: Mapping, data: dict, composition: list[dict] | None, gro
                  + (f", {len(skipped)} skipped" if skipped else "") + ")"],
                 ["selected rows", f"{n_sel:,} ({_pct(n_sel / n) if n else '-'} of the scored rows)"],
                 ["method", f"`{sel['method']}`" + (f" (task `{sel['task']}`)" if sel.get("task") else "")],
+                ["per-task floor", f"{float(sel.get('task_floor') or 0):g} of the subset"
+                 + (f" ({sel['floor_rows_per_task']} rows per task)" if sel.get("floor_rows_per_task") else "")],
+                ["specialist", f"`{metadata.get('influence', {}).get('specialist', 'mean')}`"],
                 ["target tasks", ", ".join(f"`{t}`" for t in tasks)],
                 ["threshold percentile", f"{pct:g}" + ("" if sel["method"] == "vote" else " (for this report; the method uses no threshold)")],
                 ["library", f"icons_hf {metadata.get('library', {}).get('version', '?')}"],

@@ -1,20 +1,8 @@
 """Specialist variants and feature diagnostics, measured beside the paper's rule.
 
-* :func:`balanced_influence`: *per-validation-example balanced* specialists. The paper's specialist
-  (:func:`icons_hf.compute_influence`) scores a row by its mean cosine over the task's validation rows, which
-  equals the cosine with one mean unit vector; the validation examples whose cosines spread widest over the pool
-  (typically those of the answer class the model currently gets wrong) then decide the ranking, and the task's
-  top rows drift toward one answer class. Both variants give every validation example the same say. With
-  ``c_v(z) = sum_c w_c cos(g_z^c, g_v^c)`` (the paper's checkpoint weights) for validation example ``v``:
-
-  - ``mode="quota"`` (default): ``I_k(z) = max_v q_v(z)`` with ``q_v`` the within-pool percentile rank of
-    ``c_v``. A row is high when it is among the best rows of *some* example, so thresholding ``I_k`` keeps about
-    the same number of rows per validation example (the union of their top lists), whatever its answer class.
-  - ``mode="zscore"``: standardise each example's column over the pool,
-    ``z_v(z) = (c_v(z) - mean_z c_v) / std_z c_v``, and average, ``I_k(z) = mean_v z_v(z)``. Every example
-    contributes unit variance; the average still cancels what examples disagree on.
-
-  Subtasks pool their validation examples.
+* :func:`balanced_influence`: the per-validation-example balanced specialists by their earlier name
+  (``mode="quota"`` is :func:`icons_hf.compute_influence`'s default ``specialist="balanced"``, ``mode="zscore"``
+  its ``specialist="zscore"``; the formulas are in :mod:`icons_hf.influence`).
 * :func:`adam_feature_diagnostics`: how much of an Adam (LESS) train feature is the optimizer's shared momentum
   term rather than the row's own gradient, and how parallel the features of different rows are.
 
@@ -24,7 +12,6 @@ The coverage-aware consensus (a per-task floor before the votes fill the rest) i
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -33,88 +20,24 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .consensus import percentile_ranks
-from .influence import _check_compatible, influence_provenance, resolve_inputs
-from .store import load_gradients, read_store_metadata
+from .store import load_gradients
 
 logger = logging.getLogger(__name__)
-
-
-def _unit_rows(path: str, what: str) -> tuple[np.ndarray, np.ndarray]:
-    store = load_gradients(path).with_format("numpy", columns=["index", "features", "norm"], dtype=np.float32)[:]
-    norms = np.asarray(store["norm"], dtype=np.float32)
-    zero = np.flatnonzero(norms == 0)
-    if len(zero):
-        raise ValueError(f"{path}: {what} row {int(store['index'][zero[0]])} has a zero gradient feature; remove it.")
-    return np.asarray(store["index"]), np.asarray(store["features"], dtype=np.float32) / norms[:, None]
 
 
 BALANCE_MODES = ("quota", "zscore")
 
 
 def balanced_influence(train, tasks: Mapping, *, mode: str = "quota", checkpoint_weights: Sequence[float] | None = None,
-                       batch_size: int = 4096):
-    """Per-validation-example balanced specialist scores (see the module docstring for ``mode``).
-
-    Args and the returned table are those of :func:`icons_hf.compute_influence` (``index`` plus one float32
-    ``influence_<task>`` column per task, in the train stores' row order), so :func:`icons_hf.select` and
-    :func:`icons_hf.export_selection` take it unchanged. Memory: the pool's cosine with every validation
-    example is held at once, ``4 * rows * validation_examples`` bytes per task.
-    """
-    from datasets import Dataset, Features, Value
-
+                       batch_size: int = 4096, work_dir: str | os.PathLike | None = None):
+    """Per-validation-example balanced specialist scores: :func:`icons_hf.compute_influence` with
+    ``specialist="balanced"`` (``mode="quota"``) or ``specialist="zscore"`` (``mode="zscore"``)."""
     from .config import validate_choice
+    from .influence import compute_influence
 
     validate_choice("mode", mode, BALANCE_MODES)
-    train, tasks, metas, weights = resolve_inputs(train, tasks, checkpoint_weights)
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1.")
-
-    columns: dict[str, np.ndarray] = {}
-    index = None
-    for task, subs in tasks.items():
-        cosines = None
-        for c, train_path in enumerate(train):
-            vals = []
-            for paths in subs.values():
-                _check_compatible(metas[c], read_store_metadata(paths[c]), train_path, paths[c])
-                vals.append(_unit_rows(paths[c], "validation")[1])
-            val = np.concatenate(vals, axis=0)
-            rows = load_gradients(train_path).with_format("numpy", columns=["index", "features", "norm"], dtype=np.float32)
-            if cosines is None:
-                cosines = np.zeros((len(rows), len(val)), dtype=np.float64)
-            elif cosines.shape != (len(rows), len(val)):
-                raise ValueError(
-                    f"{train_path} or the validation stores of task {task!r} hold other rows than at the first "
-                    "checkpoint; compute every checkpoint on the same pool and validation sets."
-                )
-            for start in range(0, len(rows), batch_size):
-                batch = rows[start : start + batch_size]
-                idx = np.asarray(batch["index"])
-                if index is None or len(index) < len(rows):
-                    index = idx if index is None or start == 0 else np.concatenate([index, idx])
-                elif not np.array_equal(index[start : start + len(idx)], idx):
-                    raise ValueError(f"{train_path} and {train[0]} list different row indices; compute them on the same pool.")
-                norms = np.asarray(batch["norm"], dtype=np.float32)
-                zero = np.flatnonzero(norms == 0)
-                if len(zero):
-                    raise ValueError(f"{train_path}: row {int(idx[zero[0]])} has a zero gradient feature.")
-                unit = np.asarray(batch["features"], dtype=np.float32) / norms[:, None]
-                cosines[start : start + len(idx)] += weights[c] * (unit @ val.T)
-        if mode == "quota":
-            ranks = np.stack([percentile_ranks(cosines[:, j]) for j in range(cosines.shape[1])], axis=1)
-            columns[f"influence_{task}"] = ranks.max(axis=1).astype(np.float32)
-        else:
-            std = cosines.std(axis=0)
-            std[std == 0] = 1.0
-            columns[f"influence_{task}"] = ((cosines - cosines.mean(axis=0)) / std).mean(axis=1).astype(np.float32)
-
-    features = Features({"index": Value("int64"), **{name: Value("float32") for name in columns}})
-    scores = Dataset.from_dict({"index": index.astype(np.int64), **columns}, features=features)
-    scores.info.description = json.dumps(
-        {"influence": influence_provenance(train, tasks, weights, metas, specialist=f"balanced-{mode}")}
-    )
-    return scores
+    return compute_influence(train, tasks, specialist="balanced" if mode == "quota" else "zscore",
+                             checkpoint_weights=checkpoint_weights, batch_size=batch_size, work_dir=work_dir)
 
 
 def adam_feature_diagnostics(

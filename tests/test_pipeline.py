@@ -48,7 +48,7 @@ def test_influence_matches_brute_force_with_checkpoints_and_subtasks(tmp_path):
     paths = [write_store(tmp_path / f"train{c}", train[c], lr=lrs[c], checkpoint=f"ckpt-{c}", weights=f"w{c}") for c in range(2)]
     val = {name: [rng.normal(size=(k, dim)) for _ in range(2)] for name, k in (("a", 5), ("b1", 3), ("b2", 4))}
     vpaths = {name: [write_store(tmp_path / f"{name}{c}", val[name][c], weights=f"w{c}") for c in range(2)] for name in val}
-    scores = compute_influence(paths, {"a": vpaths["a"], "b": {"b1": vpaths["b1"], "b2": vpaths["b2"]}})
+    scores = compute_influence(paths, {"a": vpaths["a"], "b": {"b1": vpaths["b1"], "b2": vpaths["b2"]}}, specialist="mean")
     weights = [lr / sum(lrs) for lr in lrs]
     expected_a = brute_force_influence(train, val["a"], weights)
     expected_b = np.maximum(brute_force_influence(train, val["b1"], weights), brute_force_influence(train, val["b2"], weights))
@@ -57,7 +57,7 @@ def test_influence_matches_brute_force_with_checkpoints_and_subtasks(tmp_path):
     np.testing.assert_allclose(scores["influence_a"], expected_a, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(scores["influence_b"], expected_b, rtol=1e-5, atol=1e-6)
     # Explicit weights override the recorded learning rates.
-    equal = compute_influence(paths, {"a": vpaths["a"]}, checkpoint_weights=[1, 1])
+    equal = compute_influence(paths, {"a": vpaths["a"]}, checkpoint_weights=[1, 1], specialist="mean")
     np.testing.assert_allclose(equal["influence_a"], brute_force_influence(train, val["a"], [0.5, 0.5]), rtol=1e-5, atol=1e-6)
 
 
@@ -80,8 +80,8 @@ def table(**columns):
 
 
 def test_vote_selection_worked_by_hand():
-    # tau = 60th percentile of [1..5] = 3.4 for both tasks; votes = [1, 2, 1, 0, 0].
-    scores = select(table(a=[5, 4, 3, 2, 1], b=[1, 5, 4, 3, 2]), fraction=0.4, threshold_percentile=60)
+    # The paper's rule (no per-task floor). tau = 60th percentile of [1..5] = 3.4 for both tasks; votes = [1, 2, 1, 0, 0].
+    scores = select(table(a=[5, 4, 3, 2, 1], b=[1, 5, 4, 3, 2]), fraction=0.4, threshold_percentile=60, task_floor=0.0)
     assert scores["votes"] == [1, 2, 1, 0, 0]
     # Row 1 has two votes; rows 0 and 2 tie at one vote. Mean percentile rank: row 0 (1.0 + 0.0) / 2 = 0.5,
     # row 2 (0.5 + 0.75) / 2 = 0.625, so row 2 wins the tie.
@@ -91,10 +91,33 @@ def test_vote_selection_worked_by_hand():
     assert info["num_selected"] == 2 and info["thresholds"] == {"a": pytest.approx(3.4), "b": pytest.approx(3.4)}
 
 
+def test_default_vote_gives_every_task_its_floor_worked_by_hand():
+    # Default: the whole subset is per-task floors, tasks taking turns. 2 rows, 2 tasks -> 1 row each: task a's best
+    # is row 0, task b's best is row 1 (the paper's rule keeps rows 1 and 2, see above).
+    t = table(a=[5, 4, 3, 2, 1], b=[1, 5, 4, 3, 2])
+    scores = select(t, fraction=0.4, threshold_percentile=60)
+    assert scores["selected"] == [True, True, False, False, False]
+    info = json.loads(scores.info.description)["selection"]
+    assert info["task_floor"] == 1.0 and info["floor_rows_per_task"] == 1
+    # Task b's best row is also task a's second best: a row wanted by both counts once, so with 4 rows task a takes
+    # rows 0 and 1 while task b, whose best is taken, moves to its next best rows 2 and 3.
+    t = table(a=[5, 4, 3, 2, 1, 0], b=[0, 5, 4, 3, 2, 1])
+    assert select(t, num_rows=4)["selected"] == [True, True, True, True, False, False]
+    # 3 rows over 2 tasks: 1 floor row each (rows 0 and 3); the last row goes by votes among the rest. tau = 4 for
+    # both tasks, so rows 1, 2, 4, 5 have no vote and the same mean percentile rank 0.5: the lowest index, row 1.
+    t = table(a=[5, 4, 3, 0, 1, 2], b=[0, 1, 2, 5, 4, 3])
+    scores = select(t, num_rows=3)
+    assert scores["votes"] == [1, 0, 0, 1, 0, 0]
+    assert scores["selected"] == [True, True, False, True, False, False]
+    # Other methods keep no floor unless asked.
+    assert json.loads(select(t, num_rows=3, method="mean").info.description)["selection"]["task_floor"] == 0.0
+
+
 def test_full_ties_fall_back_to_row_index():
-    scores = select(table(a=[1.0] * 4, b=[2.0] * 4), fraction=0.5)
-    assert scores["votes"] == [0, 0, 0, 0]
-    assert scores["selected"] == [True, True, False, False]
+    for floor in (0.0, None):
+        scores = select(table(a=[1.0] * 4, b=[2.0] * 4), fraction=0.5, task_floor=floor)
+        assert scores["votes"] == [0, 0, 0, 0]
+        assert scores["selected"] == [True, True, False, False]
 
 
 def test_fraction_and_threshold_are_separate_settings():
@@ -102,7 +125,7 @@ def test_fraction_and_threshold_are_separate_settings():
     t = table(a=rng.normal(size=37).tolist(), b=rng.normal(size=37).tolist(), c=rng.normal(size=37).tolist())
     for fraction in (0.05, 0.2, 0.5, 1.0):
         for pct in (50, 80, 95):
-            s = select(t, fraction=fraction, threshold_percentile=pct)
+            s = select(t, fraction=fraction, threshold_percentile=pct, task_floor=0.0)
             assert sum(s["selected"]) == math.floor(fraction * 37)
             mat = np.stack([np.asarray(t[c]) for c in ("influence_a", "influence_b", "influence_c")], 1)
             expected_votes = (mat > np.percentile(mat, pct, axis=0)).sum(1)

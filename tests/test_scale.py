@@ -93,13 +93,102 @@ def test_influence_reads_train_stores_only_in_batches(tmp_path, monkeypatch):
 
     monkeypatch.setattr(influence, "iter_store_batches", recording)
     monkeypatch.setattr("icons_hf.store.load_gradients", lambda *a, **k: pytest.fail("loaded a whole store"))
-    scores = compute_influence(tpaths, {"task": vpaths}, checkpoint_weights=[1, 3], batch_size=4)
+    scores = compute_influence(tpaths, {"task": vpaths}, checkpoint_weights=[1, 3], batch_size=4, specialist="mean")
     assert {n for name, n in seen if name.startswith("t")} <= {1, 2, 3, 4}
     assert sum(n for name, n in seen if name == "t0") == 31 and sum(n for name, n in seen if name == "t1") == 31
     stored = [t.astype(np.float16).astype(np.float32) for t in train]  # what a float16 store holds
     expected = brute_force_influence(stored, val, [0.25, 0.75])
     np.testing.assert_array_equal(scores["index"], np.arange(31))
     np.testing.assert_allclose(scores["influence_task"], expected, rtol=2e-3, atol=2e-4)
+
+
+def brute_force_balanced(train, val, weights):
+    """max over validation examples of the row's within-pool percentile rank of its weighted cosine, by counting."""
+    n = len(train[0])
+    cols = []
+    for v in range(len(val[0])):
+        col = []
+        for z in range(n):
+            col.append(sum(w * float(np.dot(train[c][z], val[c][v]) / (np.linalg.norm(train[c][z]) * np.linalg.norm(val[c][v])))
+                           for c, w in enumerate(weights)))
+        cols.append(col)
+    return [max((sum(x < col[z] for x in col) + (sum(x == col[z] for x in col) - 1) / 2) / (n - 1) for col in cols)
+            for z in range(n)]
+
+
+def test_balanced_influence_streams_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import icons_hf.influence as influence
+
+    rng = np.random.default_rng(5)
+    train = [rng.normal(size=(29, 6)) for _ in range(2)]
+    val = [rng.normal(size=(5, 6)) for _ in range(2)]
+    tpaths = [write_store(tmp_path / f"t{c}", train[c], shard_size=(4, 9)[c], dtype="float16", weights=f"w{c}") for c in range(2)]
+    vpaths = [write_store(tmp_path / f"v{c}", val[c], weights=f"w{c}") for c in range(2)]
+    seen = []
+    real = influence.iter_store_batches
+
+    def recording(path, batch_size=4096):
+        for batch in real(path, batch_size):
+            seen.append((os.path.basename(path), len(batch[0])))
+            yield batch
+
+    monkeypatch.setattr(influence, "iter_store_batches", recording)
+    monkeypatch.setattr("icons_hf.store.load_gradients", lambda *a, **k: pytest.fail("loaded a whole store"))
+    work = tmp_path / "work"
+    work.mkdir()
+    # A block of 8 values per flush: the cosine file is written in many small blocks.
+    monkeypatch.setattr(influence._ColumnFile.__init__, "__defaults__", (1 << 3,))
+    scores = compute_influence(tpaths, {"task": vpaths}, checkpoint_weights=[1, 3], batch_size=4, work_dir=work)
+    assert {n for name, n in seen if name.startswith("t")} <= {1, 2, 3, 4}
+    assert list(work.iterdir()) == []  # the temporary cosine file is gone
+    stored = [t.astype(np.float16).astype(np.float32).astype(np.float64) for t in train]
+    np.testing.assert_array_equal(scores["index"], np.arange(29))
+    np.testing.assert_allclose(scores["influence_task"], brute_force_balanced(stored, val, [0.25, 0.75]), atol=1e-6)
+    cache = str(tmp_path / "scores.arrow")
+    on_disk = compute_influence(tpaths, {"task": vpaths}, checkpoint_weights=[1, 3], batch_size=4, cache_file_name=cache)
+    assert on_disk.to_dict() == scores.to_dict()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("icons_cosines_")] == []
+    # An error midway still removes the temporary file.
+    def interrupted(*args, **kwargs):
+        assert len(list(work.iterdir())) == 1  # the cosine file exists while the examples are combined
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(influence, "_combine_examples", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        compute_influence(tpaths, {"task": vpaths}, batch_size=4, work_dir=work)
+    assert list(work.iterdir()) == []
+
+
+def write_part(path, features, rows, *, skip=(), weights="w0"):
+    """A store of ``rows`` pool rows holding ``features`` for every row not in ``skip`` (recorded as skipped)."""
+    features = np.asarray(features, dtype=np.float32)
+    config = dict(CONFIG, weights=weights, projection={"kind": "identity", "dim": features.shape[1], "seed": 0})
+    writer = StoreWriter(path, config=config, num_rows=rows, shard_size=4, dim=features.shape[1], dtype="float32")
+    for start, end in writer.open():
+        keep = [r for r in range(start, end) if r not in skip]
+        notes = {"skipped": [{"index": r, "reason": "test"} for r in range(start, end) if r in skip]}
+        writer.write_shard(start, end, np.asarray(keep, dtype=np.int64), features[keep], notes)
+    return writer.finalize()
+
+
+@pytest.mark.parametrize("specialist", ["balanced", "zscore", "mean"])
+def test_pool_in_parts_scores_as_one_store(tmp_path, specialist):
+    """Parts of a pool (e.g. image and text-only rows) given together score exactly as one store of all rows."""
+    rng = np.random.default_rng(11)
+    feats = [rng.normal(size=(19, 5)) for _ in range(2)]
+    val = {t: [write_store(tmp_path / f"{t}{c}", rng.normal(size=(3, 5)), weights=f"w{c}") for c in range(2)] for t in "ab"}
+    whole = [write_part(tmp_path / f"whole{c}", feats[c], 19, skip={3, 12}, weights=f"w{c}") for c in range(2)]
+    parts = [[write_part(tmp_path / f"p{c}a", feats[c][:8], 8, skip={3}, weights=f"w{c}"),
+              write_part(tmp_path / f"p{c}b", feats[c][8:], 11, skip={4}, weights=f"w{c}")] for c in range(2)]
+    one = compute_influence(whole, val, specialist=specialist, batch_size=5)
+    split = compute_influence(parts, val, specialist=specialist, batch_size=5)
+    assert split.to_dict() == one.to_dict()
+    assert 3 not in one["index"] and 12 not in one["index"] and len(one) == 17
+    info = json.loads(split.info.description)["influence"]
+    assert [s["index"] for s in info["skipped"]] == [3, 12] and info["pool_rows"] == 19
+    # Parts of other checkpoints (other weights) are refused.
+    with pytest.raises(ValueError, match="differ in weights"):
+        compute_influence([[parts[0][0], parts[1][1]], parts[1]], val)
 
 
 def test_influence_cache_file_and_in_memory_tables_agree(tmp_path):
@@ -124,9 +213,15 @@ def brute_ranks(col):
     return [Fraction(2 * sum(v < x for v in col) + sum(v == x for v in col) - 1, 2 * (n - 1)) for x in col]
 
 
-def brute_select(mat, index, n_keep, method, pct, task_col=None):
+def brute_select(mat, index, n_keep, method, pct, task_col=None, floor=0.0):
     n, k = mat.shape
     rows = range(n)
+    # Per-task floors: floor(floor * n_keep / k) rows per task, tasks taking turns, each its best untaken row
+    # (score descending, then index ascending).
+    floors = []
+    for _ in range(math.floor(floor * n_keep / k)):
+        for j in range(k):
+            floors.append(min((z for z in rows if z not in floors), key=lambda z: (-mat[z, j], index[z])))
     ranks = [brute_ranks(list(mat[:, j])) for j in range(k)]
     mean_rank = [sum(ranks[j][z] for j in range(k)) / k for z in rows]
     votes = [0] * n
@@ -142,7 +237,7 @@ def brute_select(mat, index, n_keep, method, pct, task_col=None):
         key = lambda z: (-max(mat[z]), index[z])  # noqa: E731
     else:  # task
         key = lambda z: (-mat[z, task_col], index[z])  # noqa: E731
-    chosen = sorted(rows, key=key)[:n_keep]
+    chosen = floors + sorted((z for z in rows if z not in floors), key=key)[: n_keep - len(floors)]
     selected = [z in set(chosen) for z in rows]
     return selected, votes, [float(r) for r in mean_rank]
 
@@ -158,19 +253,24 @@ def test_selection_matches_brute_force_with_ties(seed):
             mat[:, 0] = rng.normal(size=n)  # one continuous task among tied ones
         index = rng.permutation(3 * n)[:n]  # row order is not index order
         table = Dataset.from_dict({"index": index.tolist(), **{f"influence_t{j}": mat[:, j].tolist() for j in range(k)}})
-        for method in ("vote", "rank", "mean", "max", "task"):
+        # vote with no floor is the paper's rule; vote with the default floor (1.0) and with half of it.
+        for method, floor in (("vote", 0.0), ("vote", None), ("vote", 0.5), ("rank", None), ("mean", None),
+                              ("max", None), ("task", None)):
+            expected_floor = (1.0 if method == "vote" else 0.0) if floor is None else floor
             for fraction in rng.choice([0.1, 0.25, 0.5, 0.8, 1.0], size=2, replace=False).tolist():
                 pct = float(rng.choice([0, 20, 50, 80, 95, 100]))
                 n_keep = math.floor(fraction * n)
+                common = dict(threshold_percentile=pct, method=method, task="t0", task_floor=floor)
                 if n_keep == 0:
                     with pytest.raises(ValueError, match="selects no row"):
-                        select(table, fraction=fraction, method=method, task="t0")
+                        select(table, fraction=fraction, **common)
                     n_keep = int(rng.integers(0, n + 1))
-                    out = select(table, num_rows=n_keep, threshold_percentile=pct, method=method, task="t0")
+                    out = select(table, num_rows=n_keep, **common)
                 else:
-                    out = select(table, fraction=fraction, threshold_percentile=pct, method=method, task="t0")
-                selected, votes, mean_rank = brute_select(mat, index, n_keep, method, pct, task_col=0)
-                where = f"n={n} k={k} method={method} fraction={fraction} pct={pct}"
+                    out = select(table, fraction=fraction, **common)
+                selected, votes, mean_rank = brute_select(mat, index, n_keep, method, pct, task_col=0,
+                                                          floor=expected_floor)
+                where = f"n={n} k={k} method={method} floor={floor} fraction={fraction} pct={pct}"
                 assert out["selected"] == selected, where
                 if method == "vote":
                     assert out["votes"] == votes, where

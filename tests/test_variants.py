@@ -8,7 +8,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from icons_hf import select
+from icons_hf import compute_influence, select
 from icons_hf.influence import provenance
 from icons_hf.store import StoreWriter
 from icons_hf.variants import adam_feature_diagnostics, balanced_influence, pairwise_cosine
@@ -71,7 +71,13 @@ def test_balanced_influence_matches_loops(tmp_path):
         # It plugs into select() like compute_influence's table, and says which specialist made it.
         assert sum(select(scores, fraction=0.3)["selected"]) == math.floor(0.3 * n)
         info = provenance(scores)["influence"]
-        assert info["specialist"] == f"balanced-{mode}" and info["checkpoint_weights"] == pytest.approx(weights)
+        assert info["specialist"] == {"quota": "balanced", "zscore": "zscore"}[mode]
+        assert info["checkpoint_weights"] == pytest.approx(weights)
+        # The same specialist is compute_influence's (balanced is its default), streamed in small batches.
+        specialist = {"quota": "balanced", "zscore": "zscore"}[mode]
+        direct = compute_influence(train_paths, tasks, specialist=specialist, batch_size=3)
+        assert direct.to_dict() == scores.to_dict()
+    assert compute_influence(train_paths, tasks).to_dict() == balanced_influence(train_paths, tasks).to_dict()
     with pytest.raises(ValueError, match="mode"):
         balanced_influence(train_paths, tasks, mode="max")
 
@@ -113,20 +119,19 @@ def test_task_floor_matches_reference(floor, fraction):
                                          mat.astype(np.float32).astype(np.float64).mean(axis=1))
 
 
-def test_task_floor_keeps_a_starved_task_and_defaults_unchanged():
+def test_task_floor_keeps_a_starved_task_by_default():
     rng = np.random.default_rng(3)
     n = 60
     a = rng.normal(size=n)
     # Tasks a and b agree; task c likes other rows, so the vote alone gives c's favourites one vote at most.
     table = Dataset.from_dict({"index": np.arange(n), "influence_a": a, "influence_b": a + 0.05 * rng.normal(size=n),
                                "influence_c": -a + 0.05 * rng.normal(size=n)})
-    plain = np.asarray(select(table, fraction=0.2)["selected"])
-    same = np.asarray(select(table, fraction=0.2, task_floor=0.0)["selected"])
-    np.testing.assert_array_equal(plain, same)
+    paper = np.asarray(select(table, fraction=0.2, task_floor=0.0)["selected"])
     c_top = set(np.argsort(-np.asarray(table["influence_c"]))[:4].tolist())
-    assert not c_top & set(np.flatnonzero(plain).tolist())
-    floored = np.asarray(select(table, fraction=0.2, task_floor=1.0)["selected"])
-    assert c_top <= set(np.flatnonzero(floored).tolist())
+    assert not c_top & set(np.flatnonzero(paper).tolist())  # the paper's vote starves task c
+    default = np.asarray(select(table, fraction=0.2)["selected"])
+    np.testing.assert_array_equal(default, np.asarray(select(table, fraction=0.2, task_floor=1.0)["selected"]))
+    assert c_top <= set(np.flatnonzero(default).tolist())
     with pytest.raises(ValueError, match="task_floor"):
         select(table, fraction=0.2, task_floor=1.5)
 
