@@ -69,6 +69,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, lora_targets: list[
     """Argument groups shared by the example scripts (the model and data arguments are the scripts' own)."""
     from icons_hf import METHODS
     from icons_hf.gradients import ADAM_VARIANTS, FEATURES, PROJECTIONS
+    from icons_hf.influence import SPECIALISTS
 
     out = parser.add_argument_group("output")
     out.add_argument("--output-dir", required=True,
@@ -148,6 +149,11 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, lora_targets: list[
     sel.add_argument("--threshold-percentile", type=float, default=80.0, help="per-task vote threshold (percentile of its scores)")
     sel.add_argument("--select-task", default=None, help="the task for --method task")
     sel.add_argument("--selection-seed", type=int, default=0, help="seed for --method random")
+    sel.add_argument("--specialist", choices=SPECIALISTS, default="balanced",
+                     help="how a task's validation examples combine (default balanced; mean is the ICONS paper's)")
+    sel.add_argument("--task-floor", type=float, default=None,
+                     help="share of the subset reserved as equal per-task floors (default 1.0 for vote, 0 otherwise; "
+                          "0 with vote is the ICONS paper's rule)")
 
 
 def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -533,35 +539,31 @@ def extract_from_checkpoints(args, load_base: Callable[[], object], subpools: li
 # ------------------------------------------------------------------------------------------------ selection
 
 
-def influence_for_pool(stores: Mapping, subpools: list[SubPool], n_pool: int):
-    """One score table for the whole pool: each sub-pool's influence, its rows mapped to pool positions.
+def influence_for_pool(stores: Mapping, subpools: list[SubPool], n_pool: int, specialist: str = "balanced"):
+    """One score table for the whole pool, its rows at pool positions.
 
-    Sub-pools share the tasks' validation features (same model, checkpoints and projection), so their scores are
-    on one scale and the merged table is what a single store of the whole pool would give.
+    Sub-pools (e.g. image and text-only rows) share the model, checkpoints and projection, so their stores are
+    scored together as the parts of one pool (percentile ranks and z-scores of the balanced specialists are taken
+    over the whole pool); the parts' row indices are then mapped to pool positions.
     """
-    from datasets import concatenate_datasets
-
     from icons_hf import compute_influence
     from icons_hf.influence import provenance
 
-    tables, merged_info = [], None
-    for part in subpools:
-        scores = compute_influence(*stores[part.name])
-        info = provenance(scores)["influence"]
-        positions = part.positions
-        scores = scores.map(lambda batch: {"index": positions[np.asarray(batch["index"], dtype=np.int64)]},
-                            batched=True, keep_in_memory=True, desc=f"pool positions ({part.name})")
-        skipped = [{**s, "index": int(positions[s["index"]])} for s in info.get("skipped", [])]
-        if merged_info is None:
-            merged_info = dict(info, train_stores=[], skipped=[], sub_pools={})
-        merged_info["train_stores"] += info["train_stores"]
-        merged_info["skipped"] += skipped
-        merged_info["sub_pools"][part.name] = int(len(positions))
-        tables.append(scores)
-    merged = concatenate_datasets(tables).sort("index") if len(tables) > 1 else tables[0]
-    merged_info["pool_rows"] = int(n_pool)
-    merged.info.description = json.dumps({"influence": merged_info})
-    return merged
+    first = stores[subpools[0].name]
+    n_ckpt = len(first[0])
+    train = [[stores[part.name][0][c] for part in subpools] for c in range(n_ckpt)]
+    scores = compute_influence(train, first[1], specialist=specialist)
+    info = provenance(scores)["influence"]
+    positions = np.concatenate([part.positions for part in subpools]).astype(np.int64)
+    scores = scores.map(lambda batch: {"index": positions[np.asarray(batch["index"], dtype=np.int64)]},
+                        batched=True, keep_in_memory=True, desc="pool positions")
+    if len(subpools) > 1:
+        scores = scores.sort("index")
+    info["skipped"] = [{**s, "index": int(positions[s["index"]])} for s in info.get("skipped", [])]
+    info["sub_pools"] = {part.name: int(len(part.positions)) for part in subpools}
+    info["pool_rows"] = int(n_pool)
+    scores.info.description = json.dumps({"influence": info})
+    return scores
 
 
 def select_and_export(args, scores, pool, *, pool_name: str | None = None, tags=()) -> str:
@@ -569,7 +571,7 @@ def select_and_export(args, scores, pool, *, pool_name: str | None = None, tags=
     from icons_hf import export_selection, select
 
     selected = select(scores, fraction=args.fraction, threshold_percentile=args.threshold_percentile,
-                      method=args.method, task=args.select_task, seed=args.selection_seed)
+                      method=args.method, task=args.select_task, seed=args.selection_seed, task_floor=args.task_floor)
     subset_dir = export_selection(pool, selected, os.path.join(args.output_dir, "subset"), pool_name=pool_name,
                                   license=args.license, pretty_name=args.pretty_name, tags=[*tags, *args.tag])
     if args.push_to_hub:

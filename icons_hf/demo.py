@@ -3,8 +3,8 @@
 easy-VQA (PyPI ``easy-vqa``, MIT) ships 64x64 images of one coloured shape and questions about its shape, its
 colour, or yes/no facts: three natural target tasks. The model is a ``LlavaForConditionalGeneration`` built from
 a small config (random init) with LoRA on the language model and a trainable projector. The demo warms up with
-``transformers.Trainer`` + :class:`IconsCallback`, scores the pool for the three tasks, selects 20% by consensus,
-and exports the subset (LLaVA JSON) and its card.
+``transformers.Trainer`` + :class:`IconsCallback`, scores the pool for the three tasks, selects 20% with the
+library's default rule, and exports the subset (LLaVA JSON) and its card.
 """
 
 from __future__ import annotations

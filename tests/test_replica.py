@@ -28,8 +28,9 @@ def replica():
 @pytest.mark.parametrize(
     "name,expected",
     [
-        ("icons", dict(base="icons", feature="adam", specialist="mean", floor=False)),
-        ("icons-sgd-balanced-floor", dict(base="icons", feature="sgd", specialist="balanced", floor=True)),
+        ("icons", dict(base="icons", feature="adam", specialist="mean", floor=0.0)),
+        ("icons-sgd-balanced-floor", dict(base="icons", feature="sgd", specialist="balanced", floor=1.0)),
+        ("icons-sgd-zscore-floor50", dict(base="icons", feature="sgd", specialist="zscore", floor=0.5)),
         ("less-color", dict(base="less", task="color", feature="adam")),
         ("random", dict(base="random")),
     ],
@@ -41,6 +42,7 @@ def test_rule_names(replica, name, expected):
 
 
 @pytest.mark.parametrize("name,match", [("vote", "unknown base"), ("less", "name the task"), ("icons-fast", "modifier"),
+                                        ("icons-floor0", "modifier"), ("icons-floor150", "modifier"),
                                         ("random-floor", "no modifiers")])
 def test_rule_names_refused(replica, name, match):
     _, harness = replica
@@ -87,7 +89,7 @@ def test_reduced_run_end_to_end(replica, tmp_path):
     out, reports = tmp_path / "runs", tmp_path / "report"
     argv = [
         "--output_dir", str(out), "--report_dir", str(reports), "--seeds", "0", "--pools", "A", "B",
-        "--pool_size", "120", "--fractions", "0.1", "0.25", "--sweep_rules", "icons", "random",
+        "--pool_size", "120", "--fractions", "0.1", "0.25", "--sweep_rules", "icons", "random", "icons-sgd-balanced-floor",
         "--compare_rules", "icons-floor", "icons-balanced", "less-shape", "icons-sgd", "--other_pool_rules", "icons-floor",
         "--validation_per_task", "6", "--test_per_task", "24", "--vision_steps", "3", "--stage1_steps", "3",
         "--stage1_questions", "20", "--warmup_epochs", "1", "--warmup_fraction", "0.1", "--warmup_batch_size", "4", "--checkpoints", "1",
@@ -99,6 +101,13 @@ def test_reduced_run_end_to_end(replica, tmp_path):
     assert len(results["runs"]) == sum(len(v) for v in plan.values())
     assert {r["rule"] for r in results["runs"] if r["pool"] == "B"} == {"full", "icons", "icons-floor", "random",
                                                                          "icons-sgd-balanced-floor"}
+    # The library's default rule selects what the library's defaults select.
+    from icons_hf import compute_influence, load_run, select
+
+    train, tasks = load_run(str(out / "seed0" / "poolA" / "features-sgd"))
+    default = select(compute_influence(train, tasks), fraction=0.25)
+    selections = json.loads((out / "seed0" / "poolA" / "selections.json").read_text())
+    assert sorted(default.filter(lambda r: r["selected"])["index"]) == selections["icons-sgd-balanced-floor@0.25"]["rows"]
     for run in results["runs"]:
         assert set(run["accuracy"]) == {"shape", "color", "yesno"}
         assert all(0.0 <= a <= 1.0 for a in run["accuracy"].values())
@@ -121,7 +130,7 @@ def test_reduced_run_end_to_end(replica, tmp_path):
     assert 0.0 <= feats["momentum_share"][0] <= 1.5 and feats["measurements"] == 2
     targets = results["targets"]["A"]
     assert set(targets) == {"icons", "icons-floor", "icons-balanced", "less-shape", "icons-sgd", "icons-sgd-balanced-floor"}
-    assert targets["icons"]["is_default"] and targets["icons-sgd-balanced-floor"]["is_proposed"]
+    assert targets["icons-sgd-balanced-floor"]["is_default"] and targets["icons"]["is_paper"]
     # The report: one JSON, one page, two figures.
     for name in ("replica.json", "replica.md", "replica.png", "replica_composition.png"):
         assert (reports / name).stat().st_size > 0

@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> str | None:
             return None
     if not common.process_state(args).is_main_process:
         return None
-    scores = common.influence_for_pool(stores, subpools, len(records))
+    scores = common.influence_for_pool(stores, subpools, len(records), specialist=args.specialist)
     subset_dir = common.select_and_export(args, scores, args.data_path, tags=["llava"])
     print(common.summarize(subset_dir))
     return subset_dir

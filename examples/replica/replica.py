@@ -6,7 +6,7 @@ on easy-VQA: three target tasks (shape, colour, yes/no), a training pool with ha
 off-task rows, unreadable images) besides clean ones, and for every selection rule the same model trained from
 the same start for the same number of steps, scored on held-out test questions.
 
-    python examples/replica/replica.py                      # the default run (3 seeds, both pools)
+    python examples/replica/replica.py                      # the default run (6 seeds, both pools)
     accelerate launch examples/replica/replica.py            # the same, under accelerate (one process on a CPU)
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \\
         examples/replica/replica.py                          # two processes: warmups run data-parallel (the
@@ -41,17 +41,17 @@ if HERE not in sys.path:
 
 logger = logging.getLogger("replica")
 
-COMPARE_RULES = ["mean", "less-shape", "less-color", "less-yesno", "icons-sgd", "icons-floor", "icons-balanced",
-                 "icons-zscore", "icons-balanced-floor", "icons-sgd-floor", "icons-sgd-zscore-floor"]
-OTHER_POOL_RULES = ["icons", "icons-sgd", "icons-floor", "icons-balanced-floor", "icons-sgd-floor",
-                    "icons-sgd-balanced-floor"]
-PROPOSED_RULE = "icons-sgd-balanced-floor"
+DEFAULT_RULE = "icons-sgd-balanced-floor"  # the library's defaults
+PAPER_RULE = "icons"  # the paper's rule: Adam (LESS) features, mean-cosine specialist, votes without floors
+COMPARE_RULES = ["mean", "less-shape", "less-color", "less-yesno", "icons-sgd", "icons-sgd-balanced",
+                 "icons-sgd-balanced-floor50", "icons-sgd-floor", "icons-balanced-floor"]
+OTHER_POOL_RULES = ["icons-sgd", "icons-sgd-balanced-floor50"]
 
 # Arguments that change what a finished job computed; a rerun into the same output_dir must keep them.
 RESULT_FIELDS = (
     "pool_size", "validation_per_task", "test_per_task", "stage1_images", "vision_steps", "stage1_steps",
     "stage1_questions", "warmup_fraction", "warmup_epochs", "warmup_batch_size", "checkpoints", "dim",
-    "diagnostic_rows", "train_steps", "batch_size", "learning_rate", "lora_r", "task_floor", "threshold_percentile",
+    "diagnostic_rows", "train_steps", "batch_size", "learning_rate", "lora_r", "threshold_percentile",
 )
 
 
@@ -60,24 +60,26 @@ class ReplicaArguments:
     output_dir: str = field(default="replica_runs", metadata={"help": "Work folder (stores, models, per-run results)."})
     report_dir: str = field(default="benchmarks/results", metadata={"help": "Where the report files are written."})
     report_name: str = field(default="replica", metadata={"help": "Base name of the report files."})
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "One full replica per seed."})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5], metadata={"help": "One full replica per seed."})
+    holdout_seeds: list[int] = field(default_factory=lambda: [3, 4, 5], metadata={
+        "help": "Seeds that played no part in choosing the library's default rule; the report shows them apart."})
     pools: list[str] = field(default_factory=lambda: ["A", "B"], metadata={
         "help": "Pools to run (replica_harness.POOLS). The first gets the fraction sweep and every compared rule; the "
-                "others get full, random and --other_pool_rules at --compare_fraction."})
+                "others get full, random, the default and paper rules and --other_pool_rules at --compare_fraction."})
     fractions: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.4, 0.6],
                                    metadata={"help": "Fractions of the pool for --sweep_rules."})
-    sweep_rules: list[str] = field(default_factory=lambda: ["icons", "random", PROPOSED_RULE],
+    sweep_rules: list[str] = field(default_factory=lambda: [PAPER_RULE, "random", DEFAULT_RULE],
                                    metadata={"help": "Rules run at every fraction (see replica_harness.Rule for names)."})
     compare_fraction: float = field(default=0.2, metadata={"help": "Fraction for the rule comparison."})
     compare_rules: list[str] = field(default_factory=lambda: list(COMPARE_RULES),
                                      metadata={"help": "Further rules run at --compare_fraction on the first pool."})
     other_pool_rules: list[str] = field(default_factory=lambda: list(OTHER_POOL_RULES),
-                                        metadata={"help": "Rules run at --compare_fraction on the other pools."})
-    default_rule: str = field(default="icons", metadata={
-        "help": "The rule that the library's defaults give (select() defaults on IconsCallback's default "
-                "features); the report checks the targets for it."})
-    proposed_rule: str = field(default=PROPOSED_RULE, metadata={
-        "help": "The variant the report proposes as the new default (marked in tables and figure)."})
+                                        metadata={"help": "Further rules run at --compare_fraction on the other pools."})
+    default_rule: str = field(default=DEFAULT_RULE, metadata={
+        "help": "The rule that the library's defaults give (IconsCallback's features, compute_influence's "
+                "specialist, select()'s floor); the report checks the targets for it."})
+    paper_rule: str = field(default=PAPER_RULE, metadata={
+        "help": "The paper's rule, reported beside the default."})
     pool_size: int = field(default=3000, metadata={"help": "Rows per pool."})
     validation_per_task: int = field(default=24, metadata={"help": "Answer-balanced validation rows per task."})
     test_per_task: int = field(default=1000, metadata={"help": "Answer-balanced held-out test rows per task."})
@@ -95,8 +97,6 @@ class ReplicaArguments:
     batch_size: int = field(default=32, metadata={"help": "Batch size of the training runs."})
     learning_rate: float = field(default=3e-3, metadata={"help": "Learning rate of warmup and training runs."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank (alpha = 2r) on the language model's attention."})
-    task_floor: float = field(default=0.5, metadata={
-        "help": "Share of the subset that '-floor' rules reserve, split equally over the tasks (fixed a priori)."})
     threshold_percentile: float = field(default=80.0, metadata={"help": "ICONS vote threshold percentile."})
     workers: int = field(default=0, metadata={
         "help": "Worker processes for the jobs (0: one per CPU core; 1: run in this process). Ignored under a "
@@ -115,13 +115,11 @@ class ReplicaArguments:
         if not self.seeds:
             raise ValueError("--seeds needs at least one seed.")
         for name in (*self.sweep_rules, *self.compare_rules, *self.other_pool_rules, self.default_rule,
-                     self.proposed_rule):
+                     self.paper_rule):
             Rule.parse(name)
         for value in (*self.fractions, self.compare_fraction, self.warmup_fraction):
             if not 0 < value <= 1:
                 raise ValueError(f"fraction {value} must be in (0, 1].")
-        if not 0 <= self.task_floor <= 1:
-            raise ValueError(f"--task_floor {self.task_floor} must be within [0, 1].")
         for name in ("pool_size", "validation_per_task", "test_per_task", "train_steps", "batch_size", "checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1 (got {getattr(self, name)}).")
@@ -146,10 +144,10 @@ def plan_runs(args: ReplicaArguments) -> dict[str, list[tuple[str, float]]]:
         if i == 0:
             runs += [(rule, f) for rule in args.sweep_rules for f in args.fractions]
             runs += [(rule, args.compare_fraction)
-                     for rule in [args.default_rule, args.proposed_rule, "random", *args.compare_rules]]
+                     for rule in [args.default_rule, args.paper_rule, "random", *args.compare_rules]]
         else:
             runs += [(rule, args.compare_fraction)
-                     for rule in [*args.other_pool_rules, args.default_rule, args.proposed_rule, "random"]]
+                     for rule in [args.default_rule, args.paper_rule, "random", *args.other_pool_rules]]
         seen, unique = set(), []
         for run in runs:
             if run not in seen:

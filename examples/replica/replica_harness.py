@@ -489,14 +489,15 @@ def composition(records, kinds, selected: np.ndarray) -> dict:
 
 @dataclass(frozen=True)
 class Rule:
-    """A selection rule by name: ``<base>[-<task>][-sgd|-adam][-balanced][-floor]``.
+    """A selection rule by name: ``<base>[-<task>][-sgd|-adam][-balanced|-zscore][-floor|-floor<percent>]``.
 
     Bases: ``icons`` (vote, the paper's generalist), ``mean`` (mean of task scores), ``less`` (one task's score;
     name the task: ``less-shape``), ``random``, ``full`` (the whole pool). Modifiers: ``sgd``/``adam`` choose the
-    train-side feature (default ``adam``, the callback's default and the paper's); ``balanced`` / ``zscore`` use
-    the per-validation-example balanced specialist (:func:`icons_hf.variants.balanced_influence` with
-    ``mode="quota"`` / ``"zscore"``) instead of the mean one; ``floor`` reserves a per-task floor
-    (``select(task_floor=...)``) before the ranking fills the rest.
+    train-side feature (default ``adam``, the paper's); ``balanced`` / ``zscore`` choose
+    :func:`icons_hf.compute_influence`'s ``specialist`` (default ``mean``, the paper's); ``floor`` reserves the
+    whole subset as per-task floors (``select(task_floor=1.0)``), ``floor50`` half of it (``task_floor=0.5``);
+    no floor is the paper's rule. So ``icons`` is the paper's rule and ``icons-sgd-balanced-floor`` the
+    library's defaults.
     """
 
     name: str
@@ -504,7 +505,7 @@ class Rule:
     task: str | None = None
     feature: str = "adam"
     specialist: str = "mean"
-    floor: bool = False
+    floor: float = 0.0
 
     @classmethod
     def parse(cls, name: str) -> "Rule":
@@ -524,10 +525,13 @@ class Rule:
             elif token in ("balanced", "zscore"):
                 kw["specialist"] = token
             elif token == "floor":
-                kw["floor"] = True
+                kw["floor"] = 1.0
+            elif token.startswith("floor") and token[5:].isdigit() and 0 < int(token[5:]) <= 100:
+                kw["floor"] = int(token[5:]) / 100
             else:
                 raise ValueError(
-                    f"selection rule {name!r}: unknown modifier {token!r} (use sgd, adam, balanced, zscore, floor)."
+                    f"selection rule {name!r}: unknown modifier {token!r} (use sgd, adam, balanced, zscore, floor, "
+                    "floor<percent>)."
                 )
         if base in ("random", "full") and kw:
             raise ValueError(f"selection rule {name!r}: {base} takes no modifiers.")
@@ -538,7 +542,7 @@ class Rule:
         return self.base not in ("random", "full")
 
 
-def select_rows(rule: Rule, scores: dict, n_rows: int, fraction: float, *, seed: int, task_floor: float,
+def select_rows(rule: Rule, scores: dict, n_rows: int, fraction: float, *, seed: int,
                 threshold_percentile: float = 80.0) -> np.ndarray:
     """Boolean mask of the rows ``rule`` keeps at ``fraction`` of the pool."""
     from icons_hf import select
@@ -546,10 +550,10 @@ def select_rows(rule: Rule, scores: dict, n_rows: int, fraction: float, *, seed:
 
     if rule.base == "full":
         return np.ones(n_rows, dtype=bool)
-    table = scores[("adam", "mean")] if rule.base == "random" else scores[(rule.feature, rule.specialist)]
+    table = scores[("sgd", "balanced")] if rule.base == "random" else scores[(rule.feature, rule.specialist)]
     method = {"icons": "vote", "mean": "mean", "less": "task", "random": "random"}[rule.base]
     out = select(table, fraction=fraction, threshold_percentile=threshold_percentile, method=method, task=rule.task,
-                 seed=seed, task_floor=task_floor if rule.floor else 0.0)
+                 seed=seed, task_floor=rule.floor)
     cols = column_arrays(out, ["index", "selected"])
     mask = np.zeros(n_rows, dtype=bool)
     mask[cols["index"][cols["selected"].astype(bool)]] = True
@@ -570,15 +574,11 @@ class Scores:
 
     def __getitem__(self, key):
         from icons_hf import compute_influence, load_run
-        from icons_hf.variants import balanced_influence
 
         if key not in self._tables:
             feature, specialist = key
             train, tasks = load_run(os.path.join(self.folder, f"features-{feature}"))
-            if specialist == "mean":
-                self._tables[key] = compute_influence(train, tasks)
-            else:
-                self._tables[key] = balanced_influence(train, tasks, mode="quota" if specialist == "balanced" else "zscore")
+            self._tables[key] = compute_influence(train, tasks, specialist=specialist)
         return self._tables[key]
 
 
@@ -807,7 +807,7 @@ class Worker:
         scores = Scores(folder)
         for rule_name, fraction in missing:
             mask = select_rows(Rule.parse(rule_name), scores, len(records), fraction, seed=seed,
-                               task_floor=a.task_floor, threshold_percentile=a.threshold_percentile)
+                               threshold_percentile=a.threshold_percentile)
             selections[run_key(rule_name, fraction)] = {
                 "rule": rule_name, "fraction": fraction, "rows": np.flatnonzero(mask).tolist(),
                 "composition": composition(records, kinds, mask),

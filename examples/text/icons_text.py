@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> str | None:
             return None
     if not common.process_state(args).is_main_process:
         return None
-    scores = common.influence_for_pool(stores, [pool], len(rows))
+    scores = common.influence_for_pool(stores, [pool], len(rows), specialist=args.specialist)
     from_hub = args.data_path.startswith(common.HUB_PREFIX)
     subset_dir = common.select_and_export(
         args, scores, rows if from_hub else args.data_path,
