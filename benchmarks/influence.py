@@ -5,8 +5,9 @@ stores directly with ``StoreWriter``, then measures, each in a fresh child proce
 the measurement alone:
 
 * ``numpy``: the bare reference: every shard's feature block opened with ``np.memmap`` and multiplied by the
-  ``dim x tasks`` matrix of mean validation vectors (float32), shard by shard;
-* ``icons``: ``icons_hf.compute_influence(train, tasks)``.
+  ``dim x tasks`` matrix of mean validation vectors (float32), shard by shard; for the balanced specialists by the
+  ``dim x (tasks x val_rows)`` matrix of every validation example's unit vector (the product they need);
+* ``icons``: ``icons_hf.compute_influence(train, tasks, specialist=...)`` for each ``--specialist``.
 
 Each is run twice, alternating, and the best time is kept (the store is in the page cache after the first pass).
 Peak RSS is the child's high-water mark (``VmHWM``); ``import RSS`` is the child's RSS right after importing its libraries.
@@ -14,6 +15,7 @@ Peak RSS is the child's high-water mark (``VmHWM``); ``import RSS`` is the child
     python benchmarks/influence.py                      # 100K rows x 8192 x 10 tasks (1.6 GB on disk)
     python benchmarks/influence.py --large              # and 1M rows (16 GB on disk; checks free space first)
     python benchmarks/influence.py --rows 20000         # a quick run
+    python benchmarks/influence.py --specialist balanced --val-rows 50   # the default specialist alone
 """
 
 from __future__ import annotations
@@ -102,7 +104,7 @@ def child_numpy(train: str, means: np.ndarray) -> dict:
     return {"seconds": seconds, "rows": rows, "checksum": checksum, "import_rss_kib": import_rss}
 
 
-def child_icons(train: str, tasks: dict) -> dict:
+def child_icons(train: str, tasks: dict, specialist: str) -> dict:
     from datasets.utils.logging import disable_progress_bar
 
     from icons_hf import compute_influence
@@ -110,25 +112,28 @@ def child_icons(train: str, tasks: dict) -> dict:
     disable_progress_bar()
     import_rss = _rss_now_kib()
     start = time.perf_counter()
-    scores = compute_influence(train, tasks)
+    scores = compute_influence(train, tasks, specialist=specialist, work_dir=os.path.dirname(train))
     first = scores.data.column(f"influence_{next(iter(tasks))}").to_numpy()
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "rows": len(scores), "checksum": float(first.sum()), "import_rss_kib": import_rss}
 
 
-def mean_matrix(tasks: dict) -> np.ndarray:
-    """dim x tasks float32 matrix of mean unit validation vectors (what influence multiplies by)."""
+def validation_matrix(tasks: dict, specialist: str) -> np.ndarray:
+    """What influence multiplies by: dim x tasks mean unit validation vectors (``mean``), or dim x examples unit
+    vectors of every validation example (``balanced``/``zscore``); float32."""
     from icons_hf.store import load_gradients
 
     cols = []
     for path in tasks.values():
         store = load_gradients(path).with_format("numpy", dtype=np.float64)[:]
-        cols.append((store["features"] / store["norm"][:, None]).mean(axis=0))
+        unit = store["features"] / store["norm"][:, None]
+        cols += [unit.mean(axis=0)] if specialist == "mean" else list(unit)
     return np.stack(cols, axis=1).astype(np.float32)
 
 
-def run_child(kind: str, train: str, tasks: dict) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--train", train, "--tasks-json", json.dumps(tasks)]
+def run_child(kind: str, train: str, tasks: dict, specialist: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--train", train, "--tasks-json", json.dumps(tasks),
+           "--specialist", specialist]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} child failed:\n{proc.stderr[-4000:]}")
@@ -148,27 +153,31 @@ def bench_size(rows: int, args, workdir: str) -> dict:
         for k in range(args.tasks):
             tasks[f"task{k}"] = os.path.join(root, f"task{k}")
             write_store(tasks[f"task{k}"], args.val_rows, args.dim, seed=100 + k)
-        results = {"numpy": [], "icons": []}
-        for _ in range(args.repeats):
-            results["numpy"].append(run_child("numpy", train, tasks))
-            results["icons"].append(run_child("icons", train, tasks))
-        best = {k: min(v, key=lambda r: r["seconds"]) for k, v in results.items()}
-        peak = {k: max(r["peak_rss_kib"] for r in v) for k, v in results.items()}
         out = {
             "rows": rows,
             "dim": args.dim,
             "tasks": args.tasks,
+            "val_rows": args.val_rows,
             "store_gib": sum(os.path.getsize(os.path.join(train, "shards", f)) for f in os.listdir(os.path.join(train, "shards"))) / GiB,
             "write_seconds": write_s,
+            "specialists": {},
         }
-        for kind in ("numpy", "icons"):
-            out[f"{kind}_seconds"] = best[kind]["seconds"]
-            out[f"{kind}_rows_per_s"] = rows / best[kind]["seconds"]
-            out[f"{kind}_peak_rss_gib"] = peak[kind] / 1024**2
-            out[f"{kind}_import_rss_gib"] = best[kind]["import_rss_kib"] / 1024**2
-        out["icons_over_numpy_time"] = best["icons"]["seconds"] / best["numpy"]["seconds"]
-        # Both sum the first task's column: the influence one is divided by the row norms, so only a sanity print.
-        out["all_seconds"] = {k: [round(r["seconds"], 2) for r in v] for k, v in results.items()}
+        for specialist in args.specialist:
+            results = {"numpy": [], "icons": []}
+            for _ in range(args.repeats):
+                results["numpy"].append(run_child("numpy", train, tasks, specialist))
+                results["icons"].append(run_child("icons", train, tasks, specialist))
+            best = {k: min(v, key=lambda r: r["seconds"]) for k, v in results.items()}
+            peak = {k: max(r["peak_rss_kib"] for r in v) for k, v in results.items()}
+            entry = {}
+            for kind in ("numpy", "icons"):
+                entry[f"{kind}_seconds"] = best[kind]["seconds"]
+                entry[f"{kind}_rows_per_s"] = rows / best[kind]["seconds"]
+                entry[f"{kind}_peak_rss_gib"] = peak[kind] / 1024**2
+                entry[f"{kind}_import_rss_gib"] = best[kind]["import_rss_kib"] / 1024**2
+            entry["icons_over_numpy_time"] = best["icons"]["seconds"] / best["numpy"]["seconds"]
+            entry["all_seconds"] = {k: [round(r["seconds"], 2) for r in v] for k, v in results.items()}
+            out["specialists"][specialist] = entry
         return out
     finally:
         if not args.keep:
@@ -185,6 +194,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workdir", default=None, help="where the synthetic stores go (default: the temp folder)")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic stores")
+    parser.add_argument("--specialist", nargs="+", default=["mean", "balanced"],
+                        choices=["mean", "balanced", "zscore"], help="compute_influence specialists to measure")
     parser.add_argument("--child", choices=["numpy", "icons"], help=argparse.SUPPRESS)
     parser.add_argument("--train", help=argparse.SUPPRESS)
     parser.add_argument("--tasks-json", help=argparse.SUPPRESS)
@@ -192,10 +203,11 @@ def main(argv=None) -> int:
 
     if args.child:
         tasks = json.loads(args.tasks_json)
+        specialist = args.specialist[0]
         if args.child == "numpy":
-            result = child_numpy(args.train, mean_matrix(tasks))
+            result = child_numpy(args.train, validation_matrix(tasks, specialist))
         else:
-            result = child_icons(args.train, tasks)
+            result = child_icons(args.train, tasks, specialist)
         # VmHWM: this process's own peak (ru_maxrss would include the parent's size at fork time).
         result["peak_rss_kib"] = _status_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         print(json.dumps(result))
@@ -210,14 +222,16 @@ def main(argv=None) -> int:
         if "skipped" in result:
             print(f"rows={rows}: skipped: {result['skipped']}")
             continue
-        print(
-            f"rows={rows:,} store={result['store_gib']:.2f} GiB (written in {result['write_seconds']:.0f} s)\n"
-            f"  numpy memmap matmul : {result['numpy_rows_per_s']:>10,.0f} rows/s  {result['numpy_seconds']:7.2f} s  "
-            f"peak RSS {result['numpy_peak_rss_gib']:.2f} GiB (after imports {result['numpy_import_rss_gib']:.2f})\n"
-            f"  compute_influence   : {result['icons_rows_per_s']:>10,.0f} rows/s  {result['icons_seconds']:7.2f} s  "
-            f"peak RSS {result['icons_peak_rss_gib']:.2f} GiB (after imports {result['icons_import_rss_gib']:.2f})\n"
-            f"  time ratio icons/numpy: {result['icons_over_numpy_time']:.2f}   all runs (s): {result['all_seconds']}"
-        )
+        print(f"rows={rows:,} store={result['store_gib']:.2f} GiB (written in {result['write_seconds']:.0f} s)")
+        for specialist, r in result["specialists"].items():
+            print(
+                f"  specialist={specialist}\n"
+                f"    numpy memmap matmul : {r['numpy_rows_per_s']:>10,.0f} rows/s  {r['numpy_seconds']:7.2f} s  "
+                f"peak RSS {r['numpy_peak_rss_gib']:.2f} GiB (after imports {r['numpy_import_rss_gib']:.2f})\n"
+                f"    compute_influence   : {r['icons_rows_per_s']:>10,.0f} rows/s  {r['icons_seconds']:7.2f} s  "
+                f"peak RSS {r['icons_peak_rss_gib']:.2f} GiB (after imports {r['icons_import_rss_gib']:.2f})\n"
+                f"    time ratio icons/numpy: {r['icons_over_numpy_time']:.2f}   all runs (s): {r['all_seconds']}"
+            )
     return 0
 
 

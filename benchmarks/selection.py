@@ -5,7 +5,7 @@ rounded to a few significant digits so that ties occur, as they do in real float
 times ``icons_hf.select`` for each requested method, reporting the best of ``--repeats`` runs and, for reference in
 the same run, the time of one ``np.argsort`` over the whole score matrix (the floor that any ranking pays).
 
-    python benchmarks/selection.py                          # 7M x 10, vote
+    python benchmarks/selection.py                          # 7M x 10, vote (default per-task floor, and none)
     python benchmarks/selection.py --methods vote rank mean --rows 1000000
 
 (Not named select.py: run as a script, a file of that name in the script's folder would shadow the standard
@@ -41,6 +41,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", type=int, default=7_000_000)
     parser.add_argument("--tasks", type=int, default=10)
     parser.add_argument("--methods", nargs="+", default=["vote"])
+    parser.add_argument("--task-floors", nargs="+", default=["default", "0"],
+                        help="task_floor values to time for each method ('default': select()'s own)")
     parser.add_argument("--fraction", type=float, default=0.2)
     parser.add_argument("--digits", type=int, default=6, help="decimal digits kept in the synthetic scores (ties)")
     parser.add_argument("--repeats", type=int, default=2)
@@ -64,14 +66,17 @@ def main(argv=None) -> int:
     print(f"# {args.rows:,} rows x {args.tasks} tasks (task0 has {distinct:,} distinct values), {os.cpu_count()} CPUs; "
           f"table built in {build:.1f} s; np.argsort of every task column: {argsort_s:.2f} s")
     for method in args.methods:
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            out = select(table, fraction=args.fraction, method=method, task="task0" if method == "task" else None)
-            times.append(time.perf_counter() - start)
-        n_sel = int(np.asarray(out.data.column("selected")).sum())
-        print(f"select(method={method!r}, fraction={args.fraction}): best {min(times):.2f} s of {[round(t, 2) for t in times]}; "
-              f"{n_sel:,} selected; {min(times) / argsort_s:.1f}x the argsort floor")
+        for floor in args.task_floors:
+            task_floor = None if floor == "default" else float(floor)
+            times = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                out = select(table, fraction=args.fraction, method=method, task="task0" if method == "task" else None,
+                             task_floor=task_floor)
+                times.append(time.perf_counter() - start)
+            n_sel = int(np.asarray(out.data.column("selected")).sum())
+            print(f"select(method={method!r}, fraction={args.fraction}, task_floor={floor}): best {min(times):.2f} s of "
+                  f"{[round(t, 2) for t in times]}; {n_sel:,} selected; {min(times) / argsort_s:.1f}x the argsort floor")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2:.2f} GiB")
     return 0
 

@@ -7,6 +7,11 @@ Five lines with a Trainer::
     scores = select(compute_influence(*callback.stores()), fraction=0.2)
     export_selection("llava_v1_5_mix665k.json", scores, "llava-icons")
 
+The defaults are the rule measured best in the easy-VQA replica (README): plain-gradient train features, the
+balanced specialist and equal per-task floors. The ICONS paper's rule, one argument per stage:
+``IconsCallback(..., train_feature="adam")``, ``compute_influence(..., specialist="mean")``,
+``select(..., task_floor=0.0)``.
+
 Names are imported on first use, so ``import icons_hf`` (and the CLI's ``--help``) stays fast.
 """
 

@@ -262,7 +262,9 @@ def _reserve_task_floors(mat: np.ndarray, index: np.ndarray, n_keep: int, task_f
     its best rows by its own score (then ascending index), tasks taking turns. Returns the rows per task."""
     n_tasks = mat.shape[1]
     per_task = math.floor(task_floor * n_keep / n_tasks)
-    orders = [np.lexsort((index, -mat[:, j])) for j in range(n_tasks)]
+    # A task's pointer passes its own picks and rows other tasks took first: at most n_keep rows of its order, so
+    # only the head of each order is sorted.
+    orders = [_order_head(mat[:, j], index, per_task * n_tasks) for j in range(n_tasks)]
     pointers = [0] * n_tasks
     for _ in range(per_task):
         for j in range(n_tasks):
@@ -270,6 +272,18 @@ def _reserve_task_floors(mat: np.ndarray, index: np.ndarray, n_keep: int, task_f
                 pointers[j] += 1
             selected[orders[j][pointers[j]]] = True
     return per_task
+
+
+def _order_head(scores: np.ndarray, index: np.ndarray, k: int) -> np.ndarray:
+    """The first ``k`` positions of the order by ``scores`` descending, then ``index`` ascending."""
+    n = len(scores)
+    if k >= n:
+        return np.lexsort((index, -scores))
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    cut = np.partition(scores, n - k)[n - k]  # the k-th largest score: the head is above it or tied with it
+    head = np.flatnonzero(scores >= cut)
+    return head[np.lexsort((index[head], -scores[head]))][:k]
 
 
 def _top(n_keep: int, primary: np.ndarray, tiebreak: np.ndarray, index: np.ndarray) -> np.ndarray:
