@@ -63,7 +63,8 @@ def _add_influence(sub):
                    help="how a task's validation examples combine: balanced (default; an equal quota of top rows per "
                         "example), zscore, or mean (the ICONS paper's mean cosine)")
     p.add_argument("--work-dir", help="folder for the temporary per-example cosine file of balanced/zscore "
-                                      "(4 x rows x validation examples bytes; default: the system's temporary folder)")
+                                      "(4 x rows x validation examples bytes; default: the --cache-file's folder, "
+                                      "else the system's temporary folder)")
     p.add_argument("--cache-file", help="write the score table to this Arrow file batch by batch (large pools)")
     p.add_argument("--output", required=True, help="folder to save the score table (datasets save_to_disk)")
 

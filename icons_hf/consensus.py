@@ -19,8 +19,8 @@ the subset, and the votes order only the fewer than ``K`` rows the floors leave)
 methods; ``select(method="vote", task_floor=0)`` is the
 paper's rule. Why: with few tasks, votes starve a task whose valuable rows only it likes (rows liked by two tasks
 outvote rows liked by one), and in the easy-VQA replica (README) rows above two tasks' thresholds were no cleaner
-than the pool while each task's own top rows were; of the floors measured there (0, 0.5, 1) only the full floor
-beat a random subset on every pool.
+than the pool while each task's own top rows were; of the floors measured there (0, 0.5, 1) the full floor was
+best on both pools.
 
 Ties are broken deterministically, never by sort order: for ``vote`` by the mean within-task percentile rank
 (the ``rank`` score), then for every method by the ascending row ``index``. Within-task percentile ranks are
@@ -221,6 +221,12 @@ def select(
         primary_key, tiebreak_key = primary, zeros
     selected = np.zeros(n_total, dtype=bool)
     floor_rows = _reserve_task_floors(mat, index, n_keep, task_floor, selected) if task_floor > 0 else None
+    if floor_rows == 0:
+        logger.warning(
+            "task_floor=%g reserves no row: %d rows are selected for %d tasks (floor(%g x %d / %d) = 0 per task), so "
+            "the %r ranking alone decides; select more rows for per-task floors.",
+            task_floor, n_keep, len(columns), task_floor, n_keep, len(columns), method,
+        )
     rest = np.flatnonzero(~selected)
     selected[rest[_top(n_keep - int(selected.sum()), primary_key[rest], tiebreak_key[rest], index[rest])]] = True
     if 0 < n_keep < n_total and floor_rows is None:

@@ -212,6 +212,8 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
 def _method_text(sel: dict) -> str:
     method = sel["method"]
     floor = float(sel.get("task_floor") or 0.0)
+    if floor > 0 and sel.get("floor_rows_per_task") == 0:
+        floor = 0.0  # fewer rows than tasks: the floors held no row and the method's ranking alone decided
     votes = (
         "a row gets one vote from each task whose influence score exceeds that task's "
         f"{sel['threshold_percentile']:g}th percentile" if method == "vote" else ""

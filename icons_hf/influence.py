@@ -20,16 +20,20 @@ and scoring the pool is one matrix product per batch of rows, read from the memo
 pages of a batch are released once it is scored, so memory does not grow with the pool). ``"balanced"`` and
 ``"zscore"``: the product is with every validation example's unit vector (cost grows with the number of
 validation examples ``V``); the cosines go to a temporary ``4 x rows x V``-byte file (``work_dir``) and are read
-back one example's column at a time, so memory is a few vectors of pool length. Subtasks
+back one example's column at a time, so memory is a few vectors of pool length plus the ``dim x V`` validation
+matrix per checkpoint and a block of cosines (at most 2^24 values) being written. Scores are float32: beyond about 16M pool rows,
+neighbouring percentile ranks can round to the same value (ties are then broken as ``select`` documents). Subtasks
 (``{"mme": {"count": ..., "color": ...}}``): ``"mean"`` takes the maximum over the subtasks' scores; the
-balanced specialists pool the subtasks' examples. Checkpoint weights are the learning rates the train stores
-recorded, normalised to sum to one; equal weights when none were recorded; or an explicit ``checkpoint_weights``.
+balanced specialists pool the subtasks' examples, so a subtask with more examples gets more of the task's top
+rows. Checkpoint weights are the learning rates the train stores recorded, normalised to sum to one; equal weights
+when none were recorded; or an explicit ``checkpoint_weights``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import numbers
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -183,16 +187,42 @@ class _Rows:
 SPECIALISTS = ("balanced", "zscore", "mean")
 
 
-def _unit_validation_rows(path: str) -> np.ndarray:
-    """``(dim, rows)`` float32: a validation store's unit feature vectors, one column per example."""
+def _unit_validation_rows(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(row indices, (dim, rows) float32)``: a validation store's unit feature vectors, one column per example."""
     _require_rows(path)
-    blocks = []
+    blocks, indices = [], []
     for index, features, norms in iter_store_batches(path, 1024):
         zero = np.flatnonzero(norms == 0)
         if len(zero):
             raise ValueError(f"{path}: validation row {int(index[zero[0]])} has a zero gradient; remove it.")
         blocks.append((features.astype(np.float64) / norms[:, None].astype(np.float64)).astype(np.float32))
-    return np.concatenate(blocks, axis=0).T
+        indices.append(np.asarray(index, dtype=np.int64))
+    return np.concatenate(indices), np.concatenate(blocks, axis=0).T
+
+
+def _cosine_folder(work_dir, cache_file_name, nbytes: int) -> str:
+    """Where the per-example cosine file goes (``work_dir``; else the cache file's folder; else the system's
+    temporary folder), checked to exist and to have room for it."""
+    import shutil
+    import tempfile
+
+    if work_dir is not None:
+        folder, what = os.fspath(work_dir), f"work_dir {os.fspath(work_dir)!r}"
+    elif cache_file_name:
+        folder = os.path.dirname(os.path.abspath(cache_file_name))
+        what = f"the folder of cache_file_name ({folder})"
+    else:
+        folder, what = tempfile.gettempdir(), f"the temporary folder {tempfile.gettempdir()!r}"
+    if not os.path.isdir(folder):
+        raise ValueError(f"{what} does not exist; create it or pass work_dir= (--work-dir) an existing folder.")
+    free = shutil.disk_usage(folder).free
+    if nbytes > free:
+        raise ValueError(
+            f"the balanced specialist needs {nbytes / 2**30:.2f} GiB of temporary space for its per-example cosines "
+            f"(4 bytes x pool rows x validation examples) but {what} has {free / 2**30:.2f} GiB free; pass "
+            "work_dir= (--work-dir) a folder with room, use fewer validation examples, or specialist='mean'."
+        )
+    return folder
 
 
 class _ColumnFile:
@@ -343,8 +373,8 @@ def compute_influence(
         batch_size: train rows read per step.
         cache_file_name: where ``datasets`` writes the score table; kept in memory when ``None``.
         work_dir: folder for the temporary per-example cosine file of ``"balanced"``/``"zscore"``
-            (``4 x rows x validation examples`` bytes, removed afterwards); the system's temporary folder when
-            ``None``.
+            (``4 x rows x validation examples`` bytes, removed afterwards; checked for room first); when ``None``,
+            the folder of ``cache_file_name`` if given, else the system's temporary folder.
 
     Returns:
         A ``datasets.Dataset`` with ``index`` and one float32 column ``influence_<task>`` per task, in the train
@@ -354,8 +384,9 @@ def compute_influence(
     from .config import validate_choice
 
     validate_choice("specialist", specialist, SPECIALISTS)
-    if not (isinstance(batch_size, int) and batch_size >= 1):
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer.")
+    batch_size = int(batch_size)
     train, tasks, metas, weights = resolve_inputs(train, tasks, checkpoint_weights)
 
     # One matrix per checkpoint. "mean": one column per (task, subtask), its mean unit validation vector.
@@ -368,17 +399,25 @@ def compute_influence(
         for task, sub in pairs:
             path = tasks[task][sub][c]
             _check_compatible(metas[c], read_store_metadata(path), train_path, path)
-            block = _mean_unit_vector(path)[:, None] if specialist == "mean" else _unit_validation_rows(path)
+            if specialist == "mean":
+                block = _mean_unit_vector(path)[:, None]
+                owner.append((task, sub, -1))
+            else:
+                # One column per validation example: the same example (by row index) at every checkpoint.
+                rows, block = _unit_validation_rows(path)
+                owner += [(task, sub, int(r)) for r in rows]
+                first = tasks[task][sub][0]
+                if owners is not None and [o for o in owners if o[:2] == (task, sub)] != [o for o in owner if o[:2] == (task, sub)]:
+                    raise ValueError(
+                        f"validation stores {first} and {path} ({task}{'' if sub == task else '/' + str(sub)}) hold "
+                        "other rows (some were skipped at one checkpoint only); every checkpoint needs the same "
+                        "validation examples: recompute them with the same rows, or use specialist='mean'."
+                    )
             blocks.append(block)
-            owner += [(task, sub)] * block.shape[1]
         matrices.append(np.concatenate(blocks, axis=1).astype(np.float32))
         if owners is None:
             owners = owner
-        elif owner != owners:
-            raise ValueError(
-                f"the validation stores of checkpoint {c + 1} ({train_path}) hold other numbers of rows than those of "
-                f"the first checkpoint; compute every checkpoint on the same validation sets."
-            )
+    owners = [(task, sub) for task, sub, _ in owners]
     for c in range(1, len(train)):
         if metas[c]["num_features"] != metas[0]["num_features"] or metas[c]["num_rows"] != metas[0]["num_rows"]:
             raise ValueError(f"train stores {_name(train[0])} and {_name(train[c])} hold different rows; compute them on the "
@@ -410,10 +449,10 @@ def compute_influence(
     show = is_progress_bar_enabled()
     cosines = None
     if specialist != "mean":
-        if work_dir is None and cache_file_name:
-            work_dir = os.path.dirname(os.path.abspath(cache_file_name))
-        cosines = _ColumnFile(len(owners), n_rows, None if work_dir is None else os.fspath(work_dir))
+        work_dir = _cosine_folder(work_dir, cache_file_name, 4 * len(owners) * n_rows)
     try:
+        if specialist != "mean":
+            cosines = _ColumnFile(len(owners), n_rows, work_dir)
         indices = []
         for index, total in _weighted_scores(train, matrices, weights, batch_size, n_rows, show):
             if cosines is None:

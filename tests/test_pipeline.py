@@ -1,6 +1,7 @@
 """End-to-end checks of the pipeline: influence, consensus, export, callback, offline extraction, CLI, demo."""
 
 import json
+import logging
 import math
 import os
 
@@ -91,7 +92,7 @@ def test_vote_selection_worked_by_hand():
     assert info["num_selected"] == 2 and info["thresholds"] == {"a": pytest.approx(3.4), "b": pytest.approx(3.4)}
 
 
-def test_default_vote_gives_every_task_its_floor_worked_by_hand():
+def test_default_vote_gives_every_task_its_floor_worked_by_hand(caplog):
     # Default: the whole subset is per-task floors, tasks taking turns. 2 rows, 2 tasks -> 1 row each: task a's best
     # is row 0, task b's best is row 1 (the paper's rule keeps rows 1 and 2, see above).
     t = table(a=[5, 4, 3, 2, 1], b=[1, 5, 4, 3, 2])
@@ -109,6 +110,12 @@ def test_default_vote_gives_every_task_its_floor_worked_by_hand():
     scores = select(t, num_rows=3)
     assert scores["votes"] == [1, 0, 0, 1, 0, 0]
     assert scores["selected"] == [True, True, False, True, False, False]
+    # Fewer rows than tasks: no floor row, the votes decide, and the log says so.
+    with caplog.at_level(logging.WARNING, logger="icons_hf.consensus"):
+        few = select(table(a=[5, 4, 3], b=[3, 4, 5], c=[1, 5, 2]), num_rows=2)
+    assert "reserves no row" in caplog.text
+    assert json.loads(few.info.description)["selection"]["floor_rows_per_task"] == 0
+    assert few["selected"] == select(table(a=[5, 4, 3], b=[3, 4, 5], c=[1, 5, 2]), num_rows=2, task_floor=0.0)["selected"]
     # Other methods keep no floor unless asked.
     assert json.loads(select(t, num_rows=3, method="mean").info.description)["selection"]["task_floor"] == 0.0
 

@@ -145,6 +145,11 @@ def test_reduced_run_end_to_end(replica, tmp_path):
     changed[changed.index("--train_steps") + 1] = "4"
     with pytest.raises(ValueError, match="train_steps"):
         script.main(changed)
+    # A setting recorded by an older version (rule names meant other floors then) is a difference too.
+    saved = json.loads((out / "replica_args.json").read_text())
+    (out / "replica_args.json").write_text(json.dumps({**saved, "task_floor": 0.5}))
+    with pytest.raises(ValueError, match="task_floor"):
+        script.main(argv)
 
 
 @pytest.mark.multiprocess

@@ -191,6 +191,28 @@ def test_pool_in_parts_scores_as_one_store(tmp_path, specialist):
         compute_influence([[parts[0][0], parts[1][1]], parts[1]], val)
 
 
+def test_balanced_specialist_matches_validation_examples_across_checkpoints(tmp_path, monkeypatch):
+    rng = np.random.default_rng(12)
+    train = [write_store(tmp_path / f"t{c}", rng.normal(size=(9, 4)), weights=f"w{c}") for c in range(2)]
+    feats = rng.normal(size=(4, 4))
+    # The same 4 validation rows, but row 1 skipped at checkpoint 0 and row 2 at checkpoint 1: 3 rows each.
+    val = [write_part(tmp_path / "v0", feats, 4, skip={1}, weights="w0"),
+           write_part(tmp_path / "v1", feats, 4, skip={2}, weights="w1")]
+    with pytest.raises(ValueError, match="other rows"):
+        compute_influence(train, {"t": val})
+    assert len(compute_influence(train, {"t": val}, specialist="mean")) == 9  # one mean vector per checkpoint
+    # The cosine file's folder must exist and have room; the error names the argument.
+    with pytest.raises(ValueError, match="work_dir .* does not exist"):
+        compute_influence(train[0], {"t": val[0]}, work_dir=tmp_path / "missing")
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(100, 100, 10))
+    with pytest.raises(ValueError, match="GiB free; pass work_dir"):
+        compute_influence(train[0], {"t": val[0]}, work_dir=tmp_path)
+
+
 def test_influence_cache_file_and_in_memory_tables_agree(tmp_path):
     rng = np.random.default_rng(3)
     train = write_store(tmp_path / "train", rng.normal(size=(50, 8)), shard_size=16)

@@ -45,7 +45,7 @@ DEFAULT_RULE = "icons-sgd-balanced-floor"  # the library's defaults
 PAPER_RULE = "icons"  # the paper's rule: Adam (LESS) features, mean-cosine specialist, votes without floors
 COMPARE_RULES = ["mean", "less-shape", "less-color", "less-yesno", "icons-sgd", "icons-sgd-balanced",
                  "icons-sgd-balanced-floor50", "icons-sgd-floor", "icons-balanced-floor"]
-OTHER_POOL_RULES = ["icons-sgd", "icons-sgd-balanced-floor50"]
+OTHER_POOL_RULES = ["icons-sgd", "icons-sgd-balanced", "icons-sgd-balanced-floor50"]
 
 # Arguments that change what a finished job computed; a rerun into the same output_dir must keep them.
 RESULT_FIELDS = (
@@ -166,7 +166,9 @@ def check_output_dir(args: ReplicaArguments) -> None:
     if os.path.isfile(path):
         with open(path) as handle:
             saved = json.load(handle)
-        diffs = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in current.items() if saved.get(k) != v]
+        # A setting recorded before but no longer an argument also counts: rule names may have meant other things.
+        diffs = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted({*saved, *current})
+                 if saved.get(k) != current.get(k)]
         if diffs and not args.overwrite_output_dir:
             raise ValueError(
                 f"{args.output_dir} holds results made with other arguments ({'; '.join(diffs)}). Pass another "

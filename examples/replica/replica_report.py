@@ -122,8 +122,14 @@ def average_composition(items: list) -> dict:
         "question_type": shares("question_type"),
         "answer": shares("answer"),
         "kind": shares("kind"),
-        "balance": {k: float(np.nanmean([b[k] for b in balance])) for k in balance[0]},
+        "balance": {k: _nanmean([b[k] for b in balance]) for k in balance[0]},
     }
+
+
+def _nanmean(values) -> float:
+    """Mean of the values that are defined (a subset without, e.g., yes/no rows has no yes share); NaN if none."""
+    defined = [float(v) for v in values if not math.isnan(v)]
+    return float(np.mean(defined)) if defined else float("nan")
 
 
 def feature_summary(diagnostics) -> dict:
