@@ -18,9 +18,9 @@ ranking then fills the rest. The default is ``task_floor=1.0`` for ``vote`` (eve
 the subset, and the votes order only the fewer than ``K`` rows the floors leave) and ``0`` for the other
 methods; ``select(method="vote", task_floor=0)`` is the
 paper's rule. Why: with few tasks, votes starve a task whose valuable rows only it likes (rows liked by two tasks
-outvote rows liked by one), and in the easy-VQA replica (README) rows above two tasks' thresholds were no cleaner
-than the pool while each task's own top rows were; of the floors measured there (0, 0.5, 1) the full floor was
-best on both pools.
+outvote rows liked by one), and in the easy-VQA replica (README) rows above two tasks' thresholds were about as
+clean as the pool while each task's own top rows were cleaner; of the floors measured there (0, 0.5, 1) the full
+floor was best on both pools.
 
 Ties are broken deterministically, never by sort order: for ``vote`` by the mean within-task percentile rank
 (the ``rank`` score), then for every method by the ascending row ``index``. Within-task percentile ranks are
