@@ -74,15 +74,22 @@ def test_streaming_keeps_resident_memory_to_about_one_batch(tmp_path):
     assert peak - before < 0.25 * store_kib, f"resident file pages grew by {peak - before} KiB over a {store_kib} KiB store"
 
 
-def test_influence_reads_train_stores_only_in_batches(tmp_path, monkeypatch):
+def float16_checkpoints(tmp_path, seed, rows, val_rows, shard_sizes):
+    """Two checkpoints' float16 train stores (different shard sizes: rows are matched by index across batch
+    boundaries) and float32 validation stores of random 6-dim features."""
+    rng = np.random.default_rng(seed)
+    train = [rng.normal(size=(rows, 6)) for _ in range(2)]
+    val = [rng.normal(size=(val_rows, 6)) for _ in range(2)]
+    tpaths = [write_store(tmp_path / f"t{c}", train[c], shard_size=shard_sizes[c], dtype="float16", weights=f"w{c}")
+              for c in range(2)]
+    vpaths = [write_store(tmp_path / f"v{c}", val[c], weights=f"w{c}") for c in range(2)]
+    return train, val, tpaths, vpaths
+
+
+def record_store_reads(monkeypatch) -> list:
+    """(store folder name, rows) of every batch influence reads; loading a whole store fails the test."""
     import icons_hf.influence as influence
 
-    rng = np.random.default_rng(2)
-    train = [rng.normal(size=(31, 6)) for _ in range(2)]
-    val = [rng.normal(size=(4, 6)) for _ in range(2)]
-    # Different shard sizes per checkpoint: rows are matched by index across batch boundaries.
-    tpaths = [write_store(tmp_path / f"t{c}", train[c], shard_size=(5, 7)[c], dtype="float16", weights=f"w{c}") for c in range(2)]
-    vpaths = [write_store(tmp_path / f"v{c}", val[c], weights=f"w{c}") for c in range(2)]
     seen = []
     real = influence.iter_store_batches
 
@@ -93,6 +100,12 @@ def test_influence_reads_train_stores_only_in_batches(tmp_path, monkeypatch):
 
     monkeypatch.setattr(influence, "iter_store_batches", recording)
     monkeypatch.setattr("icons_hf.store.load_gradients", lambda *a, **k: pytest.fail("loaded a whole store"))
+    return seen
+
+
+def test_influence_reads_train_stores_only_in_batches(tmp_path, monkeypatch):
+    train, val, tpaths, vpaths = float16_checkpoints(tmp_path, 2, 31, 4, (5, 7))
+    seen = record_store_reads(monkeypatch)
     scores = compute_influence(tpaths, {"task": vpaths}, checkpoint_weights=[1, 3], batch_size=4, specialist="mean")
     assert {n for name, n in seen if name.startswith("t")} <= {1, 2, 3, 4}
     assert sum(n for name, n in seen if name == "t0") == 31 and sum(n for name, n in seen if name == "t1") == 31
@@ -119,21 +132,8 @@ def brute_force_balanced(train, val, weights):
 def test_balanced_influence_streams_and_leaves_no_temporary_file(tmp_path, monkeypatch):
     import icons_hf.influence as influence
 
-    rng = np.random.default_rng(5)
-    train = [rng.normal(size=(29, 6)) for _ in range(2)]
-    val = [rng.normal(size=(5, 6)) for _ in range(2)]
-    tpaths = [write_store(tmp_path / f"t{c}", train[c], shard_size=(4, 9)[c], dtype="float16", weights=f"w{c}") for c in range(2)]
-    vpaths = [write_store(tmp_path / f"v{c}", val[c], weights=f"w{c}") for c in range(2)]
-    seen = []
-    real = influence.iter_store_batches
-
-    def recording(path, batch_size=4096):
-        for batch in real(path, batch_size):
-            seen.append((os.path.basename(path), len(batch[0])))
-            yield batch
-
-    monkeypatch.setattr(influence, "iter_store_batches", recording)
-    monkeypatch.setattr("icons_hf.store.load_gradients", lambda *a, **k: pytest.fail("loaded a whole store"))
+    train, val, tpaths, vpaths = float16_checkpoints(tmp_path, 5, 29, 5, (4, 9))
+    seen = record_store_reads(monkeypatch)
     work = tmp_path / "work"
     work.mkdir()
     # A block of 8 values per flush: the cosine file is written in many small blocks.
