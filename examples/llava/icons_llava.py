@@ -154,22 +154,9 @@ def main(argv: list[str] | None = None) -> str | None:
                                                    image_folder=spec.image_folder or args.image_folder, **fmt))
     tasks = common.nest_tasks(specs, task_sets)
 
-    if args.checkpoints:
-        stores = common.extract_from_checkpoints(args, lambda: load_model(args), subpools, tasks,
-                                                 tokenizer.pad_token_id)
-    else:
-        model = common.attach_lora(load_model(args), args)
-        warmup = common.WarmupRows(subpools, common.warmup_positions(len(records), args.warmup_fraction, args.seed))
-        stores, _ = common.run_warmup(args, model, warmup, common.MixedCollator(tokenizer.pad_token_id, args.max_length),
-                                      subpools, tasks, tokenizer.pad_token_id)
-        if args.no_features:
-            if common.process_state(args).is_main_process:
-                print(f"Warmup checkpoints in {os.path.join(args.output_dir, 'warmup')}; compute the features with "
-                      "--checkpoints under the DDP or single-process config.")
-            return None
-    if not common.process_state(args).is_main_process:
+    scores = common.pool_scores(args, lambda: load_model(args), subpools, tasks, tokenizer.pad_token_id, len(records))
+    if scores is None:
         return None
-    scores = common.influence_for_pool(stores, subpools, len(records), specialist=args.specialist)
     subset_dir = common.select_and_export(args, scores, args.data_path, tags=["llava"])
     print(common.summarize(subset_dir))
     return subset_dir

@@ -103,22 +103,10 @@ def main(argv: list[str] | None = None) -> str | None:
         for s in specs
     ])
 
-    if args.checkpoints:
-        stores = common.extract_from_checkpoints(args, lambda: load_model(args, tokenizer), [pool], tasks,
-                                                 tokenizer.pad_token_id)
-    else:
-        model = common.attach_lora(load_model(args, tokenizer), args)
-        warmup = common.WarmupRows([pool], common.warmup_positions(len(rows), args.warmup_fraction, args.seed))
-        stores, _ = common.run_warmup(args, model, warmup, common.MixedCollator(tokenizer.pad_token_id, args.max_length),
-                                      [pool], tasks, tokenizer.pad_token_id)
-        if args.no_features:
-            if common.process_state(args).is_main_process:
-                print(f"Warmup checkpoints in {os.path.join(args.output_dir, 'warmup')}; compute the features with "
-                      "--checkpoints under the DDP or single-process config.")
-            return None
-    if not common.process_state(args).is_main_process:
+    scores = common.pool_scores(args, lambda: load_model(args, tokenizer), [pool], tasks, tokenizer.pad_token_id,
+                                len(rows))
+    if scores is None:
         return None
-    scores = common.influence_for_pool(stores, [pool], len(rows), specialist=args.specialist)
     from_hub = args.data_path.startswith(common.HUB_PREFIX)
     subset_dir = common.select_and_export(
         args, scores, rows if from_hub else args.data_path,
