@@ -361,4 +361,8 @@ def _write_shards(writer: StoreWriter, extraction: _Extraction, todo: list, show
         progress.close()
 
 
+# Former private names, still imported by icons_hf.variants; use unwrap_model / resolve_optimizer_state.
+_unwrap = unwrap_model
+_resolve_state = resolve_optimizer_state
+
 __all__ = ["BadRowError", "ON_BAD_ROW", "collate_rows", "compute_gradients", "fingerprint_rows", "per_row_loss"]
