@@ -29,7 +29,8 @@ def extract(out):
     from icons_hf import compute_gradients
 
     # No process group is set up here: compute_gradients joins the one the launcher describes.
-    compute_gradients(build_model(0), Dataset.from_list(build_rows(37, 1)), output_dir=out, dim=256, shard_size=5,
+    compute_gradients(build_model(0), Dataset.from_list(with_record_hashes(build_rows(37, 1))), output_dir=out, dim=256,
+                      shard_size=5,
                       batch_size=3, show_progress=False)
 
 
@@ -140,6 +141,7 @@ def _tree(root):
 
 def test_two_processes_write_the_single_process_store_bit_for_bit(tmp_path):
     from icons_hf import load_gradients
+    from icons_hf.store import read_record_hashes
 
     worker = _worker(tmp_path)
     with _helpers() as helpers:
@@ -153,6 +155,11 @@ def test_two_processes_write_the_single_process_store_bit_for_bit(tmp_path):
         assert one[rel] == two[rel], f"{rel} differs between the 1-process and the 2-process run"
     store = load_gradients(tmp_path / "two")
     np.testing.assert_array_equal(store["index"], np.arange(37))
+    # The rows' source-record hashes are kept by index whichever process computed them.
+    with _helpers() as helpers:
+        rows = helpers["with_record_hashes"](helpers["build_rows"](37, 1))
+    assert store["record_hash"] == [r["record_hash"] for r in rows]
+    assert read_record_hashes(tmp_path / "two") == {i: r["record_hash"] for i, r in enumerate(rows)}
     assert json.loads(two["store.json"])["complete"] is True
 
 

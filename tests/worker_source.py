@@ -3,6 +3,8 @@ to a temporary folder and run in fresh processes (under accelerate launch / torc
 carry this text rather than import a test module."""
 
 TINY_LLAMA = r'''
+import hashlib
+
 import numpy as np
 import torch
 from datasets import Dataset
@@ -31,4 +33,10 @@ def build_rows(n, seed):
         cut = int(rng.integers(1, length - 1))
         rows.append({"input_ids": ids, "labels": [-100] * cut + ids[cut:]})
     return rows
+
+
+def with_record_hashes(rows, salt=""):
+    # What icons_hf.data adds to a formatted row: a hash of its source record (text; never a model input).
+    return [{**r, "id": f"r{i}", "record_hash": hashlib.sha256(f"{salt}{i}:{r['input_ids']}".encode()).hexdigest()}
+            for i, r in enumerate(rows)]
 '''
