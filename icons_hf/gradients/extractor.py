@@ -67,7 +67,7 @@ def record_hash_column(dataset) -> bool:
     kind = dataset.features[RECORD_HASH]
     if getattr(kind, "dtype", None) not in ("string", "large_string"):
         raise TypeError(
-            f"column {RECORD_HASH!r} holds {kind}; it must hold one string per row (a hash of the row's source "
+            f"column {RECORD_HASH!r} holds {getattr(kind, 'dtype', kind)}; it must hold one string per row (a hash of the row's source "
             "record, as icons_hf.data writes it), or be removed."
         )
     nulls = dataset.with_format("arrow")[RECORD_HASH].null_count
@@ -348,7 +348,7 @@ def compute_gradients(
 def _write_shards(writer: StoreWriter, extraction: _Extraction, todo: list, show_progress: bool) -> None:
     progress = tqdm(
         total=sum(e - s for s, e in todo),
-        desc=f"gradients -> {os.path.basename(writer.path)}",
+        desc=f"gradients -> {os.path.join(*os.path.normpath(writer.path).split(os.sep)[-2:])}",
         unit="row",
         disable=not (show_progress and is_main_process()),
     )
