@@ -23,7 +23,7 @@ from collections.abc import Iterator, Mapping
 
 from .distributed import is_main_process
 from .gradients import compute_gradients
-from .gradients.inputs import check_dataset, check_model_batch
+from .gradients.inputs import check_dataset, check_model_batch, check_rows, max_positions, unwrap_model
 from .gradients.precondition import checkpoint_learning_rate
 from .settings import FeatureSettings
 
@@ -114,6 +114,17 @@ def check_model_inputs(model, pool, tasks, pad_token_id: int = 0) -> None:
         if left_out and is_main_process():
             logger.info("%s: column(s) %s are not model inputs and are left out of the model call.", label,
                         ", ".join(left_out))
+
+
+def check_bad_rows(pool, tasks: Mapping, settings: FeatureSettings, model=None) -> None:
+    """With ``on_bad_row="error"``, refuse now (naming the dataset and row) a row that extraction would refuse at
+    the first checkpoint and that its tokens show: no supervised token, or, with ``model``, more tokens than its
+    position limit."""
+    if settings.on_bad_row != "error":
+        return
+    limit = None if model is None else max_positions(unwrap_model(model))
+    for label, data in labelled_datasets(pool, tasks):
+        check_rows(data, label, max_length=settings.max_length, limit=limit)
 
 
 def _checkpoint_facts(checkpoint, learning_rate, optimizer_state, step, train_feature: str):
@@ -253,6 +264,7 @@ def load_run(output_dir: str | os.PathLike) -> tuple[list, dict]:
 __all__ = [
     "NAME_PATTERN",
     "RUN_FILE",
+    "check_bad_rows",
     "check_inputs",
     "check_model_inputs",
     "compute_checkpoint_stores",

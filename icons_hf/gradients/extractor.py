@@ -288,7 +288,7 @@ def _extraction_mode(model: nn.Module):
 
 
 def compute_gradients(
-    model: nn.Module, dataset, *, output_dir: str | os.PathLike, feature: str = "sgd", optimizer_state=None,
+    model: nn.Module, dataset, *, output_dir: str | os.PathLike, feature: str | None = "sgd", optimizer_state=None,
     adam_variant: str | None = None, projection: str | None = None, dim: int | None = None, seed: int | None = None,
     batch_size: int | None = None, max_tokens_per_batch: int | None = None, dtype: str | None = None,
     on_bad_row: str | None = None, max_length: int | None = None, learning_rate: float | None = None,
@@ -308,8 +308,8 @@ def compute_gradients(
         output_dir: the store folder. The same call again resumes an interrupted run; a rerun with settings that
             change the features is refused, naming the setting. ``store.json`` records the settings whole.
         feature: this dataset's feature: ``"sgd"`` (the gradient; validation rows always) or ``"adam"`` (needs
-            ``optimizer_state``). The settings' ``train_feature`` is the pool's
-            (:func:`icons_hf.compute_checkpoint_stores` passes it here for the pool).
+            ``optimizer_state``); ``None``: the settings' ``train_feature``, the pool's feature
+            (:func:`icons_hf.compute_checkpoint_stores` passes it for the pool).
         optimizer_state: a Trainer checkpoint folder (``optimizer.pt``), a live torch optimizer, or a mapping
             ``parameter name -> {"exp_avg", "exp_avg_sq"[, "step"]}``. Never modified.
         adam_variant, projection, dim, seed, batch_size, max_tokens_per_batch, dtype, on_bad_row, max_length,
@@ -332,6 +332,7 @@ def compute_gradients(
     )
     check_dataset(dataset)
     model = unwrap_model(model)
+    feature = settings.train_feature if feature is None else feature
     setup = _setup(model, dataset, settings, feature, optimizer_state, learning_rate)
     writer = StoreWriter(
         output_dir, config=setup.config, num_rows=len(dataset), shard_size=settings.shard_size,
