@@ -139,7 +139,9 @@ def _checkpoint_facts(checkpoint, learning_rate, optimizer_state, step, train_fe
             optimizer_state = folder
     elif folder is not None:
         if os.sep in folder or (os.altsep and os.altsep in folder):
-            raise FileNotFoundError(f"checkpoint={folder!r} is not a folder; pass a Trainer checkpoint folder or a name.")
+            raise FileNotFoundError(
+                f"checkpoint={folder!r} is not a folder; pass a Trainer checkpoint folder or a name."
+            )
         name = folder
     elif isinstance(optimizer_state, (str, os.PathLike)) and os.path.isdir(optimizer_state):
         name = os.path.basename(os.path.normpath(os.fspath(optimizer_state)))

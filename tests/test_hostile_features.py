@@ -99,6 +99,12 @@ def test_text_and_unknown_columns_are_left_out_of_the_model_call(tmp_path, tiny_
     assert sorted(m.split("'")[1] for m in left_out) == ["id", "length", "record_hash", "source"], left_out
     assert any("'length'" in m and "forward does not take it" in m for m in left_out)
 
+    # A dataset whose format shows the model inputs only still gives its record hashes to the store.
+    shown = extra.with_format(columns=["input_ids", "labels"])
+    formatted = load_gradients(compute_gradients(model, shown, output_dir=tmp_path / "formatted", **kw))
+    assert formatted["record_hash"] == store["record_hash"]
+    np.testing.assert_array_equal(np.asarray(formatted["features"]), np.asarray(ref["features"]))
+
 
 def test_record_hash_column_of_another_type_is_refused(tmp_path, tiny_lora_llama, token_rows):
     data = Dataset.from_list([{**r, "record_hash": i} for i, r in enumerate(token_rows(3))])

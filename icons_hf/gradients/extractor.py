@@ -87,8 +87,8 @@ def record_hash_column(dataset) -> bool:
     kind = dataset.features[RECORD_HASH]
     if getattr(kind, "dtype", None) not in ("string", "large_string"):
         raise TypeError(
-            f"column {RECORD_HASH!r} holds {getattr(kind, 'dtype', kind)}; it must hold one string per row (a hash of the row's source "
-            "record, as icons_hf.data writes it), or be removed."
+            f"column {RECORD_HASH!r} holds {getattr(kind, 'dtype', kind)}; it must hold one string per row (a hash of "
+            "the row's source record, as icons_hf.data writes it), or be removed."
         )
     nulls = dataset.with_format("arrow")[RECORD_HASH].null_count
     if nulls:
@@ -142,7 +142,9 @@ def _setup(model: nn.Module, dataset, settings: FeatureSettings, feature: str, o
     state = None
     if feature == "adam":
         if optimizer_state is None:
-            raise ValueError("feature='adam' needs optimizer_state (a Trainer checkpoint folder, optimizer or mapping).")
+            raise ValueError(
+                "feature='adam' needs optimizer_state (a Trainer checkpoint folder, optimizer or mapping)."
+            )
         state = resolve_optimizer_state(optimizer_state, model)
         state.check_covers(capture.shapes)
         if learning_rate is None and isinstance(optimizer_state, (str, os.PathLike)):
@@ -268,7 +270,7 @@ class _Extraction:
         out = out.cpu().numpy()
         # A finite loss can still give an overflowing gradient, and a zero feature has no direction: neither may be
         # stored as if it were a feature.
-        for i, problem in zip(idx, feature_problems(out)):
+        for i, problem in zip(idx, feature_problems(out), strict=True):
             if i not in bad:
                 bad.add(i, problem)
         bad.check()
