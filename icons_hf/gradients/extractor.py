@@ -367,7 +367,8 @@ def _write_shards(writer: StoreWriter, extraction: _Extraction, todo: list, show
         progress.close()
 
 
-# Former private names, still imported by icons_hf.variants; use unwrap_model / resolve_optimizer_state.
+# Former private names, still imported by icons_hf.variants; the public ones are icons_hf.gradients.unwrap_model
+# and icons_hf.gradients.resolve_optimizer_state.
 _unwrap = unwrap_model
 _resolve_state = resolve_optimizer_state
 
