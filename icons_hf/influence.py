@@ -285,18 +285,26 @@ def compute_influence(
     if cached is not None:
         logger.info("influence served from cache %s", target)
         return cached
-    pools = [_pool_dataset(parts) for parts in plan.train]
-    if plan.specialist.per_example:
-        folder = _cosine_folder(work_dir, cache_file_name, 4 * len(plan.owners) * plan.n_rows)
-        scores = _score_per_example(plan, pools, target, folder)
-    else:
-        scores = _map_pool(plan, pools, {"cache_file_name": target})
+    scores = _score_pool(plan, target, work_dir, cache_file_name)
     info = {"influence": influence_provenance(plan.train, plan.tasks, plan.weights, plan.metas,
                                               specialist=plan.specialist.name, settings=config.to_dict(),
                                               fingerprint=plan.fingerprint)}
     files = [f["filename"] for f in scores.cache_files]
     _write_sidecar(target, {"fingerprint": plan.fingerprint, "files": files, "provenance": info})
     return _load_cached(target, plan.fingerprint) if files else Provenance.from_dict(info).attach(scores)
+
+
+def _score_pool(plan: InfluencePlan, target: str, work_dir, cache_file_name):
+    """The score table, written to ``target``: by the row-wise map, or by the per-example map and column step."""
+    pools = [_pool_dataset(parts) for parts in plan.train]
+    if plan.n_rows == 0:  # Dataset.map returns an empty dataset unchanged
+        hashes = {"record_hash": pa.array([], pa.string())} if "record_hash" in pools[0].data.column_names else {}
+        empty = {**hashes, **{f"influence_{t}": pa.array([], pa.float32()) for t in plan.task_names}}
+        return _write_table(pa.table({"index": pa.array([], pa.int64()), **empty}), target)
+    if plan.specialist.per_example:
+        folder = _cosine_folder(work_dir, cache_file_name, 4 * len(plan.owners) * plan.n_rows)
+        return _score_per_example(plan, pools, target, folder)
+    return _map_pool(plan, pools, {"cache_file_name": target})
 
 
 def plan_influence(train, tasks: Mapping, config: InfluenceSettings) -> InfluencePlan:
@@ -491,8 +499,10 @@ def _score_per_example(plan: InfluencePlan, pools: Sequence[PoolDataset], target
         rows = _map_pool(plan, pools, {"cache_file_name": os.path.join(temp, "rows.arrow")}, cosine_file)
         columns = combine_examples(cosine_file, plan)
         keep = rows.with_format("arrow")[:]
-        table = pa.table({**{name: keep.column(name) for name in keep.column_names},
-                          **{f"influence_{t}": pa.array(col) for t, col in columns.items()}})
+        identity = {"index": keep.column("index").cast(pa.int64())} if len(keep) else {"index": pa.array([], pa.int64())}
+        if "record_hash" in keep.column_names:
+            identity["record_hash"] = keep.column("record_hash")
+        table = pa.table({**identity, **{f"influence_{t}": pa.array(col, pa.float32()) for t, col in columns.items()}})
         if target is None:
             return Dataset(table)
         return _write_table(table, target)
@@ -505,7 +515,7 @@ def _write_table(table: pa.Table, path: str) -> Dataset:
     from datasets.arrow_writer import ArrowWriter
 
     partial = f"{path}.partial-{os.getpid()}"
-    writer = ArrowWriter(path=partial)
+    writer = ArrowWriter(path=partial, schema=table.schema)
     for batch in table.to_batches(max_chunksize=1 << 16):
         writer.write_table(pa.Table.from_batches([batch], schema=table.schema))
     writer.finalize()

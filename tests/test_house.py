@@ -186,3 +186,17 @@ def test_house_modules_have_short_functions_and_no_hidden_or_private_imports(mod
         if isinstance(node, ast.ImportFrom) and node.level:
             private = [a.name for a in node.names if a.name.startswith("_")]
             assert not private, f"{module} imports private names {private} from .{node.module}"
+
+
+@pytest.mark.parametrize("specialist_name", ["mean", "balanced"])
+def test_a_pool_with_every_row_skipped_scores_to_an_empty_table(tmp_path, specialist_name):
+    config = dict(CONFIG, projection={"kind": "identity", "dim": 6, "seed": 0})
+    writer = StoreWriter(tmp_path / "t", config=config, num_rows=3, shard_size=3, dim=6, dtype="float32")
+    for start, end in writer.open():
+        writer.write_shard(start, end, np.zeros(0, dtype=np.int64), np.zeros((0, 6), dtype=np.float32),
+                           {"skipped": [{"index": r, "reason": "test"} for r in range(start, end)]})
+    train = writer.finalize()
+    val = write_store(tmp_path / "v", np.random.default_rng(0).normal(size=(2, 6)))
+    scores = compute_influence(train, {"a": val}, specialist=specialist_name)
+    assert len(scores) == 0 and scores.column_names == ["index", "influence_a"]
+    assert [s["index"] for s in provenance(scores)["influence"]["skipped"]] == [0, 1, 2]
