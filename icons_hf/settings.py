@@ -182,8 +182,9 @@ class InfluenceSettings(_Settings):
         "equal quota of top rows), 'zscore', 'mean' (the ICONS paper's mean cosine, the paper preset), or "
         "'mean_released' (as 'mean', but a task given as subtasks averages its raw validation gradients, as the "
         "released ICONS scripts do for MME)", choices=SPECIALIST_REGISTRY))
-    checkpoint_weights: Optional[tuple[float, ...]] = field(default=None, **_help(
-        "explicit per-checkpoint weights (normalised to sum to one); default: the checkpoints' learning rates"))
+    checkpoint_weights: Optional[list[float]] = field(default=None, **_help(
+        "explicit per-checkpoint weights (normalised to sum to one; kept as a tuple); default: the checkpoints' learning "
+        "rates"))
     batch_size: int = field(default=4096, **_help("train rows scored per step (one Dataset.map batch)"))
     num_proc: Optional[int] = field(default=None, **_help(
         "processes for the Dataset.map that scores the pool (None: this process); scores do not depend on it"))

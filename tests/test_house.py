@@ -200,3 +200,27 @@ def test_a_pool_with_every_row_skipped_scores_to_an_empty_table(tmp_path, specia
     scores = compute_influence(train, {"a": val}, specialist=specialist_name)
     assert len(scores) == 0 and scores.column_names == ["index", "influence_a"]
     assert [s["index"] for s in provenance(scores)["influence"]["skipped"]] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("cls,argv,expected", [
+    (InfluenceSettings, ["--specialist", "mean_released", "--checkpoint_weights", "0.5", "1.5", "--num_proc", "2"],
+     {"specialist": "mean_released", "checkpoint_weights": (0.5, 1.5), "num_proc": 2}),
+    (SelectionSettings, ["--method", "rank", "--fraction", "0.05", "--threshold_inclusive", "true", "--task_floor", "0"],
+     {"method": "rank", "fraction": 0.05, "threshold_inclusive": True, "task_floor": 0.0}),
+])
+def test_settings_parse_from_the_command_line_with_registry_choices(cls, argv, expected):
+    from transformers import HfArgumentParser
+
+    (parsed,) = HfArgumentParser(cls).parse_args_into_dataclasses(argv)
+    assert {k: getattr(parsed, k) for k in expected} == expected
+    with pytest.raises(SystemExit):
+        HfArgumentParser(cls).parse_args_into_dataclasses([argv[0], "no-such-choice"])
+
+
+def test_selected_rows_filters_the_selection_in_table_order():
+    table = Dataset.from_dict({"index": [4, 2, 9, 7], "influence_a": [0.1, 0.9, 0.5, 0.7]})
+    out = select(table, fraction=0.5, method="mean")
+    rows = consensus.selected_rows(out)
+    assert rows["index"] == [2, 7] and provenance(rows) == provenance(out)
+    with pytest.raises(ValueError, match="no 'selected' column"):
+        consensus.selected_rows(table)
