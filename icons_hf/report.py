@@ -20,7 +20,6 @@ thresholds of the 80th percentile.
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import math
@@ -31,7 +30,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from .consensus import column_arrays, percentile_ranks, task_columns, task_overlap, vote_histogram
-from .export import _md_table, load_llava_records
+from .export import ExportFolder, markdown_table, read_export
+from .pools import is_records_format, load_pool
 
 logger = logging.getLogger(__name__)
 
@@ -50,37 +50,27 @@ _POOL_COLOR, _SUBSET_COLOR, _THRESHOLD_COLOR = "#9aa5b1", "#e8702a", "#b8281e"
 # --------------------------------------------------------------------------------------------------- reading
 
 
-def _read_export(export_dir: str):
+def _read(export_dir: str) -> tuple[ExportFolder, object]:
     from datasets import Dataset
     import pyarrow.parquet as pq
 
-    if not os.path.isdir(export_dir):
-        raise FileNotFoundError(f"{export_dir} is not a folder; pass the output folder of icons_hf.export_selection.")
-    paths = {name: os.path.join(export_dir, name) for name in ("selection.json", "scores.parquet", "indices.json")}
-    for name, path in paths.items():
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"{export_dir} has no {name}; it was not written by icons_hf.export_selection (rerun the export)."
-            )
-    with open(paths["selection.json"]) as handle:
-        metadata = json.load(handle)
-    if "selection" not in metadata or "pool" not in metadata:
-        raise ValueError(f"{paths['selection.json']} has no 'selection'/'pool' entries; rerun icons_hf.export_selection.")
-    with open(paths["indices.json"]) as handle:
-        indices = np.asarray(json.load(handle), dtype=np.int64)
-    scores = Dataset(pq.read_table(paths["scores.parquet"]))
+    export = read_export(export_dir, need=("scores.parquet",))
+    if "selection" not in export.metadata:
+        raise ValueError(f"{export.path / 'selection.json'} has no 'selection' entry; rerun icons_hf.export_selection.")
+    scores_path = export.file("scores.parquet")
+    scores = Dataset(pq.read_table(scores_path))
     for col in ("index", "selected"):
         if col not in scores.column_names:
-            raise ValueError(f"{paths['scores.parquet']} has no {col!r} column; rerun icons_hf.export_selection.")
+            raise ValueError(f"{scores_path} has no {col!r} column; rerun icons_hf.export_selection.")
     task_columns(scores)
     table = column_arrays(scores, ["index", "selected"])
     chosen = np.sort(table["index"][table["selected"].astype(bool)].astype(np.int64))
-    if not np.array_equal(chosen, np.sort(indices)):
+    if not np.array_equal(chosen, np.sort(np.asarray(export.indices, dtype=np.int64))):
         raise ValueError(
-            f"{paths['indices.json']} lists {len(indices)} rows but scores.parquet marks {len(chosen)} other or "
-            "different rows as selected; the folder mixes two exports. Rerun icons_hf.export_selection."
+            f"{export.path / 'indices.json'} lists {len(export.indices)} rows but scores.parquet marks {len(chosen)} "
+            "other or different rows as selected; the folder mixes two exports. Rerun icons_hf.export_selection."
         )
-    return metadata, scores
+    return export, scores
 
 
 def _groups_from_records(records: Sequence[Mapping], field: str | None, where: str) -> tuple[list[str], str] | None:
@@ -114,18 +104,72 @@ def _label(value) -> str:
     return str(value)
 
 
-def _pool_path(metadata: Mapping, export_dir: str) -> str | None:
-    path = metadata["pool"].get("path")
-    if not path:
+def _lookup_groups(groups, rows) -> list[str]:
+    out = []
+    for row in rows:
+        row = int(row)
+        if isinstance(groups, Mapping):
+            if row not in groups:
+                raise ValueError(f"groups= has no entry for pool row {row}; give a group for every scored row.")
+        elif not 0 <= row < len(groups):
+            raise ValueError(
+                f"groups= has {len(groups)} entries but the scores refer to pool row {row}; give one group per pool "
+                "row, in pool order."
+            )
+        out.append(_label(groups[row]))
+    return out
+
+
+def _reachable_pool(export: ExportFolder):
+    """The pool recorded in the export when it is still there with as many rows as were scored, else ``None``."""
+    path = export.pool_path()
+    if path is None:
         return None
-    for candidate in (path, os.path.join(export_dir, path)):
-        if os.path.exists(candidate):
-            return candidate
-    logger.info("The pool %s recorded in selection.json is not reachable; composition shows the subset only.", path)
-    return None
+    pool = load_pool(path)
+    if len(pool) != export.metadata["pool"]["num_rows"]:
+        logger.warning("The pool %s now has %d rows, not the %d that were exported; composition shows the subset only.",
+                       path, len(pool), export.metadata["pool"]["num_rows"])
+        return None
+    return pool
 
 
-def _resolve_groups(metadata, export_dir, positions, pool_index, group_column, groups):
+def _record_groups(export: ExportFolder, pool_index, group_column):
+    records, subset_file = export.subset_records()
+    found = _groups_from_records(records, group_column, str(subset_file))
+    if found is None:
+        logger.info("The records have no source field or image folders; pass group_column= or groups= for a "
+                    "composition section.")
+        return None
+    sub_labels, name = found
+    pool_labels = None
+    pool = _reachable_pool(export)
+    if pool is not None and pool.records is not None:
+        pool_found = _groups_from_records(pool.records, group_column, pool.path)
+        if pool_found is not None:
+            pool_labels = [pool_found[0][int(i)] for i in pool_index]
+    return sub_labels, pool_labels, name
+
+
+def _column_groups(export: ExportFolder, pool_index, group_column):
+    import pyarrow.parquet as pq
+
+    sub_labels = []
+    for path in export.subset_shards():
+        names = pq.read_schema(path).names
+        if group_column not in names:
+            raise ValueError(f"{path} has no column {group_column!r} (columns: {', '.join(names)}); pass another group_column=.")
+        sub_labels += [_label(v) for v in pq.read_table(path, columns=[group_column]).column(0).to_pylist()]
+    pool_labels = None
+    pool = _reachable_pool(export)
+    if pool is not None and pool.dataset is not None:
+        if group_column not in pool.dataset.column_names:
+            raise ValueError(f"the pool {pool.path} has no column {group_column!r}; pass another group_column=.")
+        values = pool.dataset.select_columns([group_column]).with_format(None)[group_column]
+        pool_labels = [_label(values[int(i)]) for i in pool_index]
+    return sub_labels, pool_labels, group_column
+
+
+def _resolve_groups(export: ExportFolder, positions, pool_index, group_column, groups):
     """Group labels of the subset rows and, when the pool is reachable, of every scored pool row.
 
     Returns ``(subset_labels, pool_labels or None, group_name)`` or ``None`` when no grouping applies.
@@ -133,69 +177,13 @@ def _resolve_groups(metadata, export_dir, positions, pool_index, group_column, g
     if groups is not None:
         if group_column is not None:
             raise ValueError("pass either group_column= or groups=, not both.")
-
-        def lookup(rows):
-            out = []
-            for row in rows:
-                row = int(row)
-                if isinstance(groups, Mapping):
-                    if row not in groups:
-                        raise ValueError(f"groups= has no entry for pool row {row}; give a group for every scored row.")
-                    out.append(_label(groups[row]))
-                else:
-                    if not 0 <= row < len(groups):
-                        raise ValueError(
-                            f"groups= has {len(groups)} entries but the scores refer to pool row {row}; give one group "
-                            "per pool row, in pool order."
-                        )
-                    out.append(_label(groups[row]))
-            return out
-
-        return lookup(positions), lookup(pool_index), "group"
-
-    pool = metadata["pool"]
-    pool_path = _pool_path(metadata, export_dir)
-    if pool["format"] in ("llava_json", "llava_jsonl"):
-        subset_file = os.path.join(export_dir, metadata["subset_file"])
-        if not os.path.isfile(subset_file):
-            raise FileNotFoundError(f"{export_dir} has no {metadata['subset_file']}; rerun icons_hf.export_selection.")
-        found = _groups_from_records(load_llava_records(subset_file), group_column, subset_file)
-        if found is None:
-            logger.info("The records have no source field or image folders; pass group_column= or groups= for a "
-                        "composition section.")
-            return None
-        sub_labels, name = found
-        pool_labels = None
-        if pool_path is not None:
-            pool_found = _groups_from_records(load_llava_records(pool_path), group_column, pool_path)
-            if pool_found is not None:
-                pool_labels = [pool_found[0][int(i)] for i in pool_index]
-        return sub_labels, pool_labels, name
-
-    # Hugging Face pool: a column of the subset parquet files (and of the saved pool folder when reachable).
+        return _lookup_groups(groups, positions), _lookup_groups(groups, pool_index), "group"
+    if is_records_format(export.format):
+        return _record_groups(export, pool_index, group_column)
     if group_column is None:
         logger.info("No group_column= given for a datasets pool; the report has no composition section.")
         return None
-    from datasets import load_from_disk
-    import pyarrow.parquet as pq
-
-    files = sorted(glob.glob(os.path.join(export_dir, "data", "train-*.parquet")))
-    if not files:
-        raise FileNotFoundError(f"{export_dir}/data holds no train-*.parquet files; rerun icons_hf.export_selection.")
-    sub_labels = []
-    for path in files:
-        names = pq.read_schema(path).names
-        if group_column not in names:
-            raise ValueError(f"{path} has no column {group_column!r} (columns: {', '.join(names)}); pass another group_column=.")
-        sub_labels += [_label(v) for v in pq.read_table(path, columns=[group_column]).column(0).to_pylist()]
-    pool_labels = None
-    if pool_path is not None and os.path.isdir(pool_path):
-        dataset = load_from_disk(pool_path)
-        if group_column not in dataset.column_names:
-            raise ValueError(f"the pool {pool_path} has no column {group_column!r}; pass another group_column=.")
-        values = dataset.select_columns([group_column]).with_format(None)[group_column]
-        pool_labels = [_label(values[int(i)]) for i in pool_index]
-    return sub_labels, pool_labels, group_column
+    return _column_groups(export, pool_index, group_column)
 
 
 # --------------------------------------------------------------------------------------------------- numbers
@@ -432,7 +420,7 @@ def _markdown(metadata: Mapping, data: dict, composition: list[dict] | None, gro
     lines = [
         f"# Selection report: {pool['name']}",
         "",
-        _md_table(
+        markdown_table(
             ["setting", "value"],
             [
                 ["pool", f"`{pool['name']}` ({pool['format']}, {pool['num_rows']:,} rows; {n:,} scored"
@@ -455,7 +443,7 @@ def _markdown(metadata: Mapping, data: dict, composition: list[dict] | None, gro
         "",
         f"![Influence score distributions per task with thresholds]({FIGURES['scores']})",
         "",
-        _md_table(
+        markdown_table(
             ["task", "threshold", "rows above threshold", "mean percentile rank (pool)", "mean percentile rank (selected)"],
             [[t, f"{data['thresholds'][t]:.6g}", data["top_set_sizes"][t], f"{data['mean_percentile_rank'][t]['pool']:.3f}",
               f"{data['mean_percentile_rank'][t]['selected']:.3f}"] for t in tasks],
@@ -465,7 +453,7 @@ def _markdown(metadata: Mapping, data: dict, composition: list[dict] | None, gro
         "",
         f"![Vote histogram, pool vs selected]({FIGURES['votes']})",
         "",
-        _md_table(["votes", "pool rows", "selected rows"], [[v, h["pool"], h["selected"]] for v, h in data["vote_histogram"].items()]),
+        markdown_table(["votes", "pool rows", "selected rows"], [[v, h["pool"], h["selected"]] for v, h in data["vote_histogram"].items()]),
         "",
         "## Overlap between the tasks' top sets",
         "",
@@ -478,11 +466,11 @@ def _markdown(metadata: Mapping, data: dict, composition: list[dict] | None, gro
             "",
             f"![Pairwise overlap of the tasks' top sets]({FIGURES['heatmap']})",
             "",
-            _md_table(["task a \\ task b", *tasks], [[a, *(_pct(data["pairwise_overlap"][a][b]) for b in tasks)] for a in tasks]),
+            markdown_table(["task a \\ task b", *tasks], [[a, *(_pct(data["pairwise_overlap"][a][b]) for b in tasks)] for a in tasks]),
             "",
             "Jaccard index |top_a & top_b| / |top_a | top_b|:",
             "",
-            _md_table(["task", *tasks], [[a, *(f"{data['pairwise_jaccard'][a][b]:.3f}" for b in tasks)] for a in tasks]),
+            markdown_table(["task", *tasks], [[a, *(f"{data['pairwise_jaccard'][a][b]:.3f}" for b in tasks)] for a in tasks]),
         ]
     else:
         lines.append("Only one target task: there is no pair of top sets to compare.")
@@ -496,7 +484,7 @@ def _markdown(metadata: Mapping, data: dict, composition: list[dict] | None, gro
         "",
         f"![Overlap of the subset with each task's top rows]({FIGURES['subset_overlap']})",
         "",
-        _md_table(
+        markdown_table(
             ["task", f"top {n_sel:,}", "above threshold"],
             [[t, _pct(data["subset_overlap_top_k"][t]), _pct(data["subset_overlap_above_threshold"][t])] for t in tasks],
         ),
@@ -508,14 +496,14 @@ def _markdown(metadata: Mapping, data: dict, composition: list[dict] | None, gro
         has_pool = "pool" in composition[0]
         lines += [f"![Composition by {group_name}]({FIGURES['composition']})", ""]
         if has_pool:
-            lines.append(_md_table(
+            lines.append(markdown_table(
                 [group_name, "pool rows", "pool share", "selected rows", "selected share", "selection rate"],
                 [[r["group"], r["pool"], _pct(r["pool_share"]), r["selected"], _pct(r["selected_share"]), _pct(r["selection_rate"])]
                  for r in composition],
             ))
         else:
             lines += ["The pool is not reachable from this folder; the table covers the selected rows only.", "",
-                      _md_table([group_name, "selected rows", "selected share"],
+                      markdown_table([group_name, "selected rows", "selected share"],
                                 [[r["group"], r["selected"], _pct(r["selected_share"])] for r in composition])]
     else:
         lines.append("No grouping of the rows was given or found (pass `group_column=` or `groups=`).")
@@ -553,10 +541,11 @@ def write_report(
         raise ImportError("write_report needs matplotlib: pip install matplotlib (or icons_hf[demo]).") from None
     export_dir = os.fspath(export_dir)
     output_dir = os.fspath(output_dir) if output_dir is not None else os.path.join(export_dir, "report")
-    metadata, scores = _read_export(export_dir)
+    export, scores = _read(export_dir)
+    metadata = export.metadata
     data = _compute(metadata, scores)
 
-    grouping = _resolve_groups(metadata, export_dir, np.sort(data["_index"][data["_selected"]]), data["_index"],
+    grouping = _resolve_groups(export, np.sort(data["_index"][data["_selected"]]), data["_index"],
                                group_column, groups)
     composition, name = None, None
     if grouping is not None:
