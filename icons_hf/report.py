@@ -45,6 +45,7 @@ FIGURES = {
 }
 _MAX_GROUPS = 15
 _POOL_COLOR, _SUBSET_COLOR, _THRESHOLD_COLOR = "#9aa5b1", "#e8702a", "#b8281e"
+_OTHER_COLOR, _FLOOR_COLOR = "#f5bf8f", "#6a3d9a"
 
 
 # --------------------------------------------------------------------------------------------------- reading
@@ -189,6 +190,12 @@ def _resolve_groups(export: ExportFolder, positions, pool_index, group_column, g
 # --------------------------------------------------------------------------------------------------- numbers
 
 
+def score_label(metadata: Mapping) -> str:
+    """What a task's score column holds: percentile ranks in 0-1 (the balanced specialist) or influence scores."""
+    specialist = str(metadata.get("influence", {}).get("specialist", "mean"))
+    return "percentile rank (0-1)" if specialist.startswith("balanced") else "influence score"
+
+
 def _compute(metadata: Mapping, scores) -> dict:
     sel = metadata["selection"]
     columns = task_columns(scores)
@@ -241,6 +248,8 @@ def _compute(metadata: Mapping, scores) -> dict:
         "subset_overlap_top_k": own_top,
         "subset_overlap_above_threshold": above,
         "random_expectation": n_sel / n if n else 0.0,
+        "score_label": score_label(metadata),
+        "floor_rows_per_task": int(sel.get("floor_rows_per_task") or 0) if float(sel.get("task_floor") or 0) > 0 else 0,
         "mean_percentile_rank": {
             t: {"pool": float(ranks[:, j].mean()) if n else 0.0,
                 "selected": float(ranks[selected, j].mean()) if n_sel else 0.0}
@@ -250,6 +259,7 @@ def _compute(metadata: Mapping, scores) -> dict:
         "_selected": selected,
         "_index": index,
         "_share": share,
+        "_top": top,
     }
 
 
@@ -280,27 +290,32 @@ def _new_figure(width: float, height: float):
 
 
 def _plot_scores(data: dict, path: str) -> None:
-    tasks, mat, selected = data["tasks"], data["_matrix"], data["_selected"]
+    tasks, mat, selected, top = data["tasks"], data["_matrix"], data["_selected"], data["_top"]
     ncols = min(3, len(tasks))
     nrows = math.ceil(len(tasks) / ncols)
-    fig = _new_figure(4.4 * ncols, 3.3 * nrows)
+    fig = _new_figure(4.4 * ncols, 3.3 * nrows + 0.7)
     axes = fig.subplots(nrows, ncols, squeeze=False)
     pct = data["threshold_percentile"]
     for j, task in enumerate(tasks):
         ax = axes[j // ncols][j % ncols]
         values = mat[:, j]
         bins = np.histogram_bin_edges(values, bins=min(50, max(10, int(np.sqrt(len(values))))))
-        ax.hist(values, bins=bins, color=_POOL_COLOR, label=f"pool ({len(values):,})")
-        ax.hist(values[selected], bins=bins, color=_SUBSET_COLOR, alpha=0.85, label=f"selected ({int(selected.sum()):,})")
+        ax.hist(values, bins=bins, color=_POOL_COLOR, label="pool")
+        # The subset split by this task's own threshold: its top-set rows, and rows selected for the other tasks.
+        ax.hist([values[selected & top[:, j]], values[selected & ~top[:, j]]], bins=bins, stacked=True,
+                color=[_SUBSET_COLOR, _OTHER_COLOR],
+                label=["selected, above this task's threshold", "selected, below it (picked for other tasks)"])
         tau = data["thresholds"][task]
-        ax.axvline(tau, color=_THRESHOLD_COLOR, linestyle="--", linewidth=1.5, label=f"{pct:g}th pct = {tau:.3g}")
-        ax.set_title(f"task {task}")
-        ax.set_xlabel("influence score")
+        ax.axvline(tau, color=_THRESHOLD_COLOR, linestyle="--", linewidth=1.5, label=f"threshold ({pct:g}th percentile)")
+        ax.set_title(f"task {task}: threshold {tau:.3g}, {int((selected & ~top[:, j]).sum()):,} of "
+                     f"{int(selected.sum()):,} selected below it", fontsize="medium")
+        ax.set_xlabel(data["score_label"])
         ax.set_ylabel("rows")
-        ax.legend(fontsize="small", frameon=False)
     for j in range(len(tasks), nrows * ncols):
         axes[j // ncols][j % ncols].set_visible(False)
-    fig.suptitle("Influence score distributions per target task")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=4, fontsize="small", frameon=False)
+    fig.suptitle(f"Per-task score distributions ({data['score_label']}): pool and selected rows")
     fig.savefig(path)
 
 
@@ -367,12 +382,19 @@ def _plot_subset_overlap(data: dict, path: str) -> None:
         ax.bar_label(b2, fmt="%.0f%%", fontsize="x-small", padding=1)
     ax.axhline(data["random_expectation"] * 100, color="black", linestyle=":", linewidth=1.2,
                label=f"random subset of the same size ({data['random_expectation']:.0%})")
+    floor = data["floor_rows_per_task"]
+    if floor and data["num_selected"]:
+        # Per-task floors reserve each task's own best rows: every bar is at least this high, and tasks whose other
+        # top rows the votes do not favour stay at it (hence equal bars).
+        share = floor / data["num_selected"] * 100
+        ax.axhline(share, color=_FLOOR_COLOR, linestyle="--", linewidth=1.2,
+                   label=f"per-task floor: each task's own top {floor:,} rows are reserved ({share:.0f}%)")
     ax.set_xticks(x, labels=tasks, rotation=30 if len(tasks) > 5 else 0, ha="right" if len(tasks) > 5 else "center")
     ax.set_xlabel("target task")
     ax.set_ylabel("share held by the subset (%)")
-    ax.set_ylim(0, 125)
+    ax.set_ylim(0, 105)
     ax.set_title("How much of each task's own top rows the subset holds")
-    ax.legend(fontsize="small", frameon=False, loc="upper left")
+    fig.legend(loc="outside lower center", fontsize="small", frameon=False, ncols=1)
     fig.savefig(path)
 
 
@@ -402,7 +424,7 @@ def _plot_composition(rows: list[dict], group_name: str, path: str) -> None:
     ax.set_ylabel(group_name)
     ax.margins(x=0.15)
     ax.set_title(f"Composition by {group_name}" + (": pool vs selected" if has_pool else " (selected rows)"))
-    ax.legend(frameon=False, fontsize="small", loc="lower right")
+    fig.legend(loc="outside lower center", frameon=False, fontsize="small", ncols=2)
     fig.savefig(path)
 
 
@@ -411,6 +433,14 @@ def _plot_composition(rows: list[dict], group_name: str, path: str) -> None:
 
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
+
+
+def _floor_text(sel: Mapping) -> str:
+    floor = float(sel.get("task_floor") or 0)
+    if floor <= 0:
+        return "none (the subset is ranked by the method alone" + (", the ICONS paper's rule)" if sel["method"] == "vote" else ")")
+    rows = sel.get("floor_rows_per_task")
+    return f"{floor:.0%} of the subset reserved in equal shares" + (f": each task's own top {rows:,} rows" if rows else "")
 
 
 def _markdown(metadata: Mapping, data: dict, composition: list[dict] | None, group_name: str | None) -> str:
@@ -427,8 +457,7 @@ def _markdown(metadata: Mapping, data: dict, composition: list[dict] | None, gro
                  + (f", {len(skipped)} skipped" if skipped else "") + ")"],
                 ["selected rows", f"{n_sel:,} ({_pct(n_sel / n) if n else '-'} of the scored rows)"],
                 ["method", f"`{sel['method']}`" + (f" (task `{sel['task']}`)" if sel.get("task") else "")],
-                ["per-task floor", f"{float(sel.get('task_floor') or 0):g} of the subset"
-                 + (f" ({sel['floor_rows_per_task']} rows per task)" if sel.get("floor_rows_per_task") else "")],
+                ["per-task floor", _floor_text(sel)],
                 ["specialist", f"`{metadata.get('influence', {}).get('specialist', 'mean')}`"],
                 ["target tasks", ", ".join(f"`{t}`" for t in tasks)],
                 ["threshold percentile", f"{pct:g}" + ("" if sel["method"] == "vote" else " (for this report; the method uses no threshold)")],
@@ -438,8 +467,10 @@ def _markdown(metadata: Mapping, data: dict, composition: list[dict] | None, gro
         "",
         "## Influence score distributions",
         "",
-        f"Each task's threshold is the {pct:g}th percentile of its influence scores; rows above it form the task's "
-        "*top set* and give the row that task's vote.",
+        f"Scores are {data['score_label']}s. Each task's threshold is the {pct:g}th percentile of its scores; rows "
+        "above it form the task's *top set* and give the row that task's vote. In each task's panel the selected "
+        "rows are split at that task's threshold: light orange marks selected rows below it, picked for the other "
+        "tasks.",
         "",
         f"![Influence score distributions per task with thresholds]({FIGURES['scores']})",
         "",
@@ -480,7 +511,11 @@ def _markdown(metadata: Mapping, data: dict, composition: list[dict] | None, gro
         "",
         f"*Top {n_sel:,}*: the share of the task's own {n_sel:,} highest-scoring rows (ties by row position) that the "
         f"subset holds. *Above threshold*: the share of the task's top set that the subset holds. A random subset of "
-        f"the same size holds {_pct(data['random_expectation'])} of either on average.",
+        f"the same size holds {_pct(data['random_expectation'])} of either on average."
+        + (f" Per-task floors reserve each task's own top {data['floor_rows_per_task']:,} rows "
+           f"({_pct(data['floor_rows_per_task'] / n_sel)} of its top {n_sel:,}), so no bar is lower than that; a task "
+           "whose other top rows the votes do not favour stays at it, which is why bars can be equal."
+           if data["floor_rows_per_task"] and n_sel else ""),
         "",
         f"![Overlap of the subset with each task's top rows]({FIGURES['subset_overlap']})",
         "",

@@ -226,3 +226,34 @@ def test_report_errors(tmp_path, llava_export):
     json.dump(positions[1:], open(broken / "indices.json", "w"))
     with pytest.raises(ValueError, match=r"indices\.json lists 59"):
         write_report(broken)
+
+
+@pytest.mark.parametrize(
+    "specialist, task_floor, label, floor_text",
+    [
+        ("balanced", None, "percentile rank (0-1)", "100% of the subset reserved in equal shares: each task's own top 20 rows"),
+        ("balanced-quota", 0.5, "percentile rank (0-1)", "50% of the subset reserved in equal shares: each task's own top 10 rows"),
+        ("mean", 0.0, "influence score", "none (the subset is ranked by the method alone, the ICONS paper's rule)"),
+        (None, 0.0, "influence score", "none (the subset is ranked by the method alone, the ICONS paper's rule)"),
+    ],
+)
+def test_report_names_the_score_scale_and_the_floors(tmp_path, specialist, task_floor, label, floor_text):
+    rng = np.random.default_rng(7)
+    n = 200
+    records = llava_pool(tmp_path / "pool.json", n, rng)
+    table = score_table(n, TASKS[:2], rng)
+    if specialist is not None:
+        table.info.description = json.dumps({"influence": {
+            "specialist": specialist, "num_validation": {t: {t: 5} for t in TASKS[:2]}, "checkpoints": ["c1"],
+            "learning_rates": [1e-4], "checkpoint_weights": [1.0], "projection": {"kind": "identity", "dim": 8, "seed": 0},
+            "preconditioner": {"feature": "sgd"}, "skipped": [], "pool_rows": n}})
+    scores = select(table, fraction=0.2, task_floor=task_floor)
+    export_dir = export_selection(str(tmp_path / "pool.json"), scores, tmp_path / "export")
+    report = write_report(export_dir)
+    markdown = open(report, encoding="utf-8").read()
+    data = json.load(open(os.path.join(export_dir, "report", "report.json")))
+    assert data["score_label"] == label and f"Scores are {label}s." in markdown
+    assert f"| per-task floor | {floor_text} |" in markdown
+    floors = data["floor_rows_per_task"]
+    assert (f"Per-task floors reserve each task's own top {floors} rows" in markdown) == bool(floors)
+    assert len(records) == n
