@@ -327,6 +327,8 @@ def _select(args) -> None:
     from .consensus import select
     from .influence import provenance
 
+    if args.num_rows is not None and args.fraction is not None:
+        raise UsageError("pass either --fraction or --num-rows (the subset's size), not both")
     check_output(args.output, [args.scores])
     scores = select(load_table(args.scores, "the scores folder"), **stage_kwargs(args, SelectionSettings))
     scores.save_to_disk(args.output)

@@ -61,6 +61,8 @@ def format_conversation(
     if eos is None:
         raise ValueError("the tokenizer has no eos token; set tokenizer.eos_token.")
     for turn_no, turn in enumerate(conversations):
+        if not isinstance(turn, Mapping):
+            raise ValueError(f"{where}turn {turn_no} is a {type(turn).__name__}, not a {{'from', 'value'}} object.")
         speaker, value = turn.get("from"), turn.get("value")
         if not isinstance(value, str):
             raise ValueError(f"{where}turn {turn_no} has no text 'value'.")
@@ -83,6 +85,23 @@ def format_conversation(
         else:
             raise ValueError(f"{where}turn {turn_no} is from {speaker!r}; expected 'human' or 'gpt'.")
     return ids, labels
+
+
+def _check_image_placeholders(record: Mapping, row: int) -> None:
+    """A record with an image mentions ``<image>`` in a human turn and one without an image does not: otherwise the
+    model would get pixels without image tokens (or tokens without pixels) and fail only when features are computed."""
+    turns = record.get("conversations")
+    if not isinstance(turns, Sequence) or isinstance(turns, str):
+        raise ValueError(f"row {row} (id {record.get('id')!r}): 'conversations' must be a list of {{'from', 'value'}} "
+                         "turns.")
+    mentions = sum(t.get("value", "").count(IMAGE_PLACEHOLDER) for t in turns
+                   if isinstance(t, Mapping) and isinstance(t.get("value"), str))
+    if record.get("image") is not None and mentions == 0:
+        raise ValueError(f"row {row} (id {record.get('id')!r}) has an image but no {IMAGE_PLACEHOLDER} in its turns; put "
+                         f"'{IMAGE_PLACEHOLDER}\\n' before the first question (LLaVA's layout) or drop the 'image' field.")
+    if record.get("image") is None and mentions:
+        raise ValueError(f"row {row} (id {record.get('id')!r}) mentions {IMAGE_PLACEHOLDER} but has no 'image' field; "
+                         "give it its image or remove the placeholder.")
 
 
 def prepare_llava_dataset(
@@ -111,6 +130,7 @@ def prepare_llava_dataset(
     for i, record in enumerate(records):
         if not isinstance(record, Mapping):
             raise ValueError(f"row {i} is a {type(record).__name__}, not a LLaVA record object (id, image, conversations).")
+        _check_image_placeholders(record, i)
         ids, labels = format_conversation(
             record.get("conversations") or [], tokenizer, image_token_id=image_token_id,
             num_image_tokens=num_image_tokens if record.get("image") else 0, system=system, row=i,

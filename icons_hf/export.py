@@ -41,6 +41,7 @@ from .pools import (
     check_row_identity,
     load_llava_records,
     load_pool,
+    record_hash,
     write_records,
 )
 from .settings import FeatureSettings, InfluenceSettings, SelectionSettings
@@ -216,6 +217,9 @@ def export_selection(
         FileExistsError: ``output_dir`` holds files of the export's names that no export wrote.
     """
     output_dir = os.fspath(output_dir)
+    if isinstance(task_categories, str):  # one category, not its letters
+        task_categories = [task_categories]
+    tags = [tags] if isinstance(tags, str) else list(tags)
     scores = _score_table(scores)
     info = provenance(scores)
     if "selection" not in info:
@@ -286,13 +290,37 @@ class ExportFolder:
         return path
 
     def subset_records(self) -> tuple[list[dict], Path]:
-        """The selected records of a records-file export, and that file's path."""
+        """The selected records of a records-file export, and that file's path. When the score table carries
+        ``record_hash``, every record must still be the one selected at its position (the file was not edited)."""
         name = self.metadata.get("subset_file")
         if not name:
             raise ValueError(f"{self.path / 'selection.json'}: a {self.format} export must name its records file in "
                              "'subset_file'; re-run export_selection.")
         path = self.file(name)
-        return load_llava_records(path), path
+        records = load_llava_records(path)
+        expected = self.selected_hashes()
+        if expected is not None:
+            if len(expected) != len(records):
+                raise ValueError(f"{path} holds {len(records)} records but {len(expected)} rows were selected; re-run "
+                                 "export_selection.")
+            for row, (record, want) in enumerate(zip(records, expected)):
+                if record_hash(record) != want:
+                    raise ValueError(
+                        f"{path}: record {row} (pool row {self.indices[row]}) is not the record that was selected (it "
+                        "was edited or the file replaced since the export); re-run export_selection with the pool."
+                    )
+        return records, path
+
+    def selected_hashes(self) -> list[str] | None:
+        """The ``record_hash`` of the selected rows in pool order, when the export's score table carries them."""
+        import pyarrow.parquet as pq
+
+        path = self.path / "scores.parquet"
+        if not path.is_file() or RECORD_HASH_COLUMN not in pq.read_schema(path).names:
+            return None
+        table = pq.read_table(path, columns=["index", "selected", RECORD_HASH_COLUMN]).to_pydict()
+        chosen = sorted((i, h) for i, h, s in zip(table["index"], table[RECORD_HASH_COLUMN], table["selected"]) if s)
+        return [h for _, h in chosen]
 
     def subset_shards(self) -> list[Path]:
         """The ``data/train-*.parquet`` shards of a datasets-pool export, in order."""

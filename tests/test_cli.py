@@ -138,6 +138,8 @@ CASES = [
     ("select_no_folder", ["select", "{t}/nothing", "--output", "{t}/o"], r"the scores folder .*/nothing is not a folder"),
     ("select_not_a_table", ["select", "{t}/empty", "--output", "{t}/o"],
      r"the scores folder .*/empty is not a score table saved by 'icons-hf influence'"),
+    ("select_fraction_and_num_rows", ["select", "{t}/scores", "--fraction", "0.1", "--num-rows", "3", "--output",
+                                      "{t}/o"], r"pass either --fraction or --num-rows"),
     ("select_bad_fraction", ["select", "{t}/scores", "--fraction", "1.5", "--output", "{t}/o"], r"fraction"),
     ("export_shuffled_pool", ["export", "--pool", "{t}/shuffled.json", "--scores", "{t}/selected", "--output-dir",
                               "{t}/out"], r"pool 'shuffled' is not the pool the scores were computed on: row 0"),

@@ -295,3 +295,141 @@ def test_duplicate_llava_ids_are_selected_by_position_through_the_whole_pipeline
     out = export_selection(str(pool_file), scores, tmp_path / "export")
     exported = json.load(open(os.path.join(out, "pool_icons.json")))
     assert exported == [records[i] for i in chosen]  # positions, not ids: repeated ids keep their own record
+
+
+# ---- pool files, export and publishing: wrong input is an error naming the row/file/argument ----
+
+
+def _conv(q="what?", a="red"):
+    return [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+
+
+def _prepare(records):
+    from icons_hf.data import prepare_llava_dataset
+    from icons_hf.demo import image_processor
+
+    tok = _tokenizer([{"conversations": _conv()}])
+    return prepare_llava_dataset(records, tok, image_processor=image_processor(),
+                                 image_token_id=tok.convert_tokens_to_ids("<image>"), num_image_tokens=4)
+
+
+def _prepare_chat(records):
+    from icons_hf.data import prepare_chat_dataset
+
+    tok = _tokenizer([{"conversations": _conv()}])
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+    return prepare_chat_dataset(records, tok)
+
+
+def _file(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def _load(tmp_path, name, text):
+    from icons_hf.pools import load_pool
+
+    return load_pool(_file(tmp_path, name, text))
+
+
+def _dataset_dict_folder(tmp_path):
+    from datasets import DatasetDict
+
+    from icons_hf.pools import load_pool
+
+    DatasetDict({"train": Dataset.from_dict({"a": [1]})}).save_to_disk(str(tmp_path / "dd"))
+    return load_pool(str(tmp_path / "dd"))
+
+
+def _selected_table(records=None):
+    from icons_hf.pools import record_hash
+
+    records = records or _records(6)
+    table = Dataset.from_dict({"index": list(range(6)), "influence_t": [0.1, 0.5, 0.2, 0.9, 0.3, 0.7],
+                               "record_hash": [record_hash(r) for r in records]})
+    return select(table, fraction=0.5, method="task", task="t")
+
+
+def _scored_export(tmp_path):
+    records = _records(6)
+    pool = _file(tmp_path, "pool.json", json.dumps(records))
+    return export_selection(pool, _selected_table(records), tmp_path / "export")
+
+
+def _edited_export(tmp_path):
+    out = _scored_export(tmp_path)
+    path = os.path.join(out, "pool_icons.json")
+    chosen = json.load(open(path))
+    chosen[1]["conversations"][1]["value"] = "edited by hand"
+    json.dump(chosen, open(path, "w"))
+    return out
+
+
+def _push_edited(tmp_path):
+    from icons_hf.hub import push_selection
+
+    push_selection(_edited_export(tmp_path), "me/never-pushed")
+
+
+def _report_edited(tmp_path):
+    from icons_hf.report import write_report
+
+    write_report(_edited_export(tmp_path))
+
+
+HOSTILE_EDGES = [
+    ("image_without_placeholder", lambda t: _prepare([{"id": "a", "image": "x.png", "conversations": _conv()}]),
+     ValueError, r"row 0 \(id 'a'\) has an image but no <image> in its turns"),
+    ("placeholder_without_image", lambda t: _prepare([{"id": "a", "conversations": _conv("<image>\nwhat?")}]),
+     ValueError, r"row 0 \(id 'a'\) mentions <image> but has no 'image' field"),
+    ("turn_not_an_object", lambda t: _prepare([{"id": "a", "conversations": ["what?", "red"]}]),
+     ValueError, r"row 0: turn 0 is a str, not a \{'from', 'value'\} object"),
+    ("conversations_a_string", lambda t: _prepare([{"id": "a", "conversations": "what? red"}]),
+     ValueError, r"row 0 \(id 'a'\): 'conversations' must be a list"),
+    ("record_not_an_object", lambda t: _prepare([["what?", "red"]]), ValueError, r"row 0 is a list, not a LLaVA record"),
+    ("chat_row_not_an_object", lambda t: _prepare_chat(["hello"]), ValueError, r"row 0 is a str, not a record object"),
+    ("chat_row_without_messages", lambda t: _prepare_chat([{"chat": []}]), ValueError,
+     r"row 0 has no 'messages' field; pass messages_key="),
+    ("pool_file_not_a_list", lambda t: _load(t, "p.json", '{"data": []}'), ValueError, r"p.json: expected a JSON list"),
+    ("pool_row_not_an_object", lambda t: _load(t, "p.json", '[{"id": 1}, [1, 2]]'), ValueError,
+     r"p.json: row 1 is a list, not a record object"),
+    ("pool_jsonl_bad_line", lambda t: _load(t, "p.jsonl", '{"id": 1}\n{"id": \n'), ValueError,
+     r"p.jsonl, line 2: not valid JSON"),
+    ("pool_other_extension", lambda t: _load(t, "p.csv", "id\n1\n"), ValueError, r"expected a .json/.jsonl records file"),
+    ("pool_dataset_dict_folder", _dataset_dict_folder, ValueError, r"holds a DatasetDict; pass the folder of one split"),
+    ("pool_not_a_dataset_folder", lambda t: load_pool_folder(t), FileNotFoundError,
+     r"is not a dataset saved with Dataset.save_to_disk"),
+    ("pool_a_list_of_dicts", lambda t: export_selection([{"id": 1}], _selected_table(), t / "o"),
+     TypeError, r"pool of type list is not supported; .* Dataset.from_list\(records\)"),
+    ("scores_a_dict", lambda t: export_selection(str(t), {"index": [0]}, t / "o"), TypeError,
+     r"scores of type dict is not supported; pass the Dataset that icons_hf.select returned"),
+    ("scores_folder_not_a_table", lambda t: export_selection(str(t), str(t), t / "o"), FileNotFoundError,
+     r"is not a score table folder"),
+    ("record_not_json", lambda t: __import__("icons_hf.pools").pools.record_hash({"pixels": {1, 2}}), TypeError,
+     r"record\['pixels'\] is a set, which cannot be hashed as JSON"),
+    ("push_of_an_edited_subset_file", _push_edited, ValueError,
+     r"pool_icons.json: record 1 \(pool row \d\) is not the record that was selected"),
+    ("report_of_an_edited_subset_file", _report_edited, ValueError, r"record 1 \(pool row \d\) is not the record"),
+]
+
+
+def load_pool_folder(tmp_path):
+    from icons_hf.pools import load_pool
+
+    (tmp_path / "plain").mkdir()
+    return load_pool(str(tmp_path / "plain"))
+
+
+@pytest.mark.parametrize("build, error, message", [c[1:] for c in HOSTILE_EDGES], ids=[c[0] for c in HOSTILE_EDGES])
+def test_hostile_pools_exports_and_publishing(tmp_path, build, error, message):
+    with pytest.raises(error, match=message):
+        build(tmp_path)
+
+
+def test_one_task_category_or_tag_given_as_a_string_is_not_split_into_letters(tmp_path):
+    _scored_export(tmp_path)
+    out = export_selection(os.path.join(tmp_path, "pool.json"), _selected_table(), tmp_path / "strings",
+                           task_categories="text-generation", tags="vqa")
+    card = open(os.path.join(out, "README.md")).read()
+    assert "- text-generation" in card and "- vqa" in card and "\n- t\n" not in card
