@@ -474,25 +474,10 @@ def _settings_section(metadata: dict) -> list[str]:
             "", markdown_table(["stage", "setting", "value"], rows)]
 
 
-def render_card(metadata: dict, scores, *, license: str, pretty_name: str | None, task_categories: list[str], tags: list[str]) -> str:
-    """The dataset card (README.md) text: Hub YAML metadata followed by a readable account of the selection."""
-    from huggingface_hub import DatasetCardData
-
-    sel = metadata["selection"]
-    inf = metadata.get("influence", {})
-    pool = metadata["pool"]
+def _card_selection(metadata: dict, title: str) -> list[str]:
+    sel, pool = metadata["selection"], metadata["pool"]
     n_sel, n_pool = metadata["num_selected"], pool["num_rows"]
-    title = pretty_name or f"{pool['name']}: ICONS selection of {n_sel:,} rows"
-    data_files = "data/*.parquet" if pool["format"] == "hf" else metadata["subset_file"]
-    card_data = DatasetCardData(
-        license=license,
-        pretty_name=title,
-        task_categories=task_categories,
-        size_categories=[size_category(n_sel)],
-        tags=sorted({"icons", "data-selection", "influence-functions", *tags}),
-        configs=[{"config_name": "default", "data_files": [{"split": "train", "path": data_files}]}],
-    )
-    method_text = _method_text(sel)
+    identity = str(metadata.get("row_identity") or NOT_VERIFIED)
     parts = [
         f"# {title}",
         "",
@@ -507,63 +492,88 @@ def render_card(metadata: dict, scores, *, license: str, pretty_name: str | None
             [
                 ["pool", f"`{pool['name']}` ({pool['format']}, {n_pool:,} rows)"],
                 ["rows selected", f"{n_sel:,}"],
-                ["method", f"`{sel['method']}`: {method_text}"],
+                ["method", f"`{sel['method']}`: {_method_text(sel)}"],
                 ["fraction", sel["fraction"] if sel["fraction"] is not None else "n/a (fixed count)"],
-                ["row identity", metadata.get("row_identity") or NOT_VERIFIED],
+                ["row identity", identity],
                 ["library", f"icons_hf {metadata['library']['version']}"],
             ],
         ),
     ]
-    if str(metadata.get("row_identity") or NOT_VERIFIED).startswith(NOT_VERIFIED):
+    if identity.startswith(NOT_VERIFIED):
         parts += ["", "**Row identity not verified**: the score table carried no per-row record hash, so the rows were "
                       "taken from the pool by position only. Use this subset only if the pool was passed to the "
                       "gradient stage unchanged and in this order."]
-    if inf:
-        overlap = task_overlap(scores)
-        thresholds = sel.get("thresholds") or {}
-        rows = []
-        for task, subs in inf["num_validation"].items():
-            n_val = sum(subs.values())
-            pooled = "max over subtasks" if _specialist(inf) == "mean" else "examples pooled"
-            sub_text = "" if list(subs) == [task] else f" ({len(subs)} subtasks, {pooled})"
-            rows.append([task, f"{n_val}{sub_text}", f"{thresholds[task]:.4g}" if task in thresholds else "-", f"{overlap[task]:.1%}"])
-        parts += [
-            "",
-            "## Target tasks",
-            "",
-            _SPECIALIST_TEXT.get(_specialist(inf), f"Specialist `{_specialist(inf)}`.")
-            + " *Overlap* is the share of the task's own top rows (as many as were selected) that the selection "
-            "contains.",
-            "",
-            markdown_table(["task", "validation rows", "threshold", "overlap with task's top rows"], rows),
-            "",
-            "## Gradient features",
-            "",
-            markdown_table(
-                ["checkpoint", "learning rate", "weight"],
-                [[c or f"#{k}", "-" if lr is None else f"{lr:.3g}", f"{w:.3f}"]
-                 for k, (c, lr, w) in enumerate(zip(inf["checkpoints"], inf["learning_rates"], inf["checkpoint_weights"]))],
-            ),
-            "",
-            f"Projection: `{inf['projection']['kind']}`, dimension {inf['projection']['dim']}, seed {inf['projection']['seed']}. "
-            f"Train-side feature: `{inf['preconditioner']['feature']}`"
-            + (f" (Adam variant `{inf['preconditioner']['adam_variant']}`)" if inf["preconditioner"]["feature"] == "adam" else "")
-            + "; validation side: SGD gradients.",
-        ]
+    return parts
+
+
+def _card_tasks(inf: dict, sel: dict, scores) -> list[str]:
+    if not inf:
+        return []
+    overlap = task_overlap(scores)
+    thresholds = sel.get("thresholds") or {}
+    rows = []
+    for task, subs in inf["num_validation"].items():
+        n_val = sum(subs.values())
+        pooled = "max over subtasks" if _specialist(inf) == "mean" else "examples pooled"
+        sub_text = "" if list(subs) == [task] else f" ({len(subs)} subtasks, {pooled})"
+        rows.append([task, f"{n_val}{sub_text}", f"{thresholds[task]:.4g}" if task in thresholds else "-", f"{overlap[task]:.1%}"])
+    precond = inf["preconditioner"]
+    return [
+        "",
+        "## Target tasks",
+        "",
+        _SPECIALIST_TEXT.get(_specialist(inf), f"Specialist `{_specialist(inf)}`.")
+        + " *Overlap* is the share of the task's own top rows (as many as were selected) that the selection contains.",
+        "",
+        markdown_table(["task", "validation rows", "threshold", "overlap with task's top rows"], rows),
+        "",
+        "## Gradient features",
+        "",
+        markdown_table(
+            ["checkpoint", "learning rate", "weight"],
+            [[c or f"#{k}", "-" if lr is None else f"{lr:.3g}", f"{w:.3f}"]
+             for k, (c, lr, w) in enumerate(zip(inf["checkpoints"], inf["learning_rates"], inf["checkpoint_weights"]))],
+        ),
+        "",
+        f"Projection: `{inf['projection']['kind']}`, dimension {inf['projection']['dim']}, seed {inf['projection']['seed']}. "
+        f"Train-side feature: `{precond['feature']}`"
+        + (f" (Adam variant `{precond['adam_variant']}`)" if precond["feature"] == "adam" else "")
+        + "; validation side: SGD gradients.",
+    ]
+
+
+def _card_skipped(inf: dict) -> list[str]:
+    skipped = inf.get("skipped", [])
+    parts = ["", "## Skipped rows", ""]
+    if not skipped:
+        return parts + ["None: every pool row was scored."]
+    parts += [f"{len(skipped)} pool rows gave no gradient feature and could not be selected:", "",
+              markdown_table(["row", "reason"], [[s["index"], s["reason"]] for s in skipped[:50]])]
+    if len(skipped) > 50:
+        parts.append(f"\n... and {len(skipped) - 50} more (see `selection.json`).")
+    return parts
+
+
+def render_card(metadata: dict, scores, *, license: str, pretty_name: str | None, task_categories: list[str], tags: list[str]) -> str:
+    """The dataset card (README.md) text: Hub YAML metadata followed by a readable account of the selection."""
+    from huggingface_hub import DatasetCardData
+
+    sel, inf, pool = metadata["selection"], metadata.get("influence", {}), metadata["pool"]
+    title = pretty_name or f"{pool['name']}: ICONS selection of {metadata['num_selected']:,} rows"
+    data_files = "data/*.parquet" if pool["format"] == "hf" else metadata["subset_file"]
+    card_data = DatasetCardData(
+        license=license,
+        pretty_name=title,
+        task_categories=task_categories,
+        size_categories=[size_category(metadata["num_selected"])],
+        tags=sorted({"icons", "data-selection", "influence-functions", *tags}),
+        configs=[{"config_name": "default", "data_files": [{"split": "train", "path": data_files}]}],
+    )
+    parts = _card_selection(metadata, title) + _card_tasks(inf, sel, scores)
     if sel["method"] == "vote" and "votes" in scores.column_names:
         hist = vote_histogram(scores)
         parts += ["", "## Votes", "", markdown_table(["votes", "pool rows", "selected rows"], [[v, h["pool"], h["selected"]] for v, h in hist.items()])]
-    parts += _settings_section(metadata)
-    skipped = inf.get("skipped", [])
-    parts += ["", "## Skipped rows", ""]
-    if skipped:
-        parts.append(f"{len(skipped)} pool rows gave no gradient feature and could not be selected:")
-        parts.append("")
-        parts.append(markdown_table(["row", "reason"], [[s["index"], s["reason"]] for s in skipped[:50]]))
-        if len(skipped) > 50:
-            parts.append(f"\n... and {len(skipped) - 50} more (see `selection.json`).")
-    else:
-        parts.append("None: every pool row was scored.")
+    parts += _settings_section(metadata) + _card_skipped(inf)
     parts += [
         "",
         "## Files",

@@ -196,6 +196,16 @@ def score_label(metadata: Mapping) -> str:
     return "percentile rank (0-1)" if specialist.startswith("balanced") else "influence score"
 
 
+def _pairwise(top: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-set sizes, ``|top_a & top_b| / |top_a|`` and the Jaccard index of every pair of tasks."""
+    sizes = top.sum(axis=0)
+    inter = top.T.astype(np.int64) @ top.astype(np.int64)
+    share = np.divide(inter, sizes[:, None], out=np.zeros(inter.shape), where=sizes[:, None] > 0)
+    union = sizes[:, None] + sizes[None, :] - inter
+    jaccard = np.divide(inter, union, out=np.zeros(inter.shape), where=union > 0)
+    return sizes, share, jaccard
+
+
 def _compute(metadata: Mapping, scores) -> dict:
     sel = metadata["selection"]
     columns = task_columns(scores)
@@ -225,11 +235,7 @@ def _compute(metadata: Mapping, scores) -> dict:
         histogram.setdefault(v, {"pool": 0, "selected": 0})
     histogram = dict(sorted(histogram.items()))
 
-    sizes = top.sum(axis=0)
-    inter = top.T.astype(np.int64) @ top.astype(np.int64)
-    share = np.divide(inter, sizes[:, None], out=np.zeros(inter.shape), where=sizes[:, None] > 0)
-    union = sizes[:, None] + sizes[None, :] - inter
-    jaccard = np.divide(inter, union, out=np.zeros(inter.shape), where=union > 0)
+    sizes, share, jaccard = _pairwise(top)
 
     own_top = task_overlap(scores)
     above = {t: float(selected[top[:, j]].mean()) if sizes[j] else 0.0 for j, t in enumerate(tasks)}
@@ -443,7 +449,7 @@ def _floor_text(sel: Mapping) -> str:
     return f"{floor:.0%} of the subset reserved in equal shares" + (f": each task's own top {rows:,} rows" if rows else "")
 
 
-def _markdown(metadata: Mapping, data: dict, composition: list[dict] | None, group_name: str | None) -> str:
+def _md_settings(metadata: Mapping, data: dict) -> list[str]:
     sel, pool = metadata["selection"], metadata["pool"]
     tasks, n, n_sel, pct = data["tasks"], data["num_candidates"], data["num_selected"], data["threshold_percentile"]
     skipped = metadata.get("influence", {}).get("skipped", [])
@@ -461,10 +467,18 @@ def _markdown(metadata: Mapping, data: dict, composition: list[dict] | None, gro
                 ["specialist", f"`{metadata.get('influence', {}).get('specialist', 'mean')}`"],
                 ["target tasks", ", ".join(f"`{t}`" for t in tasks)],
                 ["threshold percentile", f"{pct:g}" + ("" if sel["method"] == "vote" else " (for this report; the method uses no threshold)")],
+                ["row identity", str(metadata.get("row_identity") or "not recorded (export made before row identity)")],
                 ["library", f"icons_hf {metadata.get('library', {}).get('version', '?')}"],
             ],
         ),
         "",
+    ]
+    return lines
+
+
+def _md_distributions(data: dict) -> list[str]:
+    tasks, pct = data["tasks"], data["threshold_percentile"]
+    return [
         "## Influence score distributions",
         "",
         f"Scores are {data['score_label']}s. Each task's threshold is the {pct:g}th percentile of its scores; rows "
@@ -486,9 +500,12 @@ def _markdown(metadata: Mapping, data: dict, composition: list[dict] | None, gro
         "",
         markdown_table(["votes", "pool rows", "selected rows"], [[v, h["pool"], h["selected"]] for v, h in data["vote_histogram"].items()]),
         "",
-        "## Overlap between the tasks' top sets",
-        "",
     ]
+
+
+def _md_pairwise(data: dict) -> list[str]:
+    tasks = data["tasks"]
+    lines = ["## Overlap between the tasks' top sets", ""]
     if len(tasks) > 1:
         lines += [
             "Row *a*, column *b*: the share of task *a*'s top set that is also in task *b*'s top set "
@@ -505,7 +522,12 @@ def _markdown(metadata: Mapping, data: dict, composition: list[dict] | None, gro
         ]
     else:
         lines.append("Only one target task: there is no pair of top sets to compare.")
-    lines += [
+    return lines
+
+
+def _md_subset_overlap(data: dict) -> list[str]:
+    tasks, n_sel = data["tasks"], data["num_selected"]
+    return [
         "",
         "## Overlap of the subset with each task's own top rows",
         "",
@@ -524,9 +546,11 @@ def _markdown(metadata: Mapping, data: dict, composition: list[dict] | None, gro
             [[t, _pct(data["subset_overlap_top_k"][t]), _pct(data["subset_overlap_above_threshold"][t])] for t in tasks],
         ),
         "",
-        "## Composition",
-        "",
     ]
+
+
+def _md_composition(composition: list[dict] | None, group_name: str | None) -> list[str]:
+    lines = ["## Composition", ""]
     if composition:
         has_pool = "pool" in composition[0]
         lines += [f"![Composition by {group_name}]({FIGURES['composition']})", ""]
@@ -542,8 +566,13 @@ def _markdown(metadata: Mapping, data: dict, composition: list[dict] | None, gro
                                 [[r["group"], r["selected"], _pct(r["selected_share"])] for r in composition])]
     else:
         lines.append("No grouping of the rows was given or found (pass `group_column=` or `groups=`).")
-    lines.append("")
-    return "\n".join(lines)
+    return lines
+
+
+def _markdown(metadata: Mapping, data: dict, composition: list[dict] | None, group_name: str | None) -> str:
+    lines = (_md_settings(metadata, data) + _md_distributions(data) + _md_pairwise(data) + _md_subset_overlap(data)
+             + _md_composition(composition, group_name))
+    return "\n".join([*lines, ""])
 
 
 def write_report(
