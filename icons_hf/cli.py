@@ -67,7 +67,9 @@ def add_settings_options(parser: argparse.ArgumentParser, cls, *, skip: tuple[st
             continue
         kind, extra = _option_type(hints[f.name])
         choices = f.metadata.get("choices") or _CHOICES.get(f.name)
-        default = "none" if f.default is None else ("on" if f.default else "off") if isinstance(f.default, bool) else f.default
+        default = f.default
+        if default is None or isinstance(default, bool):
+            default = {None: "none", True: "on", False: "off"}[default]
         text = f.metadata.get("help", f.name)
         note = _CLI_NOTES.get(f.name) or ("" if "default" in text else f"default: {default}")
         text = (f"{text} ({note})" if note else text).replace("%", "%%")
@@ -92,9 +94,11 @@ def stage_kwargs(args: argparse.Namespace, cls, *, skip: tuple[str, ...] = ()) -
 def _add_demo(sub):
     p = sub.add_parser("demo", help="run the embedded easy-VQA demo end to end (CPU, offline)")
     p.add_argument("--output-dir", default="icons_demo", help="where the demo writes everything (default: %(default)s)")
-    p.add_argument("--pool-size", type=int, default=3000, help="pool rows drawn from easy-VQA train (default: %(default)s)")
+    p.add_argument("--pool-size", type=int, default=3000,
+                   help="pool rows drawn from easy-VQA train (default: %(default)s)")
     p.add_argument("--fraction", type=float, default=0.2, help="share of the pool to select (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the pool draw, the model and the warmup (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the pool draw, the model and the warmup (default: %(default)s)")
 
 
 # Fields of FeatureSettings that `gradients` takes otherwise: --feature chooses the feature of the dataset at hand.
@@ -268,7 +272,8 @@ def _load_dataset(args, config):
         num_image_tokens = getattr(processor, "num_image_tokens", None) or getattr(config, "image_seq_length", 0)
         image_token_id = getattr(config, "image_token_id", None) or getattr(config, "image_token_index", None)
     else:
-        tokenizer, image_processor, num_image_tokens, image_token_id = AutoTokenizer.from_pretrained(args.model), None, 0, None
+        tokenizer, image_processor = AutoTokenizer.from_pretrained(args.model), None
+        num_image_tokens, image_token_id = 0, None
     return prepare_llava_dataset(
         args.dataset, tokenizer, image_processor=image_processor, image_folder=args.image_folder,
         image_token_id=image_token_id, num_image_tokens=num_image_tokens,
@@ -348,7 +353,9 @@ def _run(args) -> None:
     if args.command == "demo":
         from .demo import DemoConfig, format_summary, run_demo
 
-        summary = run_demo(DemoConfig(output_dir=args.output_dir, pool_size=args.pool_size, fraction=args.fraction, seed=args.seed))
+        config = DemoConfig(output_dir=args.output_dir, pool_size=args.pool_size, fraction=args.fraction,
+                            seed=args.seed)
+        summary = run_demo(config)
         print(format_summary(summary))
     elif args.command == "gradients":
         _gradients(args)
@@ -376,7 +383,8 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryErro
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=getattr(logging, args.log_level),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         _run(args)
     except USER_ERRORS as err:

@@ -97,8 +97,9 @@ def _check_image_placeholders(record: Mapping, row: int) -> None:
     mentions = sum(t.get("value", "").count(IMAGE_PLACEHOLDER) for t in turns
                    if isinstance(t, Mapping) and isinstance(t.get("value"), str))
     if record.get("image") is not None and mentions == 0:
-        raise ValueError(f"row {row} (id {record.get('id')!r}) has an image but no {IMAGE_PLACEHOLDER} in its turns; put "
-                         f"'{IMAGE_PLACEHOLDER}\\n' before the first question (LLaVA's layout) or drop the 'image' field.")
+        raise ValueError(f"row {row} (id {record.get('id')!r}) has an image but no {IMAGE_PLACEHOLDER} in its turns; "
+                         f"put '{IMAGE_PLACEHOLDER}\\n' before the first question (LLaVA's layout) or drop the 'image' "
+                         "field.")
     if record.get("image") is None and mentions:
         raise ValueError(f"row {row} (id {record.get('id')!r}) mentions {IMAGE_PLACEHOLDER} but has no 'image' field; "
                          "give it its image or remove the placeholder.")
@@ -129,7 +130,8 @@ def prepare_llava_dataset(
     columns = {"input_ids": [], "labels": [], RECORD_HASH_COLUMN: [], "image": []}
     for i, record in enumerate(records):
         if not isinstance(record, Mapping):
-            raise ValueError(f"row {i} is a {type(record).__name__}, not a LLaVA record object (id, image, conversations).")
+            raise ValueError(f"row {i} is a {type(record).__name__}, not a LLaVA record object "
+                             "(id, image, conversations).")
         _check_image_placeholders(record, i)
         ids, labels = format_conversation(
             record.get("conversations") or [], tokenizer, image_token_id=image_token_id,
@@ -203,7 +205,8 @@ class IconsCollator:
         self.max_length = max_length
 
     def __call__(self, features: list[Mapping]) -> dict[str, torch.Tensor]:
-        keys = [k for k in features[0] if k not in ("image", "index", RECORD_HASH_COLUMN) and not isinstance(features[0][k], str)]
+        skip = ("image", "index", RECORD_HASH_COLUMN)
+        keys = [k for k in features[0] if k not in skip and not isinstance(features[0][k], str)]
         batch = {k: [f[k] for f in features] for k in keys}
         return collate_rows(batch, self.pad_token_id, self.max_length)
 
@@ -214,7 +217,9 @@ def _render_chat(tokenizer, messages, generation_prompt: bool, chat_template: st
     )
 
 
-def assistant_spans(messages: Sequence[Mapping], tokenizer, *, chat_template: str | None = None, row: int | None = None):
+def assistant_spans(
+    messages: Sequence[Mapping], tokenizer, *, chat_template: str | None = None, row: int | None = None
+):
     """The chat rendered with the tokenizer's chat template, and the character spans of its assistant turns.
 
     A span runs from the start of the assistant's content to the end of its turn as the template renders it
@@ -280,7 +285,7 @@ def format_chat(
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(encoded["input_ids"])
     labels = []
-    for token, (lo, hi) in zip(ids, encoded["offset_mapping"]):
+    for token, (lo, hi) in zip(ids, encoded["offset_mapping"], strict=True):
         inside = hi > lo and any(lo < end and start < hi for start, end in spans)
         labels.append(token if inside else -100)
     if all(label == -100 for label in labels[1:]):
@@ -311,7 +316,8 @@ def prepare_chat_dataset(
     columns = {"input_ids": [], "labels": [], RECORD_HASH_COLUMN: []}
     for i, record in enumerate(records):
         if not isinstance(record, Mapping):
-            raise ValueError(f"row {i} is a {type(record).__name__}, not a record object with a {messages_key!r} field.")
+            raise ValueError(f"row {i} is a {type(record).__name__}, not a record object with a {messages_key!r} "
+                             "field.")
         if messages_key not in record:
             raise ValueError(f"row {i} has no {messages_key!r} field; pass messages_key= the field holding the chat.")
         ids, labels = format_chat(record[messages_key], tokenizer, chat_template=chat_template, row=i)

@@ -62,8 +62,14 @@ __all__ = ["ExportFolder", "export_selection", "load_llava_records", "markdown_t
 
 
 def size_category(n: int) -> str:
-    for bound, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
-                         (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M")):
+    for bound, label in (
+        (1_000, "n<1K"),
+        (10_000, "1K<n<10K"),
+        (100_000, "10K<n<100K"),
+        (1_000_000, "100K<n<1M"),
+        (10_000_000, "1M<n<10M"),
+        (100_000_000, "10M<n<100M"),
+    ):
         if n < bound:
             return label
     return "100M<n<1B"
@@ -105,7 +111,9 @@ def _verify_identity(pool: Pool, scores, expected_rows: int | None) -> str:
     logger.warning(
         "Row identity not verified: the score table has no %r column (the pool was not formatted with "
         "icons_hf.data.prepare_*), so rows are taken by position only. Make sure %r is the pool the features were "
-        "computed on, in the same order.", RECORD_HASH_COLUMN, pool.name,
+        "computed on, in the same order.",
+        RECORD_HASH_COLUMN,
+        pool.name,
     )
     return f"{NOT_VERIFIED}: the score table has no {RECORD_HASH_COLUMN} column, rows were taken by position"
 
@@ -127,11 +135,14 @@ def _prepare_output_dir(output_dir: str, subset_file: str | None) -> None:
         raise NotADirectoryError(f"output_dir {output_dir} is a file; pass a folder to write the export into.")
     previous = _previous_export(output_dir) if os.path.isdir(output_dir) else None
     if previous is None:
-        clashes = [name for name in (*EXPORT_FILES, subset_file) if name and os.path.exists(os.path.join(output_dir, name))]
+        clashes = [
+            name for name in (*EXPORT_FILES, subset_file) if name and os.path.exists(os.path.join(output_dir, name))
+        ]
         if clashes:
             raise FileExistsError(
                 f"output_dir {output_dir} already holds {clashes[0]}, which no icons_hf export wrote; export into an "
-                "empty or new folder (the export writes README.md, data/, scores.parquet, indices.json, selection.json)."
+                "empty or new folder (the export writes README.md, data/, scores.parquet, indices.json, "
+                "selection.json)."
             )
     else:
         old_subset = previous.get("subset_file")
@@ -157,7 +168,10 @@ def _write_subset(pool: Pool, positions: np.ndarray, output_dir: str, subset_fil
             subset.shard(shards, k, contiguous=True).to_parquet(
                 os.path.join(data_dir, f"train-{k:05d}-of-{shards:05d}.parquet")
             )
-        return any(type(f).__name__ == "Image" for f in dataset.features.values()) or "pixel_values" in dataset.column_names
+        return (
+            any(type(f).__name__ == "Image" for f in dataset.features.values())
+            or "pixel_values" in dataset.column_names
+        )
     write_records([pool.records[i] for i in positions], os.path.join(output_dir, subset_file))
     return any("image" in r for r in pool.records[: min(len(pool.records), 1000)])
 
@@ -259,8 +273,9 @@ def export_selection(
     )
     with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as handle:
         handle.write(card)
-    logger.info("Exported %d of %d rows to %s (row identity %s)", len(positions), len(pool), output_dir,
-                identity.split(":")[0])
+    logger.info(
+        "Exported %d of %d rows to %s (row identity %s)", len(positions), len(pool), output_dir, identity.split(":")[0]
+    )
     return output_dir
 
 
@@ -294,16 +309,20 @@ class ExportFolder:
         ``record_hash``, every record must still be the one selected at its position (the file was not edited)."""
         name = self.metadata.get("subset_file")
         if not name:
-            raise ValueError(f"{self.path / 'selection.json'}: a {self.format} export must name its records file in "
-                             "'subset_file'; re-run export_selection.")
+            raise ValueError(
+                f"{self.path / 'selection.json'}: a {self.format} export must name its records file in "
+                "'subset_file'; re-run export_selection."
+            )
         path = self.file(name)
         records = load_llava_records(path)
         expected = self.selected_hashes()
         if expected is not None:
             if len(expected) != len(records):
-                raise ValueError(f"{path} holds {len(records)} records but {len(expected)} rows were selected; re-run "
-                                 "export_selection.")
-            for row, (record, want) in enumerate(zip(records, expected)):
+                raise ValueError(
+                    f"{path} holds {len(records)} records but {len(expected)} rows were selected; re-run "
+                    "export_selection."
+                )
+            for row, (record, want) in enumerate(zip(records, expected, strict=True)):
                 if record_hash(record) != want:
                     raise ValueError(
                         f"{path}: record {row} (pool row {self.indices[row]}) is not the record that was selected (it "
@@ -319,7 +338,8 @@ class ExportFolder:
         if not path.is_file() or RECORD_HASH_COLUMN not in pq.read_schema(path).names:
             return None
         table = pq.read_table(path, columns=["index", "selected", RECORD_HASH_COLUMN]).to_pydict()
-        chosen = sorted((i, h) for i, h, s in zip(table["index"], table[RECORD_HASH_COLUMN], table["selected"]) if s)
+        columns = zip(table["index"], table[RECORD_HASH_COLUMN], table["selected"], strict=True)
+        chosen = sorted((i, h) for i, h, s in columns if s)
         return [h for _, h in chosen]
 
     def subset_shards(self) -> list[Path]:
@@ -386,9 +406,15 @@ def _method_text(sel: dict) -> str:
     floor = float(sel.get("task_floor") or 0.0)
     if floor > 0 and sel.get("floor_rows_per_task") == 0:
         floor = 0.0  # fewer rows than tasks: the floors held no row and the method's ranking alone decided
+    settings = sel.get("settings") or {}
+    inclusive = sel.get("threshold_inclusive", settings.get("threshold_inclusive", False))
+    tied = "threshold_percentile" in settings and settings["threshold_percentile"] is None
     votes = (
-        "a row gets one vote from each task whose influence score exceeds that task's "
-        f"{sel['threshold_percentile']:g}th percentile" if method == "vote" else ""
+        f"a row gets one vote from each task whose influence score {'reaches' if inclusive else 'exceeds'} that task's "
+        f"{sel['threshold_percentile']:g}th percentile"
+        + (" (100 x (1 - fraction), as the released code)" if tied else "")
+        if method == "vote"
+        else ""
     )
     if method == "vote" and floor == 0:
         return (
@@ -468,10 +494,19 @@ def _settings_section(metadata: dict) -> list[str]:
     settings = stage_settings(metadata)
     if not settings:
         return []
-    rows = [[stage, f"`{name}`", f"`{json.dumps(value)}`"] for stage, values in settings.items()
-            for name, value in values.items()]
-    return ["", "## Settings", "", "Every setting of the stages that made this selection (also in `selection.json`):",
-            "", markdown_table(["stage", "setting", "value"], rows)]
+    rows = [
+        [stage, f"`{name}`", "none" if value is None else f"`{json.dumps(value)}`"]
+        for stage, values in settings.items()
+        for name, value in values.items()
+    ]
+    return [
+        "",
+        "## Settings",
+        "",
+        "Every setting of the stages that made this selection (also in `selection.json`):",
+        "",
+        markdown_table(["stage", "setting", "value"], rows),
+    ]
 
 
 def _card_selection(metadata: dict, title: str) -> list[str]:
@@ -481,8 +516,9 @@ def _card_selection(metadata: dict, title: str) -> list[str]:
     parts = [
         f"# {title}",
         "",
-        f"This dataset holds **{n_sel:,} of the {n_pool:,} rows** ({n_sel / max(n_pool, 1):.1%}) of the instruction pool "
-        f"`{pool['name']}`, chosen with ICONS (Influence Consensus, arXiv:2501.00654) for several target tasks at once. "
+        f"This dataset holds **{n_sel:,} of the {n_pool:,} rows** ({n_sel / max(n_pool, 1):.1%}) of the "
+        f"instruction pool `{pool['name']}`, chosen with ICONS (Influence Consensus, arXiv:2501.00654) for several "
+        "target tasks at once. "
         f"Rows are the pool's original records, unchanged, in their original order.",
         "",
         "## Selection",
@@ -500,9 +536,12 @@ def _card_selection(metadata: dict, title: str) -> list[str]:
         ),
     ]
     if identity.startswith(NOT_VERIFIED):
-        parts += ["", "**Row identity not verified**: the score table carried no per-row record hash, so the rows were "
-                      "taken from the pool by position only. Use this subset only if the pool was passed to the "
-                      "gradient stage unchanged and in this order."]
+        parts += [
+            "",
+            "**Row identity not verified**: the score table carried no per-row record hash, so the rows were "
+            "taken from the pool by position only. Use this subset only if the pool was passed to the "
+            "gradient stage unchanged and in this order.",
+        ]
     return parts
 
 
@@ -516,7 +555,14 @@ def _card_tasks(inf: dict, sel: dict, scores) -> list[str]:
         n_val = sum(subs.values())
         pooled = "max over subtasks" if _specialist(inf) == "mean" else "examples pooled"
         sub_text = "" if list(subs) == [task] else f" ({len(subs)} subtasks, {pooled})"
-        rows.append([task, f"{n_val}{sub_text}", f"{thresholds[task]:.4g}" if task in thresholds else "-", f"{overlap[task]:.1%}"])
+        rows.append(
+            [
+                task,
+                f"{n_val}{sub_text}",
+                f"{thresholds[task]:.4g}" if task in thresholds else "-",
+                f"{overlap[task]:.1%}",
+            ]
+        )
     precond = inf["preconditioner"]
     return [
         "",
@@ -531,11 +577,16 @@ def _card_tasks(inf: dict, sel: dict, scores) -> list[str]:
         "",
         markdown_table(
             ["checkpoint", "learning rate", "weight"],
-            [[c or f"#{k}", "-" if lr is None else f"{lr:.3g}", f"{w:.3f}"]
-             for k, (c, lr, w) in enumerate(zip(inf["checkpoints"], inf["learning_rates"], inf["checkpoint_weights"]))],
+            [
+                [c or f"#{k}", "-" if lr is None else f"{lr:.3g}", f"{w:.3f}"]
+                for k, (c, lr, w) in enumerate(
+                    zip(inf["checkpoints"], inf["learning_rates"], inf["checkpoint_weights"], strict=True)
+                )
+            ],
         ),
         "",
-        f"Projection: `{inf['projection']['kind']}`, dimension {inf['projection']['dim']}, seed {inf['projection']['seed']}. "
+        f"Projection: `{inf['projection']['kind']}`, dimension {inf['projection']['dim']}, "
+        f"seed {inf['projection']['seed']}. "
         f"Train-side feature: `{precond['feature']}`"
         + (f" (Adam variant `{precond['adam_variant']}`)" if precond["feature"] == "adam" else "")
         + "; validation side: SGD gradients.",
@@ -547,14 +598,19 @@ def _card_skipped(inf: dict) -> list[str]:
     parts = ["", "## Skipped rows", ""]
     if not skipped:
         return parts + ["None: every pool row was scored."]
-    parts += [f"{len(skipped)} pool rows gave no gradient feature and could not be selected:", "",
-              markdown_table(["row", "reason"], [[s["index"], s["reason"]] for s in skipped[:50]])]
+    parts += [
+        f"{len(skipped)} pool rows gave no gradient feature and could not be selected:",
+        "",
+        markdown_table(["row", "reason"], [[s["index"], s["reason"]] for s in skipped[:50]]),
+    ]
     if len(skipped) > 50:
         parts.append(f"\n... and {len(skipped) - 50} more (see `selection.json`).")
     return parts
 
 
-def render_card(metadata: dict, scores, *, license: str, pretty_name: str | None, task_categories: list[str], tags: list[str]) -> str:
+def render_card(
+    metadata: dict, scores, *, license: str, pretty_name: str | None, task_categories: list[str], tags: list[str]
+) -> str:
     """The dataset card (README.md) text: Hub YAML metadata followed by a readable account of the selection."""
     from huggingface_hub import DatasetCardData
 
@@ -572,7 +628,14 @@ def render_card(metadata: dict, scores, *, license: str, pretty_name: str | None
     parts = _card_selection(metadata, title) + _card_tasks(inf, sel, scores)
     if sel["method"] == "vote" and "votes" in scores.column_names:
         hist = vote_histogram(scores)
-        parts += ["", "## Votes", "", markdown_table(["votes", "pool rows", "selected rows"], [[v, h["pool"], h["selected"]] for v, h in hist.items()])]
+        parts += [
+            "",
+            "## Votes",
+            "",
+            markdown_table(
+                ["votes", "pool rows", "selected rows"], [[v, h["pool"], h["selected"]] for v, h in hist.items()]
+            ),
+        ]
     parts += _settings_section(metadata) + _card_skipped(inf)
     parts += [
         "",

@@ -155,7 +155,9 @@ def load_pool(pool, *, name: str | None = None) -> Pool:
                 "a .json/.jsonl records file."
             ) from None
         if not isinstance(dataset, Dataset):
-            raise ValueError(f"pool folder {path} holds a DatasetDict; pass the folder of one split (e.g. {path}/train).")
+            raise ValueError(
+                f"pool folder {path} holds a DatasetDict; pass the folder of one split (e.g. {path}/train)."
+            )
         return Pool(name=name or os.path.basename(os.path.normpath(path)), format="hf", path=path, dataset=dataset)
     if not path.endswith(RECORD_EXTENSIONS):
         if not os.path.exists(path):

@@ -52,8 +52,8 @@ _OTHER_COLOR, _FLOOR_COLOR = "#f5bf8f", "#6a3d9a"
 
 
 def _read(export_dir: str) -> tuple[ExportFolder, object]:
-    from datasets import Dataset
     import pyarrow.parquet as pq
+    from datasets import Dataset
 
     export = read_export(export_dir, need=("scores.parquet",))
     if "selection" not in export.metadata:
@@ -91,8 +91,10 @@ def _groups_from_records(records: Sequence[Mapping], field: str | None, where: s
     # LLaVA-665K: the image's top folder names the source (coco, gqa, ocr_vqa, textvqa, vg); no image = text-only.
     images = [r.get("image") for r in records]
     if any(isinstance(im, str) and "/" in im for im in images):
-        labels = [im.split("/")[0] if isinstance(im, str) and "/" in im else ("text-only" if not im else "(no folder)")
-                  for im in images]
+        labels = [
+            im.split("/")[0] if isinstance(im, str) and "/" in im else ("text-only" if not im else "(no folder)")
+            for im in images
+        ]
         return labels, "image folder"
     return None
 
@@ -128,8 +130,12 @@ def _reachable_pool(export: ExportFolder):
         return None
     pool = load_pool(path)
     if len(pool) != export.metadata["pool"]["num_rows"]:
-        logger.warning("The pool %s now has %d rows, not the %d that were exported; composition shows the subset only.",
-                       path, len(pool), export.metadata["pool"]["num_rows"])
+        logger.warning(
+            "The pool %s now has %d rows, not the %d that were exported; composition shows the subset only.",
+            path,
+            len(pool),
+            export.metadata["pool"]["num_rows"],
+        )
         return None
     return pool
 
@@ -138,8 +144,10 @@ def _record_groups(export: ExportFolder, pool_index, group_column):
     records, subset_file = export.subset_records()
     found = _groups_from_records(records, group_column, str(subset_file))
     if found is None:
-        logger.info("The records have no source field or image folders; pass group_column= or groups= for a "
-                    "composition section.")
+        logger.info(
+            "The records have no source field or image folders; pass group_column= or groups= for a "
+            "composition section."
+        )
         return None
     sub_labels, name = found
     pool_labels = None
@@ -158,7 +166,9 @@ def _column_groups(export: ExportFolder, pool_index, group_column):
     for path in export.subset_shards():
         names = pq.read_schema(path).names
         if group_column not in names:
-            raise ValueError(f"{path} has no column {group_column!r} (columns: {', '.join(names)}); pass another group_column=.")
+            raise ValueError(
+                f"{path} has no column {group_column!r} (columns: {', '.join(names)}); pass another group_column=."
+            )
         sub_labels += [_label(v) for v in pq.read_table(path, columns=[group_column]).column(0).to_pylist()]
     pool_labels = None
     pool = _reachable_pool(export)
@@ -206,10 +216,31 @@ def _pairwise(top: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return sizes, share, jaccard
 
 
+def _vote_counts(scores, top: np.ndarray) -> dict:
+    """Rows per vote count (pool and selected), every count from 0 to the number of tasks; votes are recounted from
+    ``top`` when the table has none (a method other than vote)."""
+    if "votes" not in scores.column_names:
+        scores = scores.add_column("votes", top.sum(axis=1).astype(np.int32).tolist())
+    histogram = vote_histogram(scores)
+    for v in range(top.shape[1] + 1):
+        histogram.setdefault(v, {"pool": 0, "selected": 0})
+    return dict(sorted(histogram.items()))
+
+
+def _mean_ranks(mat: np.ndarray, selected: np.ndarray, tasks: list[str]) -> dict:
+    """Per task, the mean within-pool percentile rank of the pool's rows and of the selected rows."""
+    out = {}
+    for j, task in enumerate(tasks):
+        ranks = percentile_ranks(mat[:, j]) if len(mat) else np.zeros(0)
+        out[task] = {"pool": float(ranks.mean()) if len(ranks) else 0.0,
+                     "selected": float(ranks[selected].mean()) if selected.any() else 0.0}
+    return out
+
+
 def _compute(metadata: Mapping, scores) -> dict:
     sel = metadata["selection"]
     columns = task_columns(scores)
-    tasks = [c[len("influence_"):] for c in columns]
+    tasks = [c[len("influence_") :] for c in columns]
     arrays = column_arrays(scores, [*columns, "index", "selected"])
     mat = np.stack([np.asarray(arrays[c], dtype=np.float64) for c in columns], axis=1)
     if not np.all(np.isfinite(mat)):
@@ -227,27 +258,18 @@ def _compute(metadata: Mapping, scores) -> dict:
     thresholds = np.asarray([float(stored.get(t, computed[j])) for j, t in enumerate(tasks)])
     top = mat > thresholds[None, :]
 
-    with_votes = scores
-    if "votes" not in scores.column_names:
-        with_votes = scores.add_column("votes", top.sum(axis=1).astype(np.int32).tolist())
-    histogram = vote_histogram(with_votes)
-    for v in range(len(tasks) + 1):
-        histogram.setdefault(v, {"pool": 0, "selected": 0})
-    histogram = dict(sorted(histogram.items()))
-
+    histogram = _vote_counts(scores, top)
     sizes, share, jaccard = _pairwise(top)
-
     own_top = task_overlap(scores)
     above = {t: float(selected[top[:, j]].mean()) if sizes[j] else 0.0 for j, t in enumerate(tasks)}
-    ranks = np.stack([percentile_ranks(mat[:, j]) for j in range(len(tasks))], axis=1) if n else np.zeros((0, len(tasks)))
     return {
         "tasks": tasks,
         "num_candidates": n,
         "num_selected": n_sel,
         "threshold_percentile": float(percentile),
         "thresholds_from": "selection" if stored else "computed",
-        "thresholds": {t: float(x) for t, x in zip(tasks, thresholds)},
-        "top_set_sizes": {t: int(s) for t, s in zip(tasks, sizes)},
+        "thresholds": {t: float(x) for t, x in zip(tasks, thresholds, strict=True)},
+        "top_set_sizes": {t: int(s) for t, s in zip(tasks, sizes, strict=True)},
         "vote_histogram": {int(v): h for v, h in histogram.items()},
         "pairwise_overlap": {a: {b: float(share[i, j]) for j, b in enumerate(tasks)} for i, a in enumerate(tasks)},
         "pairwise_jaccard": {a: {b: float(jaccard[i, j]) for j, b in enumerate(tasks)} for i, a in enumerate(tasks)},
@@ -256,11 +278,7 @@ def _compute(metadata: Mapping, scores) -> dict:
         "random_expectation": n_sel / n if n else 0.0,
         "score_label": score_label(metadata),
         "floor_rows_per_task": int(sel.get("floor_rows_per_task") or 0) if float(sel.get("task_floor") or 0) > 0 else 0,
-        "mean_percentile_rank": {
-            t: {"pool": float(ranks[:, j].mean()) if n else 0.0,
-                "selected": float(ranks[selected, j].mean()) if n_sel else 0.0}
-            for j, t in enumerate(tasks)
-        },
+        "mean_percentile_rank": _mean_ranks(mat, selected, tasks),
         "_matrix": mat,
         "_selected": selected,
         "_index": index,
@@ -278,7 +296,9 @@ def _composition(sub_labels: Sequence[str], pool_labels: Sequence[str] | None) -
     for key in keys:
         row = {"group": key, "selected": sub[key], "selected_share": sub[key] / n_sub}
         if pool is not None:
-            row.update(pool=pool[key], pool_share=pool[key] / n_pool, selection_rate=sub[key] / pool[key] if pool[key] else 0.0)
+            row.update(
+                pool=pool[key], pool_share=pool[key] / n_pool, selection_rate=sub[key] / pool[key] if pool[key] else 0.0
+            )
         rows.append(row)
     return rows
 
@@ -308,13 +328,22 @@ def _plot_scores(data: dict, path: str) -> None:
         bins = np.histogram_bin_edges(values, bins=min(50, max(10, int(np.sqrt(len(values))))))
         ax.hist(values, bins=bins, color=_POOL_COLOR, label="pool")
         # The subset split by this task's own threshold: its top-set rows, and rows selected for the other tasks.
-        ax.hist([values[selected & top[:, j]], values[selected & ~top[:, j]]], bins=bins, stacked=True,
-                color=[_SUBSET_COLOR, _OTHER_COLOR],
-                label=["selected, above this task's threshold", "selected, below it (picked for other tasks)"])
+        ax.hist(
+            [values[selected & top[:, j]], values[selected & ~top[:, j]]],
+            bins=bins,
+            stacked=True,
+            color=[_SUBSET_COLOR, _OTHER_COLOR],
+            label=["selected, above this task's threshold", "selected, below it (picked for other tasks)"],
+        )
         tau = data["thresholds"][task]
-        ax.axvline(tau, color=_THRESHOLD_COLOR, linestyle="--", linewidth=1.5, label=f"threshold ({pct:g}th percentile)")
-        ax.set_title(f"task {task}: threshold {tau:.3g}, {int((selected & ~top[:, j]).sum()):,} of "
-                     f"{int(selected.sum()):,} selected below it", fontsize="medium")
+        ax.axvline(
+            tau, color=_THRESHOLD_COLOR, linestyle="--", linewidth=1.5, label=f"threshold ({pct:g}th percentile)"
+        )
+        ax.set_title(
+            f"task {task}: threshold {tau:.3g}, {int((selected & ~top[:, j]).sum()):,} of "
+            f"{int(selected.sum()):,} selected below it",
+            fontsize="medium",
+        )
         ax.set_xlabel(data["score_label"])
         ax.set_ylabel("rows")
     for j in range(len(tasks), nrows * ncols):
@@ -357,8 +386,15 @@ def _plot_heatmap(data: dict, path: str) -> None:
     for i in range(len(tasks)):
         for j in range(len(tasks)):
             value = share[i, j] * 100
-            ax.text(j, i, f"{value:.0f}%", ha="center", va="center", fontsize="small",
-                    color="black" if value > 60 else "white")
+            ax.text(
+                j,
+                i,
+                f"{value:.0f}%",
+                ha="center",
+                va="center",
+                fontsize="small",
+                color="black" if value > 60 else "white",
+            )
     pct = data["threshold_percentile"]
     ax.set_xlabel(f"task b (top {100 - pct:g}%: rows above its {pct:g}th percentile)")
     ax.set_ylabel("task a")
@@ -386,15 +422,25 @@ def _plot_subset_overlap(data: dict, path: str) -> None:
         b2 = ax.bar(x + width / 2, above, width, color="#7fb3d5", label=label_above)
         ax.bar_label(b1, fmt="%.0f%%", fontsize="x-small", padding=1)
         ax.bar_label(b2, fmt="%.0f%%", fontsize="x-small", padding=1)
-    ax.axhline(data["random_expectation"] * 100, color="black", linestyle=":", linewidth=1.2,
-               label=f"random subset of the same size ({data['random_expectation']:.0%})")
+    ax.axhline(
+        data["random_expectation"] * 100,
+        color="black",
+        linestyle=":",
+        linewidth=1.2,
+        label=f"random subset of the same size ({data['random_expectation']:.0%})",
+    )
     floor = data["floor_rows_per_task"]
     if floor and data["num_selected"]:
         # Per-task floors reserve each task's own best rows: every bar is at least this high, and tasks whose other
         # top rows the votes do not favour stay at it (hence equal bars).
         share = floor / data["num_selected"] * 100
-        ax.axhline(share, color=_FLOOR_COLOR, linestyle="--", linewidth=1.2,
-                   label=f"per-task floor: each task's own top {floor:,} rows are reserved ({share:.0f}%)")
+        ax.axhline(
+            share,
+            color=_FLOOR_COLOR,
+            linestyle="--",
+            linewidth=1.2,
+            label=f"per-task floor: each task's own top {floor:,} rows are reserved ({share:.0f}%)",
+        )
     ax.set_xticks(x, labels=tasks, rotation=30 if len(tasks) > 5 else 0, ha="right" if len(tasks) > 5 else "center")
     ax.set_xlabel("target task")
     ax.set_ylabel("share held by the subset (%)")
@@ -444,9 +490,13 @@ def _pct(x: float) -> str:
 def _floor_text(sel: Mapping) -> str:
     floor = float(sel.get("task_floor") or 0)
     if floor <= 0:
-        return "none (the subset is ranked by the method alone" + (", the ICONS paper's rule)" if sel["method"] == "vote" else ")")
+        return "none (the subset is ranked by the method alone" + (
+            ", the ICONS paper's rule)" if sel["method"] == "vote" else ")"
+        )
     rows = sel.get("floor_rows_per_task")
-    return f"{floor:.0%} of the subset reserved in equal shares" + (f": each task's own top {rows:,} rows" if rows else "")
+    return f"{floor:.0%} of the subset reserved in equal shares" + (
+        f": each task's own top {rows:,} rows" if rows else ""
+    )
 
 
 def _md_settings(metadata: Mapping, data: dict) -> list[str]:
@@ -459,14 +509,22 @@ def _md_settings(metadata: Mapping, data: dict) -> list[str]:
         markdown_table(
             ["setting", "value"],
             [
-                ["pool", f"`{pool['name']}` ({pool['format']}, {pool['num_rows']:,} rows; {n:,} scored"
-                 + (f", {len(skipped)} skipped" if skipped else "") + ")"],
+                [
+                    "pool",
+                    f"`{pool['name']}` ({pool['format']}, {pool['num_rows']:,} rows; {n:,} scored"
+                    + (f", {len(skipped)} skipped" if skipped else "")
+                    + ")",
+                ],
                 ["selected rows", f"{n_sel:,} ({_pct(n_sel / n) if n else '-'} of the scored rows)"],
                 ["method", f"`{sel['method']}`" + (f" (task `{sel['task']}`)" if sel.get("task") else "")],
                 ["per-task floor", _floor_text(sel)],
                 ["specialist", f"`{metadata.get('influence', {}).get('specialist', 'mean')}`"],
                 ["target tasks", ", ".join(f"`{t}`" for t in tasks)],
-                ["threshold percentile", f"{pct:g}" + ("" if sel["method"] == "vote" else " (for this report; the method uses no threshold)")],
+                [
+                    "threshold percentile",
+                    f"{pct:g}"
+                    + ("" if sel["method"] == "vote" else " (for this report; the method uses no threshold)"),
+                ],
                 ["row identity", str(metadata.get("row_identity") or "not recorded (export made before row identity)")],
                 ["library", f"icons_hf {metadata.get('library', {}).get('version', '?')}"],
             ],
@@ -489,16 +547,33 @@ def _md_distributions(data: dict) -> list[str]:
         f"![Influence score distributions per task with thresholds]({FIGURES['scores']})",
         "",
         markdown_table(
-            ["task", "threshold", "rows above threshold", "mean percentile rank (pool)", "mean percentile rank (selected)"],
-            [[t, f"{data['thresholds'][t]:.6g}", data["top_set_sizes"][t], f"{data['mean_percentile_rank'][t]['pool']:.3f}",
-              f"{data['mean_percentile_rank'][t]['selected']:.3f}"] for t in tasks],
+            [
+                "task",
+                "threshold",
+                "rows above threshold",
+                "mean percentile rank (pool)",
+                "mean percentile rank (selected)",
+            ],
+            [
+                [
+                    t,
+                    f"{data['thresholds'][t]:.6g}",
+                    data["top_set_sizes"][t],
+                    f"{data['mean_percentile_rank'][t]['pool']:.3f}",
+                    f"{data['mean_percentile_rank'][t]['selected']:.3f}",
+                ]
+                for t in tasks
+            ],
         ),
         "",
         "## Votes",
         "",
         f"![Vote histogram, pool vs selected]({FIGURES['votes']})",
         "",
-        markdown_table(["votes", "pool rows", "selected rows"], [[v, h["pool"], h["selected"]] for v, h in data["vote_histogram"].items()]),
+        markdown_table(
+            ["votes", "pool rows", "selected rows"],
+            [[v, h["pool"], h["selected"]] for v, h in data["vote_histogram"].items()],
+        ),
         "",
     ]
 
@@ -514,11 +589,16 @@ def _md_pairwise(data: dict) -> list[str]:
             "",
             f"![Pairwise overlap of the tasks' top sets]({FIGURES['heatmap']})",
             "",
-            markdown_table(["task a \\ task b", *tasks], [[a, *(_pct(data["pairwise_overlap"][a][b]) for b in tasks)] for a in tasks]),
+            markdown_table(
+                ["task a \\ task b", *tasks],
+                [[a, *(_pct(data["pairwise_overlap"][a][b]) for b in tasks)] for a in tasks],
+            ),
             "",
             "Jaccard index |top_a & top_b| / |top_a | top_b|:",
             "",
-            markdown_table(["task", *tasks], [[a, *(f"{data['pairwise_jaccard'][a][b]:.3f}" for b in tasks)] for a in tasks]),
+            markdown_table(
+                ["task", *tasks], [[a, *(f"{data['pairwise_jaccard'][a][b]:.3f}" for b in tasks)] for a in tasks]
+            ),
         ]
     else:
         lines.append("Only one target task: there is no pair of top sets to compare.")
@@ -534,16 +614,22 @@ def _md_subset_overlap(data: dict) -> list[str]:
         f"*Top {n_sel:,}*: the share of the task's own {n_sel:,} highest-scoring rows (ties by row position) that the "
         f"subset holds. *Above threshold*: the share of the task's top set that the subset holds. A random subset of "
         f"the same size holds {_pct(data['random_expectation'])} of either on average."
-        + (f" Per-task floors reserve each task's own top {data['floor_rows_per_task']:,} rows "
-           f"({_pct(data['floor_rows_per_task'] / n_sel)} of its top {n_sel:,}), so no bar is lower than that; a task "
-           "whose other top rows the votes do not favour stays at it, which is why bars can be equal."
-           if data["floor_rows_per_task"] and n_sel else ""),
+        + (
+            f" Per-task floors reserve each task's own top {data['floor_rows_per_task']:,} rows "
+            f"({_pct(data['floor_rows_per_task'] / n_sel)} of its top {n_sel:,}), so no bar is lower than that; a task "
+            "whose other top rows the votes do not favour stays at it, which is why bars can be equal."
+            if data["floor_rows_per_task"] and n_sel
+            else ""
+        ),
         "",
         f"![Overlap of the subset with each task's top rows]({FIGURES['subset_overlap']})",
         "",
         markdown_table(
             ["task", f"top {n_sel:,}", "above threshold"],
-            [[t, _pct(data["subset_overlap_top_k"][t]), _pct(data["subset_overlap_above_threshold"][t])] for t in tasks],
+            [
+                [t, _pct(data["subset_overlap_top_k"][t]), _pct(data["subset_overlap_above_threshold"][t])]
+                for t in tasks
+            ],
         ),
         "",
     ]
@@ -555,23 +641,44 @@ def _md_composition(composition: list[dict] | None, group_name: str | None) -> l
         has_pool = "pool" in composition[0]
         lines += [f"![Composition by {group_name}]({FIGURES['composition']})", ""]
         if has_pool:
-            lines.append(markdown_table(
-                [group_name, "pool rows", "pool share", "selected rows", "selected share", "selection rate"],
-                [[r["group"], r["pool"], _pct(r["pool_share"]), r["selected"], _pct(r["selected_share"]), _pct(r["selection_rate"])]
-                 for r in composition],
-            ))
+            lines.append(
+                markdown_table(
+                    [group_name, "pool rows", "pool share", "selected rows", "selected share", "selection rate"],
+                    [
+                        [
+                            r["group"],
+                            r["pool"],
+                            _pct(r["pool_share"]),
+                            r["selected"],
+                            _pct(r["selected_share"]),
+                            _pct(r["selection_rate"]),
+                        ]
+                        for r in composition
+                    ],
+                )
+            )
         else:
-            lines += ["The pool is not reachable from this folder; the table covers the selected rows only.", "",
-                      markdown_table([group_name, "selected rows", "selected share"],
-                                [[r["group"], r["selected"], _pct(r["selected_share"])] for r in composition])]
+            lines += [
+                "The pool is not reachable from this folder; the table covers the selected rows only.",
+                "",
+                markdown_table(
+                    [group_name, "selected rows", "selected share"],
+                    [[r["group"], r["selected"], _pct(r["selected_share"])] for r in composition],
+                ),
+            ]
     else:
         lines.append("No grouping of the rows was given or found (pass `group_column=` or `groups=`).")
     return lines
 
 
 def _markdown(metadata: Mapping, data: dict, composition: list[dict] | None, group_name: str | None) -> str:
-    lines = (_md_settings(metadata, data) + _md_distributions(data) + _md_pairwise(data) + _md_subset_overlap(data)
-             + _md_composition(composition, group_name))
+    lines = (
+        _md_settings(metadata, data)
+        + _md_distributions(data)
+        + _md_pairwise(data)
+        + _md_subset_overlap(data)
+        + _md_composition(composition, group_name)
+    )
     return "\n".join([*lines, ""])
 
 
@@ -609,8 +716,7 @@ def write_report(
     metadata = export.metadata
     data = _compute(metadata, scores)
 
-    grouping = _resolve_groups(export, np.sort(data["_index"][data["_selected"]]), data["_index"],
-                               group_column, groups)
+    grouping = _resolve_groups(export, np.sort(data["_index"][data["_selected"]]), data["_index"], group_column, groups)
     composition, name = None, None
     if grouping is not None:
         sub_labels, pool_labels, default_name = grouping

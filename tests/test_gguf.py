@@ -31,8 +31,9 @@ def _one_lora_step(model, tmp_path):
 
     model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     rows = Dataset.from_dict({"input_ids": [[1, 2, 3, 4, 5]] * 2, "labels": [[1, 2, 3, 4, 5]] * 2})
-    args = TrainingArguments(str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to="none", use_cpu=True,
-                             save_strategy="no")
+    args = TrainingArguments(
+        str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to="none", use_cpu=True, save_strategy="no"
+    )
     return Trainer(model, args, train_dataset=rows).train()
 
 
@@ -44,8 +45,9 @@ def test_readme_gguf_loading_is_trainable(tmp_path):
 
     folder = _folder()
     # As in the README:
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, quantization_config=GgufConfig(dequantize=True),
-                                                 dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=GGUF, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
+    )
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
     assert not getattr(model, "is_quantized", False) and next(model.parameters()).dtype == torch.float32
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") is not None and tokenizer.chat_template

@@ -53,17 +53,18 @@ def _text_model(vocab_size, seed=0):
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    return get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    return get_peft_model(LlamaForCausalLM(config), lora)
 
 
 # ---- images ----
 
 
 def test_missing_image_is_an_error_naming_the_row_and_path(tmp_path):
+    from PIL import Image
+
     from icons_hf.data import prepare_llava_dataset
     from icons_hf.demo import image_processor
-
-    from PIL import Image
 
     Image.new("RGB", (32, 32), "red").save(tmp_path / "0.png")
     records = _records(2, image=lambda i: f"{i}.png")
@@ -91,7 +92,8 @@ def test_unreadable_image_is_an_error_naming_the_row_or_a_recorded_skip(tmp_path
                                  image_token_id=image_token, num_image_tokens=16)
     torch.manual_seed(0)
     model = get_peft_model(build_tiny_llava(len(tok), image_token, tok.pad_token_id),
-                           LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)", init_lora_weights=False))
+                           LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)",
+                                      init_lora_weights=False))
     with pytest.raises(BadRowError, match=r"row 2 cannot be read: image .*2\.png cannot be read"):
         compute_gradients(model, pool, output_dir=tmp_path / "err", **FAST)
     path = compute_gradients(model, pool, output_dir=tmp_path / "skip", on_bad_row="skip", **FAST)
@@ -125,7 +127,8 @@ def test_row_without_supervised_tokens_errors_or_is_skipped_and_reaches_the_card
     np.testing.assert_allclose(feats, _features(clean)[1], rtol=1e-5, atol=1e-7)
 
     # Downstream: the skipped rows are never selected and the card and selection.json list them with reasons.
-    val = compute_gradients(model, Dataset.from_list(token_rows(3, seed=2)), output_dir=tmp_path / "val", dtype="float32", **FAST)
+    val = compute_gradients(model, Dataset.from_list(token_rows(3, seed=2)), output_dir=tmp_path / "val",
+                            dtype="float32", **FAST)
     scores = select(compute_influence(path, {"t": val}), fraction=0.5)
     assert scores["index"] == index.tolist() and sum(scores["selected"]) == 3
     out = export_selection(pool, scores, tmp_path / "export")
@@ -146,7 +149,8 @@ def test_row_longer_than_the_model_limit(tmp_path, tiny_lora_llama, token_rows):
     with pytest.raises(BadRowError, match=r"row 3: 70 tokens exceed the model's limit of 64; pass max_length <= 64"):
         compute_gradients(model, pool, output_dir=tmp_path / "err", **FAST)
     skipped = compute_gradients(model, pool, output_dir=tmp_path / "skip", on_bad_row="skip", **FAST)
-    assert _meta(skipped)["skipped"][0]["index"] == 3 and "exceed the model's limit" in _meta(skipped)["skipped"][0]["reason"]
+    first = _meta(skipped)["skipped"][0]
+    assert first["index"] == 3 and "exceed the model's limit" in first["reason"]
     # Truncation beyond the limit is still refused.
     with pytest.raises(BadRowError, match=r"row 3: 66 tokens after truncation exceed the model's limit of 64"):
         compute_gradients(model, pool, output_dir=tmp_path / "too_far", max_length=66, **FAST)
@@ -157,7 +161,8 @@ def test_row_longer_than_the_model_limit(tmp_path, tiny_lora_llama, token_rows):
     assert meta["config"]["max_length"] == 32
     # The truncated row's feature is that of the row cut by hand.
     rows[3] = {"input_ids": long_ids[:32], "labels": ([-100] * 10 + long_ids[10:])[:32]}
-    by_hand = compute_gradients(model, Dataset.from_list(rows), output_dir=tmp_path / "by_hand", dtype="float32", **FAST)
+    by_hand = compute_gradients(model, Dataset.from_list(rows), output_dir=tmp_path / "by_hand", dtype="float32",
+                                **FAST)
     np.testing.assert_allclose(_features(path)[1], _features(by_hand)[1], rtol=1e-5, atol=1e-7)
 
 
@@ -168,7 +173,8 @@ def test_non_finite_loss_errors_or_is_skipped(tmp_path, tiny_lora_llama, token_r
     rows[5]["input_ids"][0] = 63
     pool = Dataset.from_list(rows)
     model = tiny_lora_llama(seed=0)
-    clean = compute_gradients(model, pool.select([0, 1, 2, 3, 4, 6]), output_dir=tmp_path / "clean", dtype="float32", **FAST)
+    clean = compute_gradients(model, pool.select([0, 1, 2, 3, 4, 6]), output_dir=tmp_path / "clean", dtype="float32",
+                              **FAST)
     with torch.no_grad():
         model.get_base_model().model.embed_tokens.weight[63] = float("inf")  # any row with token 63: loss is nan
     with pytest.raises(BadRowError, match=r"row 5: non-finite loss \(nan\)"):
@@ -387,7 +393,8 @@ HOSTILE_EDGES = [
      ValueError, r"row 0: turn 0 is a str, not a \{'from', 'value'\} object"),
     ("conversations_a_string", lambda t: _prepare([{"id": "a", "conversations": "what? red"}]),
      ValueError, r"row 0 \(id 'a'\): 'conversations' must be a list"),
-    ("record_not_an_object", lambda t: _prepare([["what?", "red"]]), ValueError, r"row 0 is a list, not a LLaVA record"),
+    ("record_not_an_object", lambda t: _prepare([["what?", "red"]]), ValueError,
+     r"row 0 is a list, not a LLaVA record"),
     ("chat_row_not_an_object", lambda t: _prepare_chat(["hello"]), ValueError, r"row 0 is a str, not a record object"),
     ("chat_row_without_messages", lambda t: _prepare_chat([{"chat": []}]), ValueError,
      r"row 0 has no 'messages' field; pass messages_key="),
@@ -396,8 +403,10 @@ HOSTILE_EDGES = [
      r"p.json: row 1 is a list, not a record object"),
     ("pool_jsonl_bad_line", lambda t: _load(t, "p.jsonl", '{"id": 1}\n{"id": \n'), ValueError,
      r"p.jsonl, line 2: not valid JSON"),
-    ("pool_other_extension", lambda t: _load(t, "p.csv", "id\n1\n"), ValueError, r"expected a .json/.jsonl records file"),
-    ("pool_dataset_dict_folder", _dataset_dict_folder, ValueError, r"holds a DatasetDict; pass the folder of one split"),
+    ("pool_other_extension", lambda t: _load(t, "p.csv", "id\n1\n"), ValueError,
+     r"expected a .json/.jsonl records file"),
+    ("pool_dataset_dict_folder", _dataset_dict_folder, ValueError,
+     r"holds a DatasetDict; pass the folder of one split"),
     ("pool_not_a_dataset_folder", lambda t: load_pool_folder(t), FileNotFoundError,
      r"is not a dataset saved with Dataset.save_to_disk"),
     ("pool_a_list_of_dicts", lambda t: export_selection([{"id": 1}], _selected_table(), t / "o"),
