@@ -290,7 +290,7 @@ def _gradients(args) -> None:
     if args.feature == "adam" and not (args.optimizer_state or args.adapter):
         raise UsageError("--feature adam needs the checkpoint's optimizer state: pass --optimizer-state (or --adapter) "
                          "a Trainer checkpoint folder with optimizer.pt")
-    check_output(args.output_dir, [args.dataset, args.adapter, args.optimizer_state], "--output-dir")
+    check_output(args.output_dir, [args.dataset], "--output-dir")
     init_distributed()
     model, config = _load_model(args)
     dataset = _load_dataset(args, config)

@@ -169,7 +169,7 @@ def prepare_llava_dataset(
 def model_input_format(dataset):
     """Rows read from ``dataset`` hold its model inputs only (``input_ids``, ``labels``): the ``record_hash`` column
     stays in the table but out of every batch a model or collator sees; read it with
-    ``dataset.with_format(None)["record_hash"]`` (or ``with_format("arrow")``)."""
+    ``icons_hf.pools.column_values(dataset, "record_hash")``."""
     dataset.set_format(columns=[c for c in dataset.column_names if c != RECORD_HASH_COLUMN])
     return dataset
 

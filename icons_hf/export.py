@@ -39,6 +39,7 @@ from .pools import (
     RECORD_HASH_COLUMN,
     Pool,
     check_row_identity,
+    column_values,
     load_llava_records,
     load_pool,
     record_hash,
@@ -94,7 +95,7 @@ def _verify_identity(pool: Pool, scores, expected_rows: int | None) -> str:
     hashed = RECORD_HASH_COLUMN in scores.column_names
     if hashed:
         index = column_arrays(scores, ["index"])["index"].astype(np.int64)
-        hashes = np.asarray(scores.with_format(None)[RECORD_HASH_COLUMN], dtype=object)
+        hashes = np.asarray(column_values(scores, RECORD_HASH_COLUMN), dtype=object)
         inside = (index >= 0) & (index < n_pool)
         check_row_identity(pool.hashes(), index[inside], hashes[inside], pool.name)
         if not inside.all():

@@ -31,7 +31,7 @@ import numpy as np
 
 from .consensus import column_arrays, percentile_ranks, task_columns, task_overlap, vote_histogram
 from .export import ExportFolder, markdown_table, read_export
-from .pools import is_records_format, load_pool
+from .pools import column_values, is_records_format, load_pool
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def _column_groups(export: ExportFolder, pool_index, group_column):
     if pool is not None and pool.dataset is not None:
         if group_column not in pool.dataset.column_names:
             raise ValueError(f"the pool {pool.path} has no column {group_column!r}; pass another group_column=.")
-        values = pool.dataset.select_columns([group_column]).with_format(None)[group_column]
+        values = column_values(pool.dataset, group_column)
         pool_labels = [_label(values[int(i)]) for i in pool_index]
     return sub_labels, pool_labels, group_column
 

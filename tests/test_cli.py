@@ -274,6 +274,11 @@ CASES = [
         ["gradients", "--model", "m", "--dataset", "{t}/d", "--output-dir", "{t}/o", "--feature", "adam"],
         r"--feature adam needs the checkpoint's optimizer state",
     ),
+    (
+        "gradients_store_inside_the_dataset",
+        ["gradients", "--model", "m", "--dataset", "{t}/scores", "--output-dir", "{t}/scores/stores"],
+        r"--output-dir .*/scores/stores is inside the input .*/scores",
+    ),
 ]
 
 
