@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import os
 import sys
+import types
 import typing
 
 from .consensus import METHODS
@@ -45,9 +46,9 @@ class UsageError(ValueError):
 def _option_type(hint) -> tuple[type, dict]:
     """The argparse ``type`` and extra keywords of a settings field's type hint."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) is typing.Union and len(args) == 1:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:  # Optional[X] or X | None
         hint = args[0]
-    if typing.get_origin(hint) is tuple:
+    if typing.get_origin(hint) in (tuple, list):  # tuple[float, ...] / list[float]: one or more values
         return typing.get_args(hint)[0], {"nargs": "+"}
     if hint is bool:
         return None, {"action": argparse.BooleanOptionalAction}

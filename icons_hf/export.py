@@ -408,7 +408,7 @@ def _method_text(sel: dict) -> str:
     if floor > 0 and sel.get("floor_rows_per_task") == 0:
         floor = 0.0  # fewer rows than tasks: the floors held no row and the method's ranking alone decided
     settings = sel.get("settings") or {}
-    inclusive = sel.get("threshold_inclusive", settings.get("threshold_inclusive", False))
+    inclusive = settings.get("threshold_inclusive", sel.get("threshold_inclusive", False))
     tied = "threshold_percentile" in settings and settings["threshold_percentile"] is None
     votes = (
         f"a row gets one vote from each task whose influence score {'reaches' if inclusive else 'exceeds'} that task's "
