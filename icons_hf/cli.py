@@ -2,27 +2,108 @@
 
 Subcommands: ``demo``, ``gradients``, ``influence``, ``select``, ``export``, ``report``, ``push``. Each has
 ``--help``. ``gradients`` runs under ``accelerate launch``/``torchrun`` (every process takes its share of rows).
+
+The options of ``gradients``, ``influence`` and ``select`` are generated from the fields of
+:class:`~icons_hf.settings.FeatureSettings`, :class:`~icons_hf.settings.InfluenceSettings` and
+:class:`~icons_hf.settings.SelectionSettings` (``batch_size`` -> ``--batch-size``), with their help text. An option
+left out keeps the value of ``--preset`` (``default`` unless given); only the options given are passed on.
+
+A mistake in the command or its inputs prints one line, ``icons-hf <command>: error: <what and how to fix it>``,
+and exits with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import logging
 import os
 import sys
+import types
+import typing
 
 from .consensus import METHODS
-from .gradients import ADAM_VARIANTS, FEATURES, PROJECTIONS
 from .influence import SPECIALISTS
+from .settings import PRESETS, FeatureSettings, InfluenceSettings, SelectionSettings
+
+# Choices of settings fields whose dataclass leaves them open (registries that other modules own).
+_CHOICES = {"method": METHODS, "specialist": SPECIALISTS}
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# What the command line adds to a field's help.
+_CLI_NOTES = {
+    "threshold_percentile": "from the command line, --preset paper ties it to the fraction",
+    "pad_token_id": "default: the model config's pad_token_id, else 0",
+}
+
+
+class UsageError(ValueError):
+    """A mistake in the command line or its inputs (printed as one ``error:`` line, exit status 2)."""
+
+
+# --------------------------------------------------------------------------------------------- options
+
+
+def _option_type(hint) -> tuple[type, dict]:
+    """The argparse ``type`` and extra keywords of a settings field's type hint."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:  # Optional[X] or X | None
+        hint = args[0]
+    if typing.get_origin(hint) in (tuple, list):  # tuple[float, ...] / list[float]: one or more values
+        return typing.get_args(hint)[0], {"nargs": "+"}
+    if hint is bool:
+        return None, {"action": argparse.BooleanOptionalAction}
+    return hint, {}
+
+
+def add_settings_options(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] = ()) -> None:
+    """One option per field of the settings dataclass ``cls`` (``--field-name``), default ``None`` (= not given:
+    the preset's value), help from the field's metadata, plus ``--preset``."""
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(f"{cls.__name__} (left out: the --preset's value)")
+    group.add_argument("--preset", choices=PRESETS,
+                       help="named settings to start from: 'default' (the library's measured defaults) or 'paper' "
+                            "(the released ICONS rule); options given override it (default: default)")
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        kind, extra = _option_type(hints[f.name])
+        choices = f.metadata.get("choices") or _CHOICES.get(f.name)
+        default = f.default
+        if default is None or isinstance(default, bool):
+            default = {None: "none", True: "on", False: "off"}[default]
+        text = f.metadata.get("help", f.name)
+        note = _CLI_NOTES.get(f.name) or ("" if "default" in text else f"default: {default}")
+        text = (f"{text} ({note})" if note else text).replace("%", "%%")
+        kwargs = dict(dest=f.name, default=None, help=text, **extra)
+        if kind is not None:
+            kwargs["type"] = kind
+        if choices:
+            kwargs["choices"] = choices
+        group.add_argument(f"--{f.name.replace('_', '-')}", **kwargs)
+
+
+def stage_kwargs(args: argparse.Namespace, cls, *, skip: tuple[str, ...] = ()) -> dict:
+    """The settings options that were given (not ``None``) and ``preset=`` when ``--preset`` was given: the keyword
+    arguments for the stage's library call."""
+    out = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+           if f.name not in skip and getattr(args, f.name, None) is not None}
+    if getattr(args, "preset", None) is not None:
+        out["preset"] = args.preset
+    return out
 
 
 def _add_demo(sub):
     p = sub.add_parser("demo", help="run the embedded easy-VQA demo end to end (CPU, offline)")
     p.add_argument("--output-dir", default="icons_demo", help="where the demo writes everything (default: %(default)s)")
-    p.add_argument("--pool-size", type=int, default=3000, help="pool rows drawn from easy-VQA train (default: %(default)s)")
+    p.add_argument("--pool-size", type=int, default=3000,
+                   help="pool rows drawn from easy-VQA train (default: %(default)s)")
     p.add_argument("--fraction", type=float, default=0.2, help="share of the pool to select (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the pool draw, the model and the warmup (default: %(default)s)")
+
+
+# Fields of FeatureSettings that `gradients` takes otherwise: --feature chooses the feature of the dataset at hand.
+_GRADIENTS_SKIP = ("train_feature",)
 
 
 def _add_gradients(sub):
@@ -33,22 +114,14 @@ def _add_gradients(sub):
                    help="a tokenized dataset saved with save_to_disk (input_ids, labels, ...) or LLaVA .json/.jsonl")
     p.add_argument("--image-folder", help="folder that LLaVA 'image' paths are relative to")
     p.add_argument("--output-dir", required=True, help="the gradient store to write (resumed if it exists)")
-    p.add_argument("--feature", choices=FEATURES, default="sgd",
-                   help="'adam' for pool rows (needs --optimizer-state), 'sgd' for validation rows (default)")
+    p.add_argument("--feature", choices=FeatureSettings.__dataclass_fields__["train_feature"].metadata["choices"],
+                   default="sgd", help="feature of these rows: 'sgd' plain gradients (default; validation rows always) "
+                                       "or 'adam' (pool rows as LESS; needs --optimizer-state)")
     p.add_argument("--optimizer-state", help="Trainer checkpoint folder with optimizer.pt (default: --adapter)")
-    p.add_argument("--adam-variant", choices=ADAM_VARIANTS, default="less")
-    p.add_argument("--projection", choices=PROJECTIONS, default="countsketch")
-    p.add_argument("--dim", type=int, default=8192)
-    p.add_argument("--seed", type=int, default=0, help="projection seed")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="feature storage dtype")
-    p.add_argument("--on-bad-row", choices=("error", "skip"), default="error")
-    p.add_argument("--max-length", type=int, help="truncate longer rows (recorded in the store)")
     p.add_argument("--learning-rate", type=float, help="checkpoint learning rate (default: from trainer_state.json)")
-    p.add_argument("--torch-dtype", default="float32", help="model dtype: float32, bfloat16 or float16")
-    p.add_argument("--shard-size", type=int, default=4096,
-                   help="rows per shard: the unit of resumption and of work split between processes")
-    p.add_argument("--max-tokens-per-batch", type=int, help="cap on padded tokens per batch (rows are length-bucketed)")
+    p.add_argument("--torch-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="model dtype (default: %(default)s)")
+    add_settings_options(p, FeatureSettings, skip=_GRADIENTS_SKIP)
 
 
 def _add_influence(sub):
@@ -57,57 +130,51 @@ def _add_influence(sub):
     p.add_argument("--train", nargs="+", help="train stores, one per checkpoint")
     p.add_argument("--task", action="append", default=[], metavar="NAME[/SUBTASK]=STORE[,STORE...]",
                    help="validation stores of a task (one per checkpoint, same order as --train); repeatable")
-    p.add_argument("--checkpoint-weights", type=float, nargs="+", help="explicit checkpoint weights")
-    p.add_argument("--batch-size", type=int, default=4096, help="train rows read per step")
-    p.add_argument("--specialist", choices=SPECIALISTS, default="balanced",
-                   help="how a task's validation examples combine: balanced (default; an equal quota of top rows per "
-                        "example), zscore, or mean (the ICONS paper's mean cosine)")
     p.add_argument("--work-dir", help="folder for the temporary per-example cosine file of balanced/zscore "
                                       "(4 x rows x validation examples bytes; default: the --cache-file's folder, "
                                       "else the system's temporary folder)")
     p.add_argument("--cache-file", help="write the score table to this Arrow file batch by batch (large pools)")
-    p.add_argument("--output", required=True, help="folder to save the score table (datasets save_to_disk)")
+    p.add_argument("--output", required=True, help="new folder to save the score table in (datasets save_to_disk)")
+    add_settings_options(p, InfluenceSettings)
 
 
 def _add_select(sub):
     p = sub.add_parser("select", help="select rows from a score table")
     p.add_argument("scores", help="score table folder written by 'icons-hf influence'")
-    p.add_argument("--method", choices=METHODS, default="vote")
-    p.add_argument("--fraction", type=float, default=0.2)
-    p.add_argument("--num-rows", type=int, help="select exactly this many rows instead of a fraction")
-    p.add_argument("--threshold-percentile", type=float, default=80.0)
-    p.add_argument("--task", help="the task for --method task")
-    p.add_argument("--seed", type=int, default=0, help="seed for --method random")
-    p.add_argument("--task-floor", type=float,
-                   help="share of the subset reserved as equal per-task floors of each task's top rows (default: 1.0 "
-                        "for vote, 0 otherwise; 0 with vote is the ICONS paper's rule)")
-    p.add_argument("--output", required=True, help="folder to save the table with votes/selected columns")
+    p.add_argument("--output", required=True,
+                   help="new folder to save the table with votes/selected columns in (not the scores folder)")
+    add_settings_options(p, SelectionSettings)
 
 
 def _add_export(sub):
     p = sub.add_parser("export", help="write the selected rows in the pool's format, with scores and a card")
-    p.add_argument("--pool", required=True, help="LLaVA .json/.jsonl, or a dataset folder saved with save_to_disk")
+    p.add_argument("--pool", required=True,
+                   help="the pool the features were computed on, unchanged and in order: a .json/.jsonl records file "
+                        "or a dataset folder saved with save_to_disk")
     p.add_argument("--scores", required=True, help="folder written by 'icons-hf select'")
-    p.add_argument("--output-dir", required=True)
+    p.add_argument("--output-dir", required=True,
+                   help="folder to write (new, empty, or a previous export; files the export did not write are never "
+                        "replaced)")
+    p.add_argument("--pool-name", help="name of the pool in the card (default: the file or folder name)")
     p.add_argument("--license", help="license of the subset for the card (default: other)")
-    p.add_argument("--pretty-name")
+    p.add_argument("--pretty-name", help="title of the card (default: '<pool>: ICONS selection of N rows')")
     p.add_argument("--tag", action="append", default=[], help="extra Hub tag; repeatable")
 
 
 def _add_report(sub):
     p = sub.add_parser("report", help="figures and a Markdown report of an exported selection")
-    p.add_argument("export_dir")
-    p.add_argument("--output-dir", help="default: <export_dir>/report")
+    p.add_argument("export_dir", help="folder written by 'icons-hf export'")
+    p.add_argument("--output-dir", help="where to write report.md and the figures (default: <export_dir>/report)")
     p.add_argument("--group-column", help="record field or column to break the subset down by (e.g. source)")
 
 
 def _add_push(sub):
     p = sub.add_parser("push", help="push an exported selection to the Hugging Face Hub as a dataset")
-    p.add_argument("export_dir")
-    p.add_argument("repo_id")
-    p.add_argument("--private", action="store_true")
-    p.add_argument("--revision")
-    p.add_argument("--create-pr", action="store_true")
+    p.add_argument("export_dir", help="folder written by 'icons-hf export'")
+    p.add_argument("repo_id", help="dataset repository, 'namespace/name' (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--revision", help="branch to push to (default: main)")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing directly")
     p.add_argument("--embed-images", action="store_true", help="embed images (datasets.Image) instead of paths")
     p.add_argument("--image-folder", help="folder the LLaVA image paths are relative to (with --embed-images)")
     p.add_argument("--no-scores", action="store_true", help="do not push the score table as the 'scores' config")
@@ -115,30 +182,65 @@ def _add_push(sub):
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="icons-hf", description="ICONS data selection on the Hugging Face stack.")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=_LOG_LEVELS,
+                        help="logging level (default: %(default)s)")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_demo, _add_gradients, _add_influence, _add_select, _add_export, _add_report, _add_push):
         add(sub)
     return parser
 
 
-def _parse_tasks(specs: list[str]) -> dict:
+# --------------------------------------------------------------------------------------------- inputs
+
+
+def parse_tasks(specs: list[str]) -> dict:
+    """``--task`` values (``NAME=STORE[,STORE...]`` or ``NAME/SUBTASK=...``) as the ``tasks`` of compute_influence."""
     tasks: dict = {}
     for spec in specs:
         name, sep, paths = spec.partition("=")
         if not sep or not name or not paths:
-            raise SystemExit(f"--task {spec!r}: expected NAME=STORE[,STORE...] or NAME/SUBTASK=STORE[,...]")
+            raise UsageError(f"--task {spec!r}: expected NAME=STORE[,STORE...] or NAME/SUBTASK=STORE[,...]")
         stores = paths.split(",")
         task, _, subtask = name.partition("/")
         if subtask:
             if isinstance(tasks.get(task), list):
-                raise SystemExit(f"--task {spec!r}: task {task!r} was given both with and without subtasks")
+                raise UsageError(f"--task {spec!r}: task {task!r} was given both with and without subtasks")
             tasks.setdefault(task, {})[subtask] = stores
         else:
             if task in tasks:
-                raise SystemExit(f"--task {spec!r}: task {task!r} was given twice")
+                raise UsageError(f"--task {spec!r}: task {task!r} was given twice; give each task once")
             tasks[task] = stores
     return tasks
+
+
+def check_output(output: str, inputs, flag: str = "--output") -> None:
+    """Refuse an output folder that is one of the inputs, inside one, or holds one (it would be written over)."""
+    out = os.path.realpath(output)
+    for given in inputs:
+        if not given:
+            continue
+        path = os.path.realpath(given)
+        if out == path or out.startswith(path + os.sep) or path.startswith(out + os.sep):
+            where = "is" if out == path else "is inside" if out.startswith(path + os.sep) else "holds"
+            raise UsageError(f"{flag} {output} {where} the input {given}; writing there would destroy what is being "
+                             f"read. Pass a new folder as {flag}.")
+
+
+def load_table(path: str, flag: str):
+    """A score table folder (``save_to_disk``), or an error saying what to pass."""
+    from datasets import Dataset, load_from_disk
+
+    if not os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is not a folder; pass the folder written by 'icons-hf influence' or "
+                         "'icons-hf select'.")
+    try:
+        table = load_from_disk(path)
+    except FileNotFoundError:
+        table = None
+    if not isinstance(table, Dataset):
+        raise UsageError(f"{flag} {path} is not a score table saved by 'icons-hf influence' or 'icons-hf select'; pass "
+                         "that folder.")
+    return table
 
 
 def _load_model(args):
@@ -156,7 +258,7 @@ def _load_model(args):
     return model, config
 
 
-def _load_dataset(args, model, config):
+def _load_dataset(args, config):
     from datasets import load_from_disk
 
     if os.path.isdir(args.dataset):
@@ -171,69 +273,99 @@ def _load_dataset(args, model, config):
         num_image_tokens = getattr(processor, "num_image_tokens", None) or getattr(config, "image_seq_length", 0)
         image_token_id = getattr(config, "image_token_id", None) or getattr(config, "image_token_index", None)
     else:
-        tokenizer, image_processor, num_image_tokens, image_token_id = AutoTokenizer.from_pretrained(args.model), None, 0, None
+        tokenizer, image_processor = AutoTokenizer.from_pretrained(args.model), None
+        num_image_tokens, image_token_id = 0, None
     return prepare_llava_dataset(
         args.dataset, tokenizer, image_processor=image_processor, image_folder=args.image_folder,
         image_token_id=image_token_id, num_image_tokens=num_image_tokens,
     )
 
 
-def _run(args) -> int:
+# --------------------------------------------------------------------------------------------- commands
+
+
+def _gradients(args) -> None:
+    from .distributed import init_distributed, is_main_process
+    from .gradients import compute_gradients
+
+    if args.feature == "adam" and not (args.optimizer_state or args.adapter):
+        raise UsageError("--feature adam needs the checkpoint's optimizer state: pass --optimizer-state (or --adapter) "
+                         "a Trainer checkpoint folder with optimizer.pt")
+    check_output(args.output_dir, [args.dataset], "--output-dir")
+    init_distributed()
+    model, config = _load_model(args)
+    dataset = _load_dataset(args, config)
+    kwargs = stage_kwargs(args, FeatureSettings, skip=_GRADIENTS_SKIP)
+    kwargs.setdefault("pad_token_id", getattr(config, "pad_token_id", None) or 0)
+    state = args.optimizer_state or (args.adapter if args.feature == "adam" else None)
+    path = compute_gradients(
+        model, dataset, output_dir=args.output_dir, feature=args.feature, optimizer_state=state,
+        learning_rate=args.learning_rate,
+        checkpoint=os.path.basename(os.path.normpath(args.adapter)) if args.adapter else None, **kwargs,
+    )
+    if is_main_process():
+        print(path)
+
+
+def _influence(args) -> None:
+    from .callback import load_run
+    from .influence import compute_influence
+
+    if args.run and (args.train or args.task):
+        raise UsageError("pass either --run DIR or --train STORE... --task NAME=STORE..., not both")
+    if args.run:
+        train, tasks = load_run(args.run)
+        inputs = [args.run]
+    elif args.train and args.task:
+        train, tasks = args.train, parse_tasks(args.task)
+        inputs = [*args.train, *(p for spec in args.task for p in spec.partition("=")[2].split(","))]
+    else:
+        raise UsageError("no gradient stores given: pass --run DIR (an IconsCallback output folder), or --train "
+                         "STORE... (one per checkpoint) with at least one --task NAME=STORE[,STORE...]")
+    check_output(args.output, inputs)
+    scores = compute_influence(train, tasks, cache_file_name=args.cache_file, work_dir=args.work_dir,
+                               **stage_kwargs(args, InfluenceSettings))
+    scores.save_to_disk(args.output)
+    print(args.output)
+
+
+def _select(args) -> None:
+    from .consensus import select
+    from .influence import provenance
+
+    if args.num_rows is not None and args.fraction is not None:
+        raise UsageError("pass either --fraction or --num-rows (the subset's size), not both")
+    check_output(args.output, [args.scores])
+    scores = select(load_table(args.scores, "the scores folder"), **stage_kwargs(args, SelectionSettings))
+    scores.save_to_disk(args.output)
+    info = provenance(scores)["selection"]
+    print(f"selected {info['num_selected']} of {info['num_candidates']} rows -> {args.output}")
+
+
+def _export(args) -> None:
+    from .export import export_selection
+
+    check_output(args.output_dir, [args.scores, args.pool], "--output-dir")
+    print(export_selection(args.pool, load_table(args.scores, "--scores"), args.output_dir, pool_name=args.pool_name,
+                           license=args.license, pretty_name=args.pretty_name, tags=args.tag))
+
+
+def _run(args) -> None:
     if args.command == "demo":
         from .demo import DemoConfig, format_summary, run_demo
 
-        summary = run_demo(DemoConfig(output_dir=args.output_dir, pool_size=args.pool_size, fraction=args.fraction, seed=args.seed))
+        config = DemoConfig(output_dir=args.output_dir, pool_size=args.pool_size, fraction=args.fraction,
+                            seed=args.seed)
+        summary = run_demo(config)
         print(format_summary(summary))
     elif args.command == "gradients":
-        from .distributed import init_distributed, is_main_process
-        from .gradients import compute_gradients
-
-        init_distributed()
-        model, config = _load_model(args)
-        dataset = _load_dataset(args, model, config)
-        state = args.optimizer_state or (args.adapter if args.feature == "adam" else None)
-        path = compute_gradients(
-            model, dataset, output_dir=args.output_dir, feature=args.feature, optimizer_state=state,
-            adam_variant=args.adam_variant, projection=args.projection, dim=args.dim, seed=args.seed,
-            batch_size=args.batch_size, dtype=args.dtype, on_bad_row=args.on_bad_row, max_length=args.max_length,
-            learning_rate=args.learning_rate, checkpoint=os.path.basename(os.path.normpath(args.adapter)) if args.adapter else None,
-            pad_token_id=getattr(config, "pad_token_id", None) or 0, shard_size=args.shard_size,
-            max_tokens_per_batch=args.max_tokens_per_batch,
-        )
-        if is_main_process():
-            print(path)
+        _gradients(args)
     elif args.command == "influence":
-        from .callback import load_run
-        from .influence import compute_influence
-
-        if args.run:
-            train, tasks = load_run(args.run)
-        elif args.train and args.task:
-            train, tasks = args.train, _parse_tasks(args.task)
-        else:
-            raise SystemExit("give --run DIR, or --train STORE... with at least one --task")
-        scores = compute_influence(train, tasks, specialist=args.specialist, checkpoint_weights=args.checkpoint_weights,
-                                   batch_size=args.batch_size, cache_file_name=args.cache_file, work_dir=args.work_dir)
-        scores.save_to_disk(args.output)
-        print(args.output)
+        _influence(args)
     elif args.command == "select":
-        from datasets import load_from_disk
-
-        from .consensus import select
-
-        scores = select(load_from_disk(args.scores), fraction=args.fraction, threshold_percentile=args.threshold_percentile,
-                        method=args.method, task=args.task, seed=args.seed, num_rows=args.num_rows,
-                        task_floor=args.task_floor)
-        scores.save_to_disk(args.output)
-        info = json.loads(scores.info.description)["selection"]
-        print(f"selected {info['num_selected']} of {info['num_candidates']} rows -> {args.output}")
+        _select(args)
     elif args.command == "export":
-        from datasets import load_from_disk
-
-        from .export import export_selection
-
-        print(export_selection(args.pool, load_from_disk(args.scores), args.output_dir, license=args.license,
-                               pretty_name=args.pretty_name, tags=args.tag))
+        _export(args)
     elif args.command == "report":
         from .report import write_report
 
@@ -244,18 +376,23 @@ def _run(args) -> int:
         print(push_selection(args.export_dir, args.repo_id, private=args.private or None, revision=args.revision,
                              create_pr=args.create_pr, embed_images=args.embed_images, image_folder=args.image_folder,
                              push_scores=not args.no_scores))
-    return 0
+
+
+# Errors that are the user's to fix (each library message names the argument/row/file and the fix).
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+    logging.basicConfig(level=getattr(logging, args.log_level),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return _run(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"icons-hf {args.command}: error: {err}", file=sys.stderr)
+        _run(args)
+    except USER_ERRORS as err:
+        message = " ".join(str(err).split())
+        print(f"icons-hf {args.command}: error: {message}", file=sys.stderr)
         return 2
+    return 0
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from .gradients.extractor import collate_rows
+from .pools import RECORD_HASH_COLUMN, iter_dataset_records, load_records, record_hash
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ def format_conversation(
     if eos is None:
         raise ValueError("the tokenizer has no eos token; set tokenizer.eos_token.")
     for turn_no, turn in enumerate(conversations):
+        if not isinstance(turn, Mapping):
+            raise ValueError(f"{where}turn {turn_no} is a {type(turn).__name__}, not a {{'from', 'value'}} object.")
         speaker, value = turn.get("from"), turn.get("value")
         if not isinstance(value, str):
             raise ValueError(f"{where}turn {turn_no} has no text 'value'.")
@@ -84,6 +87,24 @@ def format_conversation(
     return ids, labels
 
 
+def _check_image_placeholders(record: Mapping, row: int) -> None:
+    """A record with an image mentions ``<image>`` in a human turn and one without an image does not: otherwise the
+    model would get pixels without image tokens (or tokens without pixels) and fail only when features are computed."""
+    turns = record.get("conversations")
+    if not isinstance(turns, Sequence) or isinstance(turns, str):
+        raise ValueError(f"row {row} (id {record.get('id')!r}): 'conversations' must be a list of {{'from', 'value'}} "
+                         "turns.")
+    mentions = sum(t.get("value", "").count(IMAGE_PLACEHOLDER) for t in turns
+                   if isinstance(t, Mapping) and isinstance(t.get("value"), str))
+    if record.get("image") is not None and mentions == 0:
+        raise ValueError(f"row {row} (id {record.get('id')!r}) has an image but no {IMAGE_PLACEHOLDER} in its turns; "
+                         f"put '{IMAGE_PLACEHOLDER}\\n' before the first question (LLaVA's layout) or drop the 'image' "
+                         "field.")
+    if record.get("image") is None and mentions:
+        raise ValueError(f"row {row} (id {record.get('id')!r}) mentions {IMAGE_PLACEHOLDER} but has no 'image' field; "
+                         "give it its image or remove the placeholder.")
+
+
 def prepare_llava_dataset(
     records: Sequence[Mapping] | str | os.PathLike,
     tokenizer,
@@ -96,18 +117,22 @@ def prepare_llava_dataset(
 ):
     """A ``datasets.Dataset`` of model inputs for LLaVA records (a list, or a ``.json``/``.jsonl`` path).
 
-    Columns stored: ``input_ids``, ``labels`` and, when any record has an image, ``image`` (resolved path). Reading a row yields
+    Columns stored: ``input_ids``, ``labels``, ``record_hash`` (:func:`icons_hf.pools.record_hash` of the source
+    record: the row's identity, carried into the gradient stores and checked by :func:`icons_hf.export_selection`)
+    and, when any record has an image, ``image`` (resolved path). Reading a row yields the model inputs only:
     ``input_ids``, ``labels`` and, for rows with an image, ``pixel_values`` from ``image_processor``.
     Every image path is checked up front: a missing file is an error that names the row and the path.
     """
     from datasets import Dataset
 
-    from .export import load_llava_records
-
     if isinstance(records, (str, os.PathLike)):
-        records = load_llava_records(records)
-    columns = {"input_ids": [], "labels": [], "image": []}
+        records = load_records(records)
+    columns = {"input_ids": [], "labels": [], RECORD_HASH_COLUMN: [], "image": []}
     for i, record in enumerate(records):
+        if not isinstance(record, Mapping):
+            raise ValueError(f"row {i} is a {type(record).__name__}, not a LLaVA record object "
+                             "(id, image, conversations).")
+        _check_image_placeholders(record, i)
         ids, labels = format_conversation(
             record.get("conversations") or [], tokenizer, image_token_id=image_token_id,
             num_image_tokens=num_image_tokens if record.get("image") else 0, system=system, row=i,
@@ -124,10 +149,12 @@ def prepare_llava_dataset(
             image = path
         columns["input_ids"].append(ids)
         columns["labels"].append(labels)
+        columns[RECORD_HASH_COLUMN].append(record_hash(record))
         columns["image"].append(image)
     if all(p is None for p in columns["image"]):
-        # A text-only pool: no image column, so every remaining column is a model input.
-        return Dataset.from_dict({"input_ids": columns["input_ids"], "labels": columns["labels"]})
+        # A text-only pool: no image column.
+        del columns["image"]
+        return model_input_format(Dataset.from_dict(columns))
     dataset = Dataset.from_dict(columns)
     if image_processor is not None:
         if any(p is None for p in columns["image"]):
@@ -136,6 +163,14 @@ def prepare_llava_dataset(
                 "batched separately."
             )
         dataset.set_transform(ImageLoader(image_processor))
+    return dataset
+
+
+def model_input_format(dataset):
+    """Rows read from ``dataset`` hold its model inputs only (``input_ids``, ``labels``): the ``record_hash`` column
+    stays in the table but out of every batch a model or collator sees; read it with
+    ``icons_hf.pools.column_values(dataset, "record_hash")``."""
+    dataset.set_format(columns=[c for c in dataset.column_names if c != RECORD_HASH_COLUMN])
     return dataset
 
 
@@ -160,14 +195,18 @@ class ImageLoader:
 
 
 class IconsCollator:
-    """Trainer data collator: right-pads token columns, stacks the rest (same rules as feature extraction)."""
+    """Trainer data collator: right-pads token columns, stacks the rest (same rules as feature extraction).
+
+    Columns that are no model input are left out: ``image`` (paths), ``index``, ``record_hash`` and any other
+    column of strings."""
 
     def __init__(self, pad_token_id: int = 0, max_length: int | None = None):
         self.pad_token_id = pad_token_id
         self.max_length = max_length
 
     def __call__(self, features: list[Mapping]) -> dict[str, torch.Tensor]:
-        keys = [k for k in features[0] if k not in ("image", "index")]
+        skip = ("image", "index", RECORD_HASH_COLUMN)
+        keys = [k for k in features[0] if k not in skip and not isinstance(features[0][k], str)]
         batch = {k: [f[k] for f in features] for k in keys}
         return collate_rows(batch, self.pad_token_id, self.max_length)
 
@@ -178,7 +217,9 @@ def _render_chat(tokenizer, messages, generation_prompt: bool, chat_template: st
     )
 
 
-def assistant_spans(messages: Sequence[Mapping], tokenizer, *, chat_template: str | None = None, row: int | None = None):
+def assistant_spans(
+    messages: Sequence[Mapping], tokenizer, *, chat_template: str | None = None, row: int | None = None
+):
     """The chat rendered with the tokenizer's chat template, and the character spans of its assistant turns.
 
     A span runs from the start of the assistant's content to the end of its turn as the template renders it
@@ -244,7 +285,7 @@ def format_chat(
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(encoded["input_ids"])
     labels = []
-    for token, (lo, hi) in zip(ids, encoded["offset_mapping"]):
+    for token, (lo, hi) in zip(ids, encoded["offset_mapping"], strict=True):
         inside = hi > lo and any(lo < end and start < hi for start, end in spans)
         labels.append(token if inside else -100)
     if all(label == -100 for label in labels[1:]):
@@ -263,18 +304,24 @@ def prepare_chat_dataset(
 
     ``records``: a list of objects, a ``.json``/``.jsonl`` path, or a ``datasets.Dataset``, each row holding
     ``messages_key`` (a list of ``{"role", "content"}``). Row order is kept; a bad row is an error naming it.
+    Columns: ``input_ids``, ``labels`` and ``record_hash`` (the source record's identity, see
+    :func:`icons_hf.pools.record_hash`; kept out of the rows read, which hold the model inputs only).
     """
     from datasets import Dataset
 
-    from .export import load_llava_records
-
     if isinstance(records, (str, os.PathLike)):
-        records = load_llava_records(records)
-    columns = {"input_ids": [], "labels": []}
+        records = load_records(records)
+    elif isinstance(records, Dataset):
+        records = iter_dataset_records(records)
+    columns = {"input_ids": [], "labels": [], RECORD_HASH_COLUMN: []}
     for i, record in enumerate(records):
+        if not isinstance(record, Mapping):
+            raise ValueError(f"row {i} is a {type(record).__name__}, not a record object with a {messages_key!r} "
+                             "field.")
         if messages_key not in record:
             raise ValueError(f"row {i} has no {messages_key!r} field; pass messages_key= the field holding the chat.")
         ids, labels = format_chat(record[messages_key], tokenizer, chat_template=chat_template, row=i)
         columns["input_ids"].append(ids)
         columns["labels"].append(labels)
-    return Dataset.from_dict(columns)
+        columns[RECORD_HASH_COLUMN].append(record_hash(record))
+    return model_input_format(Dataset.from_dict(columns))

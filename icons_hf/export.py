@@ -3,28 +3,49 @@
 Output folder::
 
     README.md            dataset card (YAML metadata + what was selected, how and why)
-    selection.json       provenance: pool, tasks, checkpoints and weights, projection, selection parameters
+    selection.json       provenance: pool, tasks, checkpoints and weights, projection, every stage's settings
     indices.json         selected pool positions, ascending
     scores.parquet       the score table: index, influence_<task>..., votes, consensus, tiebreak, selected
     data/train-*.parquet the selected rows, when the pool is a ``datasets.Dataset``
-    <pool name>.json(l)  the selected original records, when the pool is LLaVA-style JSON/JSONL
+    <pool name>.json(l)  the selected original records, when the pool is a JSON/JSONL records file
 
 Rows are selected by position, so pools with repeated ids (LLaVA-665K has them) export correctly, and the
-records are written unchanged in their original order.
+records are written unchanged in their original order. When the score table carries each row's
+``record_hash`` (pools formatted by ``icons_hf.data.prepare_*``), the pool given here must hold the same records
+in the same order, or the export is refused; without it the export says the row identity was not verified.
+
+:func:`read_export` reads such a folder back (``icons_hf.push_selection`` and ``icons_hf.write_report`` use it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from . import __version__
+from .consensus import column_arrays, task_overlap, vote_histogram
 from .influence import provenance
+from .pools import (
+    POOL_FORMATS,
+    RECORD_HASH_COLUMN,
+    Pool,
+    check_row_identity,
+    column_values,
+    load_llava_records,
+    load_pool,
+    record_hash,
+    write_records,
+)
+from .settings import FeatureSettings, InfluenceSettings, SelectionSettings
 
 logger = logging.getLogger(__name__)
 
@@ -36,59 +57,144 @@ ICONS_CITATION = """@article{wu2025icons,
 }"""
 
 _ROWS_PER_PARQUET = 100_000
-
-
-def load_llava_records(path: str | os.PathLike) -> list[dict]:
-    """Records of a LLaVA-style ``.json`` (a list) or ``.jsonl`` (one object per line) file."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"pool file {path} does not exist.")
-    with open(path, encoding="utf-8") as handle:
-        if path.endswith(".jsonl"):
-            records = []
-            for line_no, line in enumerate(handle, start=1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{path}, line {line_no}: not valid JSON ({err.msg}).") from None
-        else:
-            try:
-                records = json.load(handle)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}).") from None
-    if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of records (LLaVA format), got {type(records).__name__}.")
-    for i, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}: row {i} is a {type(record).__name__}, not a record object.")
-    return records
+EXPORT_FILES = ("README.md", "selection.json", "indices.json", "scores.parquet", "data")
+NOT_VERIFIED = "not verified"
+__all__ = ["ExportFolder", "export_selection", "load_llava_records", "markdown_table", "read_export", "render_card"]
 
 
 def size_category(n: int) -> str:
-    for bound, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
-                         (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M")):
+    for bound, label in (
+        (1_000, "n<1K"),
+        (10_000, "1K<n<10K"),
+        (100_000, "10K<n<100K"),
+        (1_000_000, "100K<n<1M"),
+        (10_000_000, "1M<n<10M"),
+        (100_000_000, "10M<n<100M"),
+    ):
         if n < bound:
             return label
     return "100M<n<1B"
 
 
-def _selected_positions(scores, pool_rows: int) -> np.ndarray:
-    for col in ("index", "selected"):
-        if col not in scores.column_names:
-            raise ValueError(f"the score table has no {col!r} column; pass the output of select().")
-    from .consensus import column_arrays
-
+def _selected_positions(scores, pool: Pool) -> np.ndarray:
     table = column_arrays(scores, ["index", "selected"])
     index, selected = table["index"].astype(np.int64), table["selected"].astype(bool)
-    if len(index) and (index.min() < 0 or index.max() >= pool_rows):
-        raise ValueError(
-            f"the score table refers to row {int(index.max())} but the pool has {pool_rows} rows; export with the pool "
-            "the features were computed on."
-        )
     if len(np.unique(index)) != len(index):
         raise ValueError("the score table lists a row index twice; it was not produced by compute_influence.")
+    if len(index) and (index.min() < 0 or index.max() >= len(pool)):
+        raise ValueError(
+            f"pool {pool.name!r} has {len(pool)} rows but the score table refers to row {int(index.max())}; export "
+            "with the pool the features were computed on."
+        )
     return np.sort(index[selected])
+
+
+def _verify_identity(pool: Pool, scores, expected_rows: int | None) -> str:
+    """Refuse a pool that is not the scored one; returns how the row identity was established."""
+    n_pool = len(pool)
+    hashed = RECORD_HASH_COLUMN in scores.column_names
+    if hashed:
+        index = column_arrays(scores, ["index"])["index"].astype(np.int64)
+        hashes = np.asarray(column_values(scores, RECORD_HASH_COLUMN), dtype=object)
+        inside = (index >= 0) & (index < n_pool)
+        check_row_identity(pool.hashes(), index[inside], hashes[inside], pool.name)
+        if not inside.all():
+            expected_rows = max(expected_rows or 0, int(index.max()) + 1)
+    if expected_rows is not None and expected_rows != n_pool:
+        first = min(expected_rows, n_pool)
+        raise ValueError(
+            f"pool {pool.name!r} has {n_pool} rows but the scores were computed on a pool of {expected_rows} rows "
+            f"(row {first} on {'is missing' if n_pool < expected_rows else 'was added'}); export with the exact pool "
+            "that was passed to the gradient stage."
+        )
+    if hashed:
+        return f"verified: every scored row's {RECORD_HASH_COLUMN} matches the pool's record at that position"
+    logger.warning(
+        "Row identity not verified: the score table has no %r column (the pool was not formatted with "
+        "icons_hf.data.prepare_*), so rows are taken by position only. Make sure %r is the pool the features were "
+        "computed on, in the same order.",
+        RECORD_HASH_COLUMN,
+        pool.name,
+    )
+    return f"{NOT_VERIFIED}: the score table has no {RECORD_HASH_COLUMN} column, rows were taken by position"
+
+
+def _previous_export(output_dir: str) -> dict | None:
+    path = os.path.join(output_dir, "selection.json")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            metadata = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    ours = isinstance(metadata, dict) and (metadata.get("library") or {}).get("name") == "icons_hf"
+    return metadata if ours else None
+
+
+def _prepare_output_dir(output_dir: str, subset_file: str | None) -> None:
+    """Create ``output_dir``; refuse to write over files that no export wrote (a user's own README.md, data/ ...)."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise NotADirectoryError(f"output_dir {output_dir} is a file; pass a folder to write the export into.")
+    previous = _previous_export(output_dir) if os.path.isdir(output_dir) else None
+    if previous is None:
+        clashes = [
+            name for name in (*EXPORT_FILES, subset_file) if name and os.path.exists(os.path.join(output_dir, name))
+        ]
+        if clashes:
+            raise FileExistsError(
+                f"output_dir {output_dir} already holds {clashes[0]}, which no icons_hf export wrote; export into an "
+                "empty or new folder (the export writes README.md, data/, scores.parquet, indices.json, "
+                "selection.json)."
+            )
+    else:
+        old_subset = previous.get("subset_file")
+        if old_subset and old_subset != subset_file and os.path.isfile(os.path.join(output_dir, old_subset)):
+            os.remove(os.path.join(output_dir, old_subset))
+    data_dir = os.path.join(output_dir, "data")
+    if os.path.isdir(data_dir):
+        for old in os.listdir(data_dir):
+            if old.startswith("train-") and old.endswith(".parquet"):
+                os.remove(os.path.join(data_dir, old))
+    os.makedirs(output_dir, exist_ok=True)
+
+
+def _write_subset(pool: Pool, positions: np.ndarray, output_dir: str, subset_file: str | None) -> bool:
+    """Write the selected rows; returns whether the pool has images (for the card's task category)."""
+    if pool.dataset is not None:
+        dataset = pool.dataset
+        subset = dataset.select(positions.tolist())
+        data_dir = os.path.join(output_dir, "data")
+        os.makedirs(data_dir, exist_ok=True)
+        shards = max(1, math.ceil(len(subset) / _ROWS_PER_PARQUET))
+        for k in range(shards):
+            subset.shard(shards, k, contiguous=True).to_parquet(
+                os.path.join(data_dir, f"train-{k:05d}-of-{shards:05d}.parquet")
+            )
+        return (
+            any(type(f).__name__ == "Image" for f in dataset.features.values())
+            or "pixel_values" in dataset.column_names
+        )
+    write_records([pool.records[i] for i in positions], os.path.join(output_dir, subset_file))
+    return any("image" in r for r in pool.records[: min(len(pool.records), 1000)])
+
+
+def _score_table(scores):
+    from datasets import Dataset, load_from_disk
+
+    if isinstance(scores, (str, os.PathLike)):
+        path = os.fspath(scores)
+        try:
+            scores = load_from_disk(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"scores {path} is not a score table folder; pass the folder written by 'icons-hf select' or the "
+                "Dataset that icons_hf.select returned."
+            ) from None
+    if not isinstance(scores, Dataset):
+        raise TypeError(
+            f"scores of type {type(scores).__name__} is not supported; pass the Dataset that icons_hf.select returned "
+            "(or the folder it was saved to)."
+        )
+    return scores
 
 
 def export_selection(
@@ -106,9 +212,10 @@ def export_selection(
 
     Args:
         pool: the pool the scores were computed on: a ``datasets.Dataset``, a folder saved with
-            ``Dataset.save_to_disk``, or a LLaVA-style ``.json``/``.jsonl`` file.
-        scores: the output of :func:`icons_hf.select`.
-        output_dir: folder to write (created; existing files of the same names are replaced).
+            ``Dataset.save_to_disk``, or a ``.json``/``.jsonl`` records file (LLaVA or chat records).
+        scores: the output of :func:`icons_hf.select` (or the folder it was saved to).
+        output_dir: folder to write (created). A folder holding a previous export is updated; files of the same
+            names that no export wrote (a README.md of your own, ...) are never replaced: that is an error.
         pool_name: name of the pool in the card (default: the file or folder name).
         license: the subset's license for the card's YAML (the pool's license; ``"other"`` when unknown).
         pretty_name: title of the card.
@@ -118,73 +225,41 @@ def export_selection(
 
     Returns:
         ``output_dir``.
-    """
-    from datasets import Dataset, load_from_disk
 
+    Raises:
+        ValueError: the pool is not the one that was scored (another length, or, when the score table carries
+            ``record_hash``, other records or another order: the first mismatching row is named).
+        FileExistsError: ``output_dir`` holds files of the export's names that no export wrote.
+    """
     output_dir = os.fspath(output_dir)
+    if isinstance(task_categories, str):  # one category, not its letters
+        task_categories = [task_categories]
+    tags = [tags] if isinstance(tags, str) else list(tags)
+    scores = _score_table(scores)
     info = provenance(scores)
     if "selection" not in info:
         raise ValueError("scores carry no selection; call icons_hf.select(scores) before exporting.")
-    records, dataset, fmt, subset_file = None, None, None, None
-    if isinstance(pool, Dataset):
-        dataset, fmt = pool, "hf"
-        pool_name = pool_name or "dataset"
-    elif isinstance(pool, (str, os.PathLike)) and os.path.isdir(pool):
-        dataset, fmt = load_from_disk(os.fspath(pool)), "hf"
-        pool_name = pool_name or os.path.basename(os.path.normpath(os.fspath(pool)))
-    elif isinstance(pool, (str, os.PathLike)):
-        path = os.fspath(pool)
-        if not path.endswith((".json", ".jsonl")):
-            raise ValueError(f"pool {path}: expected a .json/.jsonl LLaVA file, a saved dataset folder or a Dataset.")
-        records = load_llava_records(path)
-        fmt = "llava_jsonl" if path.endswith(".jsonl") else "llava_json"
-        stem = os.path.splitext(os.path.basename(path))[0]
-        pool_name = pool_name or stem
-        subset_file = f"{stem}_icons{os.path.splitext(path)[1]}"
-    else:
-        raise TypeError(f"pool of type {type(pool).__name__} is not supported; pass a Dataset or a LLaVA JSON path.")
-    n_pool = len(dataset) if dataset is not None else len(records)
-    expected = info.get("influence", {}).get("pool_rows")
-    if expected is not None and expected != n_pool:
-        raise ValueError(
-            f"the scores were computed on a pool of {expected} rows but {pool_name} has {n_pool}; export with the same pool."
-        )
-    positions = _selected_positions(scores, n_pool)
-    os.makedirs(output_dir, exist_ok=True)
-
-    has_images = False
-    if fmt == "hf":
-        subset = dataset.select(positions.tolist())
-        data_dir = os.path.join(output_dir, "data")
-        os.makedirs(data_dir, exist_ok=True)
-        for old in os.listdir(data_dir):
-            if old.startswith("train-") and old.endswith(".parquet"):
-                os.remove(os.path.join(data_dir, old))
-        shards = max(1, math.ceil(len(subset) / _ROWS_PER_PARQUET))
-        for k in range(shards):
-            subset.shard(shards, k, contiguous=True).to_parquet(
-                os.path.join(data_dir, f"train-{k:05d}-of-{shards:05d}.parquet")
-            )
-        has_images = any(type(f).__name__ == "Image" for f in dataset.features.values()) or "pixel_values" in dataset.column_names
-    else:
-        chosen = [records[i] for i in positions]
-        out_path = os.path.join(output_dir, subset_file)
-        with open(out_path, "w", encoding="utf-8") as handle:
-            if fmt == "llava_jsonl":
-                for record in chosen:
-                    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-            else:
-                json.dump(chosen, handle, ensure_ascii=False)
-        has_images = any("image" in r for r in records[: min(len(records), 1000)])
-
+    for col in ("index", "selected"):
+        if col not in scores.column_names:
+            raise ValueError(f"the score table has no {col!r} column; pass the output of icons_hf.select().")
+    pool = load_pool(pool, name=pool_name)
+    identity = _verify_identity(pool, scores, info.get("influence", {}).get("pool_rows"))
+    positions = _selected_positions(scores, pool)
+    subset_file = None
+    if pool.records is not None:
+        stem, ext = os.path.splitext(os.path.basename(pool.path))
+        subset_file = f"{stem}_icons{ext}"
+    _prepare_output_dir(output_dir, subset_file)
+    has_images = _write_subset(pool, positions, output_dir, subset_file)
     with open(os.path.join(output_dir, "indices.json"), "w") as handle:
         json.dump(positions.tolist(), handle)
     scores.to_parquet(os.path.join(output_dir, "scores.parquet"))
     metadata = {
         "library": {"name": "icons_hf", "version": __version__},
-        "pool": {"name": pool_name, "format": fmt, "num_rows": n_pool, "path": None if dataset is not None and isinstance(pool, Dataset) else os.fspath(pool)},
+        "pool": {"name": pool.name, "format": pool.format, "num_rows": len(pool), "path": pool.path},
         "subset_file": subset_file,
         "num_selected": int(len(positions)),
+        "row_identity": identity,
         **info,
     }
     with open(os.path.join(output_dir, "selection.json"), "w") as handle:
@@ -199,11 +274,129 @@ def export_selection(
     )
     with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as handle:
         handle.write(card)
-    logger.info("Exported %d of %d rows to %s", len(positions), n_pool, output_dir)
+    logger.info(
+        "Exported %d of %d rows to %s (row identity %s)", len(positions), len(pool), output_dir, identity.split(":")[0]
+    )
     return output_dir
 
 
-def _md_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+# -------------------------------------------------------------------------------------------- reading back
+
+
+@dataclass
+class ExportFolder:
+    """A folder written by :func:`export_selection`, checked: ``metadata`` (selection.json) and ``indices``."""
+
+    path: Path
+    metadata: dict[str, Any]
+    indices: list[int]
+
+    @property
+    def format(self) -> str:
+        return self.metadata["pool"]["format"]
+
+    def file(self, name: str) -> Path:
+        """Path of one of the export's files; an error naming it (and the fix) when it is missing."""
+        path = self.path / name
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} does not exist: {self.path} is not a complete ICONS export. Write it with "
+                "icons_hf.export_selection(pool, scores, output_dir) first."
+            )
+        return path
+
+    def subset_records(self) -> tuple[list[dict], Path]:
+        """The selected records of a records-file export, and that file's path. When the score table carries
+        ``record_hash``, every record must still be the one selected at its position (the file was not edited)."""
+        name = self.metadata.get("subset_file")
+        if not name:
+            raise ValueError(
+                f"{self.path / 'selection.json'}: a {self.format} export must name its records file in "
+                "'subset_file'; re-run export_selection."
+            )
+        path = self.file(name)
+        records = load_llava_records(path)
+        expected = self.selected_hashes()
+        if expected is not None:
+            if len(expected) != len(records):
+                raise ValueError(
+                    f"{path} holds {len(records)} records but {len(expected)} rows were selected; re-run "
+                    "export_selection."
+                )
+            for row, (record, want) in enumerate(zip(records, expected, strict=True)):
+                if record_hash(record) != want:
+                    raise ValueError(
+                        f"{path}: record {row} (pool row {self.indices[row]}) is not the record that was selected (it "
+                        "was edited or the file replaced since the export); re-run export_selection with the pool."
+                    )
+        return records, path
+
+    def selected_hashes(self) -> list[str] | None:
+        """The ``record_hash`` of the selected rows in pool order, when the export's score table carries them."""
+        import pyarrow.parquet as pq
+
+        path = self.path / "scores.parquet"
+        if not path.is_file() or RECORD_HASH_COLUMN not in pq.read_schema(path).names:
+            return None
+        table = pq.read_table(path, columns=["index", "selected", RECORD_HASH_COLUMN]).to_pydict()
+        columns = zip(table["index"], table[RECORD_HASH_COLUMN], table["selected"], strict=True)
+        chosen = sorted((i, h) for i, h, s in columns if s)
+        return [h for _, h in chosen]
+
+    def subset_shards(self) -> list[Path]:
+        """The ``data/train-*.parquet`` shards of a datasets-pool export, in order."""
+        shards = sorted((self.path / "data").glob("train-*.parquet"))
+        if not shards:
+            self.file("data/train-00000-of-00001.parquet")
+        return shards
+
+    def pool_path(self) -> str | None:
+        """The pool recorded in selection.json when it is still reachable (as given, or relative to the export)."""
+        path = self.metadata["pool"].get("path")
+        if not path:
+            return None
+        for candidate in (path, os.path.join(self.path, path)):
+            if os.path.exists(candidate):
+                return candidate
+        logger.info("The pool %s recorded in selection.json is not reachable.", path)
+        return None
+
+
+def read_export(folder: str | os.PathLike, *, need: Sequence[str] = ("README.md", "scores.parquet")) -> ExportFolder:
+    """Read and check a folder written by :func:`export_selection` (selection.json, indices.json and ``need``)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder; pass the output_dir written by icons_hf.export_selection.")
+    export = ExportFolder(folder, {}, [])
+    for name in ("selection.json", "indices.json", *need):
+        export.file(name)
+    with open(folder / "selection.json", encoding="utf-8") as handle:
+        metadata = json.load(handle)
+    pool = metadata.get("pool") if isinstance(metadata, dict) else None
+    fmt = pool.get("format") if isinstance(pool, dict) else None
+    if fmt not in POOL_FORMATS:
+        raise ValueError(
+            f"{folder / 'selection.json'}: pool.format is {fmt!r}, expected one of {', '.join(POOL_FORMATS)}; "
+            "was the folder written by icons_hf.export_selection?"
+        )
+    with open(folder / "indices.json", encoding="utf-8") as handle:
+        indices = json.load(handle)
+    if not isinstance(indices, list) or not all(isinstance(i, int) for i in indices):
+        raise ValueError(f"{folder / 'indices.json'}: expected a list of pool positions; re-run export_selection.")
+    num_selected = metadata.get("num_selected", len(indices))
+    if num_selected != len(indices):
+        raise ValueError(
+            f"{folder}: selection.json says {num_selected} rows were selected but indices.json lists {len(indices)}; "
+            "re-run export_selection."
+        )
+    metadata["num_selected"] = num_selected
+    return dataclasses.replace(export, metadata=metadata, indices=indices)
+
+
+# -------------------------------------------------------------------------------------------- dataset card
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -214,9 +407,15 @@ def _method_text(sel: dict) -> str:
     floor = float(sel.get("task_floor") or 0.0)
     if floor > 0 and sel.get("floor_rows_per_task") == 0:
         floor = 0.0  # fewer rows than tasks: the floors held no row and the method's ranking alone decided
+    settings = sel.get("settings") or {}
+    inclusive = settings.get("threshold_inclusive", sel.get("threshold_inclusive", False))
+    tied = "threshold_percentile" in settings and settings["threshold_percentile"] is None
     votes = (
-        "a row gets one vote from each task whose influence score exceeds that task's "
-        f"{sel['threshold_percentile']:g}th percentile" if method == "vote" else ""
+        f"a row gets one vote from each task whose influence score {'reaches' if inclusive else 'exceeds'} that task's "
+        f"{sel['threshold_percentile']:g}th percentile"
+        + (" (100 x (1 - fraction), as the released code)" if tied else "")
+        if method == "vote"
+        else ""
     )
     if method == "vote" and floor == 0:
         return (
@@ -272,92 +471,173 @@ def _specialist(inf: dict) -> str:
     return {"balanced-quota": "balanced", "balanced-zscore": "zscore"}.get(name, name)
 
 
-def render_card(metadata: dict, scores, *, license: str, pretty_name: str | None, task_categories: list[str], tags: list[str]) -> str:
+_STAGE_SETTINGS = {"features": FeatureSettings, "influence": InfluenceSettings, "selection": SelectionSettings}
+
+
+def stage_settings(metadata: dict) -> dict[str, dict]:
+    """Every stage's settings found in the provenance: a stage's ``"settings"`` dict when it has one, else the
+    values of that stage's settings fields that the provenance records."""
+    out = {}
+    for stage, cls in _STAGE_SETTINGS.items():
+        part = metadata.get(stage)
+        if not isinstance(part, dict):
+            continue
+        if isinstance(part.get("settings"), dict):
+            out[stage] = dict(part["settings"])
+        else:
+            found = {f.name: part[f.name] for f in dataclasses.fields(cls) if f.name in part}
+            if found:
+                out[stage] = found
+    return out
+
+
+def _settings_section(metadata: dict) -> list[str]:
+    settings = stage_settings(metadata)
+    if not settings:
+        return []
+    rows = [
+        [stage, f"`{name}`", "none" if value is None else f"`{json.dumps(value)}`"]
+        for stage, values in settings.items()
+        for name, value in values.items()
+    ]
+    return [
+        "",
+        "## Settings",
+        "",
+        "Every setting of the stages that made this selection (also in `selection.json`):",
+        "",
+        markdown_table(["stage", "setting", "value"], rows),
+    ]
+
+
+def _card_selection(metadata: dict, title: str) -> list[str]:
+    sel, pool = metadata["selection"], metadata["pool"]
+    n_sel, n_pool = metadata["num_selected"], pool["num_rows"]
+    identity = str(metadata.get("row_identity") or NOT_VERIFIED)
+    parts = [
+        f"# {title}",
+        "",
+        f"This dataset holds **{n_sel:,} of the {n_pool:,} rows** ({n_sel / max(n_pool, 1):.1%}) of the "
+        f"instruction pool `{pool['name']}`, chosen with ICONS (Influence Consensus, arXiv:2501.00654) for several "
+        "target tasks at once. "
+        f"Rows are the pool's original records, unchanged, in their original order.",
+        "",
+        "## Selection",
+        "",
+        markdown_table(
+            ["setting", "value"],
+            [
+                ["pool", f"`{pool['name']}` ({pool['format']}, {n_pool:,} rows)"],
+                ["rows selected", f"{n_sel:,}"],
+                ["method", f"`{sel['method']}`: {_method_text(sel)}"],
+                ["fraction", sel["fraction"] if sel["fraction"] is not None else "n/a (fixed count)"],
+                ["row identity", identity],
+                ["library", f"icons_hf {metadata['library']['version']}"],
+            ],
+        ),
+    ]
+    if identity.startswith(NOT_VERIFIED):
+        parts += [
+            "",
+            "**Row identity not verified**: the score table carried no per-row record hash, so the rows were "
+            "taken from the pool by position only. Use this subset only if the pool was passed to the "
+            "gradient stage unchanged and in this order.",
+        ]
+    return parts
+
+
+def _card_tasks(inf: dict, sel: dict, scores) -> list[str]:
+    if not inf:
+        return []
+    overlap = task_overlap(scores)
+    thresholds = sel.get("thresholds") or {}
+    rows = []
+    for task, subs in inf["num_validation"].items():
+        n_val = sum(subs.values())
+        pooled = "max over subtasks" if _specialist(inf) == "mean" else "examples pooled"
+        sub_text = "" if list(subs) == [task] else f" ({len(subs)} subtasks, {pooled})"
+        rows.append(
+            [
+                task,
+                f"{n_val}{sub_text}",
+                f"{thresholds[task]:.4g}" if task in thresholds else "-",
+                f"{overlap[task]:.1%}",
+            ]
+        )
+    precond = inf["preconditioner"]
+    return [
+        "",
+        "## Target tasks",
+        "",
+        _SPECIALIST_TEXT.get(_specialist(inf), f"Specialist `{_specialist(inf)}`.")
+        + " *Overlap* is the share of the task's own top rows (as many as were selected) that the selection contains.",
+        "",
+        markdown_table(["task", "validation rows", "threshold", "overlap with task's top rows"], rows),
+        "",
+        "## Gradient features",
+        "",
+        markdown_table(
+            ["checkpoint", "learning rate", "weight"],
+            [
+                [c or f"#{k}", "-" if lr is None else f"{lr:.3g}", f"{w:.3f}"]
+                for k, (c, lr, w) in enumerate(
+                    zip(inf["checkpoints"], inf["learning_rates"], inf["checkpoint_weights"], strict=True)
+                )
+            ],
+        ),
+        "",
+        f"Projection: `{inf['projection']['kind']}`, dimension {inf['projection']['dim']}, "
+        f"seed {inf['projection']['seed']}. "
+        f"Train-side feature: `{precond['feature']}`"
+        + (f" (Adam variant `{precond['adam_variant']}`)" if precond["feature"] == "adam" else "")
+        + "; validation side: SGD gradients.",
+    ]
+
+
+def _card_skipped(inf: dict) -> list[str]:
+    skipped = inf.get("skipped", [])
+    parts = ["", "## Skipped rows", ""]
+    if not skipped:
+        return parts + ["None: every pool row was scored."]
+    parts += [
+        f"{len(skipped)} pool rows gave no gradient feature and could not be selected:",
+        "",
+        markdown_table(["row", "reason"], [[s["index"], s["reason"]] for s in skipped[:50]]),
+    ]
+    if len(skipped) > 50:
+        parts.append(f"\n... and {len(skipped) - 50} more (see `selection.json`).")
+    return parts
+
+
+def render_card(
+    metadata: dict, scores, *, license: str, pretty_name: str | None, task_categories: list[str], tags: list[str]
+) -> str:
     """The dataset card (README.md) text: Hub YAML metadata followed by a readable account of the selection."""
     from huggingface_hub import DatasetCardData
 
-    from .consensus import task_overlap, vote_histogram
-
-    sel = metadata["selection"]
-    inf = metadata.get("influence", {})
-    pool = metadata["pool"]
-    n_sel, n_pool = metadata["num_selected"], pool["num_rows"]
-    title = pretty_name or f"{pool['name']}: ICONS selection of {n_sel:,} rows"
+    sel, inf, pool = metadata["selection"], metadata.get("influence", {}), metadata["pool"]
+    title = pretty_name or f"{pool['name']}: ICONS selection of {metadata['num_selected']:,} rows"
     data_files = "data/*.parquet" if pool["format"] == "hf" else metadata["subset_file"]
     card_data = DatasetCardData(
         license=license,
         pretty_name=title,
         task_categories=task_categories,
-        size_categories=[size_category(n_sel)],
+        size_categories=[size_category(metadata["num_selected"])],
         tags=sorted({"icons", "data-selection", "influence-functions", *tags}),
         configs=[{"config_name": "default", "data_files": [{"split": "train", "path": data_files}]}],
     )
-    method_text = _method_text(sel)
-    parts = [
-        f"# {title}",
-        "",
-        f"This dataset holds **{n_sel:,} of the {n_pool:,} rows** ({n_sel / max(n_pool, 1):.1%}) of the instruction pool "
-        f"`{pool['name']}`, chosen with ICONS (Influence Consensus, arXiv:2501.00654) for several target tasks at once. "
-        f"Rows are the pool's original records, unchanged, in their original order.",
-        "",
-        "## Selection",
-        "",
-        _md_table(
-            ["setting", "value"],
-            [
-                ["pool", f"`{pool['name']}` ({pool['format']}, {n_pool:,} rows)"],
-                ["rows selected", f"{n_sel:,}"],
-                ["method", f"`{sel['method']}`: {method_text}"],
-                ["fraction", sel["fraction"] if sel["fraction"] is not None else "n/a (fixed count)"],
-                ["library", f"icons_hf {metadata['library']['version']}"],
-            ],
-        ),
-    ]
-    if inf:
-        overlap = task_overlap(scores)
-        thresholds = sel.get("thresholds") or {}
-        rows = []
-        for task, subs in inf["num_validation"].items():
-            n_val = sum(subs.values())
-            pooled = "max over subtasks" if _specialist(inf) == "mean" else "examples pooled"
-            sub_text = "" if list(subs) == [task] else f" ({len(subs)} subtasks, {pooled})"
-            rows.append([task, f"{n_val}{sub_text}", f"{thresholds[task]:.4g}" if task in thresholds else "-", f"{overlap[task]:.1%}"])
-        parts += [
-            "",
-            "## Target tasks",
-            "",
-            _SPECIALIST_TEXT.get(_specialist(inf), f"Specialist `{_specialist(inf)}`.")
-            + " *Overlap* is the share of the task's own top rows (as many as were selected) that the selection "
-            "contains.",
-            "",
-            _md_table(["task", "validation rows", "threshold", "overlap with task's top rows"], rows),
-            "",
-            "## Gradient features",
-            "",
-            _md_table(
-                ["checkpoint", "learning rate", "weight"],
-                [[c or f"#{k}", "-" if lr is None else f"{lr:.3g}", f"{w:.3f}"]
-                 for k, (c, lr, w) in enumerate(zip(inf["checkpoints"], inf["learning_rates"], inf["checkpoint_weights"]))],
-            ),
-            "",
-            f"Projection: `{inf['projection']['kind']}`, dimension {inf['projection']['dim']}, seed {inf['projection']['seed']}. "
-            f"Train-side feature: `{inf['preconditioner']['feature']}`"
-            + (f" (Adam variant `{inf['preconditioner']['adam_variant']}`)" if inf["preconditioner"]["feature"] == "adam" else "")
-            + "; validation side: SGD gradients.",
-        ]
+    parts = _card_selection(metadata, title) + _card_tasks(inf, sel, scores)
     if sel["method"] == "vote" and "votes" in scores.column_names:
         hist = vote_histogram(scores)
-        parts += ["", "## Votes", "", _md_table(["votes", "pool rows", "selected rows"], [[v, h["pool"], h["selected"]] for v, h in hist.items()])]
-    skipped = inf.get("skipped", [])
-    parts += ["", "## Skipped rows", ""]
-    if skipped:
-        parts.append(f"{len(skipped)} pool rows gave no gradient feature and could not be selected:")
-        parts.append("")
-        parts.append(_md_table(["row", "reason"], [[s["index"], s["reason"]] for s in skipped[:50]]))
-        if len(skipped) > 50:
-            parts.append(f"\n... and {len(skipped) - 50} more (see `selection.json`).")
-    else:
-        parts.append("None: every pool row was scored.")
+        parts += [
+            "",
+            "## Votes",
+            "",
+            markdown_table(
+                ["votes", "pool rows", "selected rows"], [[v, h["pool"], h["selected"]] for v, h in hist.items()]
+            ),
+        ]
+    parts += _settings_section(metadata) + _card_skipped(inf)
     parts += [
         "",
         "## Files",

@@ -8,17 +8,16 @@ selected rows), the score table an optional second config named ``"scores"``, an
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from datasets import Dataset, Image
 from huggingface_hub import DatasetCard, HfApi
 
-from .export import load_llava_records
+from .export import ExportFolder, read_export
+from .pools import is_records_format
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +27,6 @@ SCORES_CONFIG = "scores"
 # Card metadata keys owned by push_to_hub (they describe what is on the Hub); every other key of the
 # card (license, tags, task_categories, size_categories, pretty_name, ...) comes from the export.
 _HUB_OWNED_METADATA = ("configs", "dataset_info")
-_POOL_FORMATS = ("hf", "llava_json", "llava_jsonl")
 
 
 def push_selection(
@@ -91,10 +89,8 @@ def push_selection(
             is missing under ``image_folder`` (the row and path are named).
         ValueError: inconsistent export files or arguments.
     """
-    folder = Path(output_dir)
-    metadata = _read_export(folder, need_scores=push_scores)
-    fmt = metadata["pool"]["format"]
-    if embed_images and fmt == "hf":
+    export = read_export(output_dir, need=("README.md", "scores.parquet") if push_scores else ("README.md",))
+    if embed_images and not is_records_format(export.format):
         raise ValueError(
             "embed_images=True applies to LLaVA JSON/JSONL pools; an 'hf' pool is pushed with the columns "
             "(and Image features) it already has."
@@ -102,9 +98,9 @@ def push_selection(
     if image_folder is not None and not embed_images:
         raise ValueError("image_folder is only used with embed_images=True; pass both or neither.")
 
-    subset = _load_subset(folder, metadata, embed_images=embed_images, image_folder=image_folder)
-    scores = Dataset.from_parquet(str(folder / "scores.parquet")) if push_scores else None
-    card = DatasetCard.load(folder / "README.md")
+    subset = _load_subset(export, embed_images=embed_images, image_folder=image_folder)
+    scores = Dataset.from_parquet(str(export.file("scores.parquet"))) if push_scores else None
+    card = DatasetCard.load(export.file("README.md"))
 
     message = commit_message or f"Upload ICONS selection ({len(subset):,} rows)"
     logger.info("Pushing %d selected rows to dataset repo %s (revision=%s, create_pr=%s)",
@@ -154,71 +150,19 @@ def push_selection(
 # -- export folder ------------------------------------------------------------------------------
 
 
-def _missing(path: Path) -> FileNotFoundError:
-    return FileNotFoundError(
-        f"{path} does not exist: {path.parent} is not a complete ICONS export. Write it with "
-        "icons_hf.export_selection(pool, scores, output_dir) first, then push that folder."
-    )
-
-
-def _read_export(folder: Path, *, need_scores: bool) -> dict[str, Any]:
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"{folder} is not a folder; pass the output_dir written by icons_hf.export_selection."
-        )
-    required = ["README.md", "selection.json", "indices.json"] + (["scores.parquet"] if need_scores else [])
-    for name in required:
-        if not (folder / name).is_file():
-            raise _missing(folder / name)
-    with open(folder / "selection.json", encoding="utf-8") as handle:
-        metadata = json.load(handle)
-    pool = metadata.get("pool") if isinstance(metadata, dict) else None
-    fmt = pool.get("format") if isinstance(pool, dict) else None
-    if fmt not in _POOL_FORMATS:
-        raise ValueError(
-            f"{folder / 'selection.json'}: pool.format is {fmt!r}, expected one of {_POOL_FORMATS}; "
-            "was the folder written by icons_hf.export_selection?"
-        )
-    with open(folder / "indices.json", encoding="utf-8") as handle:
-        indices = json.load(handle)
-    if not isinstance(indices, list):
-        raise ValueError(f"{folder / 'indices.json'}: expected a list of pool positions.")
-    num_selected = metadata.get("num_selected", len(indices))
-    if num_selected != len(indices):
-        raise ValueError(
-            f"{folder}: selection.json says {num_selected} rows were selected but indices.json lists {len(indices)}; "
-            "re-run export_selection."
-        )
-    metadata["num_selected"] = num_selected
-    return metadata
-
-
-def _load_subset(folder: Path, metadata: dict[str, Any], *, embed_images: bool,
-                 image_folder: str | os.PathLike | None) -> Dataset:
-    fmt = metadata["pool"]["format"]
-    if fmt == "hf":
-        shards = sorted((folder / "data").glob("train-*.parquet"))
-        if not shards:
-            raise _missing(folder / "data" / "train-00000-of-00001.parquet")
-        subset = Dataset.from_parquet([str(p) for p in shards])
+def _load_subset(export: ExportFolder, *, embed_images: bool, image_folder: str | os.PathLike | None) -> Dataset:
+    if not is_records_format(export.format):
+        subset = Dataset.from_parquet([str(p) for p in export.subset_shards()])
     else:
-        name = metadata.get("subset_file")
-        if not name:
-            raise ValueError(
-                f"{folder / 'selection.json'}: a {fmt} export must name its records file in 'subset_file'."
-            )
-        path = folder / name
-        if not path.is_file():
-            raise _missing(path)
-        records = load_llava_records(path)
+        records, path = export.subset_records()
         if embed_images:
             records = _resolve_images(records, image_folder, path)
         subset = _records_to_dataset(records)
         if embed_images and "image" in subset.column_names:
             subset = subset.cast_column("image", Image())
-    if len(subset) != metadata["num_selected"]:
+    if len(subset) != export.metadata["num_selected"]:
         raise ValueError(
-            f"{folder}: the subset has {len(subset)} rows but {metadata['num_selected']} were selected; "
+            f"{export.path}: the subset has {len(subset)} rows but {export.metadata['num_selected']} were selected; "
             "re-run export_selection."
         )
     return subset

@@ -153,7 +153,7 @@ class HubServer:
         self.url = ""
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def start(self) -> "HubServer":
+    def start(self) -> HubServer:
         handler = type("_BoundHandler", (_Handler,), {"hub": self})
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._httpd.daemon_threads = True
@@ -168,7 +168,7 @@ class HubServer:
             self._httpd.server_close()
             self._httpd = None
 
-    def __enter__(self) -> "HubServer":
+    def __enter__(self) -> HubServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -198,8 +198,15 @@ class HubServer:
         self._commit_counter += 1
         return hashlib.sha1(f"{self._commit_counter}:{seed}".encode()).hexdigest()
 
-    def _commit(self, repo: Repo, parent: Commit | None, title: str, description: str, files: dict[str, bytes],
-                lfs_paths: set[str]) -> Commit:
+    def _commit(
+        self,
+        repo: Repo,
+        parent: Commit | None,
+        title: str,
+        description: str,
+        files: dict[str, bytes],
+        lfs_paths: set[str],
+    ) -> Commit:
         commit = Commit(
             sha=self._new_sha(f"{repo.repo_id}:{title}"),
             parent=parent.sha if parent else None,
@@ -261,8 +268,13 @@ class _Handler(BaseHTTPRequestHandler):
             return b"".join(chunks)
         return b""
 
-    def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
-              content_type: str = "application/json") -> None:
+    def _send(
+        self,
+        status: int,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> None:
         self._record.status = status
         self.send_response(status)
         self.send_header("Content-Type", content_type)
@@ -339,8 +351,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._lfs_batch(repo_type, f"{m.group(2)}/{m.group(3)}", json.loads(body or b"{}"))
         if (m := _FILE_ROUTE.match(path)) and method in ("GET", "HEAD"):
             repo_type = {"datasets/": "dataset", "spaces/": "space"}.get(m.group(1) or "", "model")
-            return self._resolve(repo_type, f"{unquote(m.group(2))}/{unquote(m.group(3))}",
-                                 unquote(m.group(4)), unquote(m.group(5)))
+            return self._resolve(
+                repo_type, f"{unquote(m.group(2))}/{unquote(m.group(3))}", unquote(m.group(4)), unquote(m.group(5))
+            )
         if m := _API_REPO.match(path):
             repo_type = _REPO_TYPES[m.group(1)]
             repo_id = f"{unquote(m.group(2))}/{unquote(m.group(3))}"
@@ -375,8 +388,14 @@ class _Handler(BaseHTTPRequestHandler):
     def _whoami(self) -> None:
         if self.hub.token is not None and self.headers.get("Authorization") != f"Bearer {self.hub.token}":
             raise _HubError(401, "Invalid credentials in Authorization header")
-        self._json({"type": "user", "name": self.hub.username, "orgs": [],
-                    "auth": {"type": "access_token", "accessToken": {"role": "write"}}})
+        self._json(
+            {
+                "type": "user",
+                "name": self.hub.username,
+                "orgs": [],
+                "auth": {"type": "access_token", "accessToken": {"role": "write"}},
+            }
+        )
 
     def _create_repo(self, payload: dict) -> None:
         self._check_token(write=True)
@@ -412,28 +431,33 @@ class _Handler(BaseHTTPRequestHandler):
                 card_data = yaml.safe_load(match.group(1))
             except yaml.YAMLError:
                 card_data = None
-        self._json({
-            "_id": hashlib.sha1(repo_id.encode()).hexdigest()[:24],
-            "id": repo_id,
-            "author": repo_id.split("/")[0],
-            "sha": commit.sha,
-            "private": repo.private,
-            "gated": False,
-            "disabled": False,
-            "downloads": 0,
-            "likes": 0,
-            "tags": [],
-            "createdAt": repo.created_at,
-            "lastModified": commit.date,
-            "cardData": card_data,
-            "siblings": [{"rfilename": p} for p in sorted(commit.files)],
-            "usedStorage": sum(len(d) for d in commit.files.values()),
-        })
+        self._json(
+            {
+                "_id": hashlib.sha1(repo_id.encode()).hexdigest()[:24],
+                "id": repo_id,
+                "author": repo_id.split("/")[0],
+                "sha": commit.sha,
+                "private": repo.private,
+                "gated": False,
+                "disabled": False,
+                "downloads": 0,
+                "likes": 0,
+                "tags": [],
+                "createdAt": repo.created_at,
+                "lastModified": commit.date,
+                "cardData": card_data,
+                "siblings": [{"rfilename": p} for p in sorted(commit.files)],
+                "usedStorage": sum(len(d) for d in commit.files.values()),
+            }
+        )
 
     def _refs(self, repo_type: str, repo_id: str, query: dict[str, list[str]]) -> None:
         repo = self._get_repo(repo_type, repo_id)
-        branches = [{"name": n, "ref": f"refs/heads/{n}", "targetCommit": s}
-                    for n, s in repo.refs.items() if not n.startswith("refs/")]
+        branches = [
+            {"name": n, "ref": f"refs/heads/{n}", "targetCommit": s}
+            for n, s in repo.refs.items()
+            if not n.startswith("refs/")
+        ]
         prs = [{"name": n, "ref": n, "targetCommit": s} for n, s in repo.refs.items() if n.startswith("refs/pr/")]
         out: dict[str, Any] = {"branches": branches, "converts": [], "tags": []}
         if query.get("include_prs"):
@@ -456,14 +480,14 @@ class _Handler(BaseHTTPRequestHandler):
         files = []
         for f in payload.get("files", []):
             sample = base64.b64decode(f.get("sample", ""))
-            lfs = (f["path"].lower().endswith(_LFS_SUFFIXES) or f.get("size", 0) >= _LFS_MIN_SIZE
-                   or b"\0" in sample)
+            lfs = f["path"].lower().endswith(_LFS_SUFFIXES) or f.get("size", 0) >= _LFS_MIN_SIZE or b"\0" in sample
             existing = commit.files.get(f["path"]) if commit else None
             oid = None
             if existing is not None:
                 oid = hashlib.sha256(existing).hexdigest() if lfs else _git_blob_sha1(existing)
-            files.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular",
-                          "shouldIgnore": False, "oid": oid})
+            files.append(
+                {"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": oid}
+            )
         self._json({"files": files, "commitOid": commit.sha if commit else None})
 
     def _lfs_batch(self, repo_type: str, repo_id: str, payload: dict) -> None:
@@ -475,8 +499,11 @@ class _Handler(BaseHTTPRequestHandler):
             if obj["oid"] not in self.hub.lfs_objects:
                 entry["actions"] = {"upload": {"href": f"{self.hub.url}/_lfs/{obj['oid']}", "header": {}}}
             objects.append(entry)
-        self._send(200, json.dumps({"transfer": "basic", "objects": objects}).encode(),
-                   content_type="application/vnd.git-lfs+json")
+        self._send(
+            200,
+            json.dumps({"transfer": "basic", "objects": objects}).encode(),
+            content_type="application/vnd.git-lfs+json",
+        )
 
     def _lfs_put(self, oid: str, body: bytes) -> None:
         if hashlib.sha256(body).hexdigest() != oid:
@@ -484,8 +511,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.hub.lfs_objects[oid] = body
         self._send(200, b"")
 
-    def _commit(self, repo_type: str, repo_id: str, revision: str, query: dict[str, list[str]],
-                body: bytes) -> None:
+    def _commit(self, repo_type: str, repo_id: str, revision: str, query: dict[str, list[str]], body: bytes) -> None:
         repo = self._get_repo(repo_type, repo_id)
         self._check_token(write=True)
         lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
@@ -530,20 +556,27 @@ class _Handler(BaseHTTPRequestHandler):
                     lfs_paths.discard(p)
             else:
                 raise _HubError(400, f"hub_server: unsupported commit operation {key!r}")
-        commit = self.hub._commit(repo, base, header.get("summary", ""), header.get("description", ""),
-                                  files, lfs_paths)
+        commit = self.hub._commit(
+            repo, base, header.get("summary", ""), header.get("description", ""), files, lfs_paths
+        )
         pr_url = None
         if create_pr:
             repo.num_prs += 1
             repo.refs[f"refs/pr/{repo.num_prs}"] = commit.sha
             pr_url = f"{self.hub.repo_url(repo)}/discussions/{repo.num_prs}"
         else:
-            ref = revision[len("refs/heads/"):] if revision.startswith("refs/heads/") else revision
+            ref = revision[len("refs/heads/") :] if revision.startswith("refs/heads/") else revision
             if ref not in repo.refs:
                 raise _HubError(400, f"Cannot commit to {revision!r}: not a branch or pull request ref")
             repo.refs[ref] = commit.sha
-        self._json({"success": True, "commitOid": commit.sha,
-                    "commitUrl": f"{self.hub.repo_url(repo)}/commit/{commit.sha}", "pullRequestUrl": pr_url})
+        self._json(
+            {
+                "success": True,
+                "commitOid": commit.sha,
+                "commitUrl": f"{self.hub.repo_url(repo)}/commit/{commit.sha}",
+                "pullRequestUrl": pr_url,
+            }
+        )
 
     def _entry(self, repo: Repo, commit: Commit, path: str, expand: bool) -> dict[str, Any]:
         if path in commit.files:
@@ -552,13 +585,16 @@ class _Handler(BaseHTTPRequestHandler):
             if path in commit.lfs_paths:
                 pointer = _lfs_pointer(data)
                 entry["oid"] = _git_blob_sha1(pointer)
-                entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data),
-                                "pointerSize": len(pointer)}
+                entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": len(pointer)}
             else:
                 entry["oid"] = _git_blob_sha1(data)
         else:
-            entry = {"type": "directory", "path": path, "size": 0,
-                     "oid": hashlib.sha1(f"{commit.sha}:{path}".encode()).hexdigest()}
+            entry = {
+                "type": "directory",
+                "path": path,
+                "size": 0,
+                "oid": hashlib.sha1(f"{commit.sha}:{path}".encode()).hexdigest(),
+            }
         if expand:
             entry["lastCommit"] = {"id": commit.sha, "title": commit.title, "date": commit.date}
         return entry
@@ -583,7 +619,7 @@ class _Handler(BaseHTTPRequestHandler):
         prefix = f"{sub}/" if sub else ""
         paths = [p for p in sorted(dirs) + sorted(commit.files) if p.startswith(prefix)]
         if not recursive:
-            paths = [p for p in paths if "/" not in p[len(prefix):]]
+            paths = [p for p in paths if "/" not in p[len(prefix) :]]
         # directories first, like the Hub
         entries = [self._entry(repo, commit, p, expand) for p in paths]
         entries.sort(key=lambda e: (e["type"] != "directory", e["path"]))
@@ -601,8 +637,11 @@ class _Handler(BaseHTTPRequestHandler):
             paths = form.get("paths", [])
             expand = form.get("expand", ["False"])[0].lower() in ("1", "true")
         dirs = self._dirs(commit.files)
-        out = [self._entry(repo, commit, p.strip("/"), expand)
-               for p in paths if p.strip("/") in commit.files or p.strip("/") in dirs]
+        out = [
+            self._entry(repo, commit, p.strip("/"), expand)
+            for p in paths
+            if p.strip("/") in commit.files or p.strip("/") in dirs
+        ]
         self._json(out)
 
     def _commits(self, repo_type: str, repo_id: str, revision: str) -> None:
@@ -610,8 +649,15 @@ class _Handler(BaseHTTPRequestHandler):
         commit: Commit | None = self._get_commit(repo, revision)
         out = []
         while commit is not None:
-            out.append({"id": commit.sha, "title": commit.title, "message": commit.description,
-                        "date": commit.date, "authors": [{"user": self.hub.username}]})
+            out.append(
+                {
+                    "id": commit.sha,
+                    "title": commit.title,
+                    "message": commit.description,
+                    "date": commit.date,
+                    "authors": [{"user": self.hub.username}],
+                }
+            )
             commit = repo.commits.get(commit.parent) if commit.parent else None
         self._json(out)
 
@@ -669,30 +715,48 @@ def hub_env(endpoint: str, home: Path, base: dict[str, str] | None = None) -> di
     process is online (HF_HUB_OFFLINE=0) but only towards `endpoint`.
     """
     env = dict(os.environ if base is None else base)
-    for key in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE",
-                "HF_HUB_ENABLE_HF_TRANSFER", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
-                "http_proxy", "https_proxy", "all_proxy", "HF_DATASETS_CACHE", "HF_HUB_CACHE",
-                "HUGGINGFACE_HUB_CACHE", "HF_XET_CACHE", "HF_ASSETS_CACHE"):
+    for key in (
+        "HF_TOKEN",
+        "HUGGING_FACE_HUB_TOKEN",
+        "HF_OIDC_RESOURCE",
+        "HF_DATASETS_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "HF_HUB_ENABLE_HF_TRANSFER",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+        "HF_DATASETS_CACHE",
+        "HF_HUB_CACHE",
+        "HUGGINGFACE_HUB_CACHE",
+        "HF_XET_CACHE",
+        "HF_ASSETS_CACHE",
+    ):
         env.pop(key, None)
-    env.update({
-        "HF_ENDPOINT": endpoint,
-        "HF_HUB_OFFLINE": "0",
-        "HF_HUB_DISABLE_XET": "1",
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        "HF_HUB_DISABLE_UPDATE_CHECK": "1",
-        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
-        "HF_UPDATE_DOWNLOAD_COUNTS": "0",
-        "HF_HOME": str(home / "hf_home"),
-        "HF_TOKEN_PATH": str(home / "hf_home" / "no_token"),
-        "NO_PROXY": "127.0.0.1,localhost",
-        "no_proxy": "127.0.0.1,localhost",
-    })
+    env.update(
+        {
+            "HF_ENDPOINT": endpoint,
+            "HF_HUB_OFFLINE": "0",
+            "HF_HUB_DISABLE_XET": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "HF_HUB_DISABLE_UPDATE_CHECK": "1",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+            "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+            "HF_UPDATE_DOWNLOAD_COUNTS": "0",
+            "HF_HOME": str(home / "hf_home"),
+            "HF_TOKEN_PATH": str(home / "hf_home" / "no_token"),
+            "NO_PROXY": "127.0.0.1,localhost",
+            "no_proxy": "127.0.0.1,localhost",
+        }
+    )
     return env
 
 
-def run_python(code: str, env: dict[str, str], cwd: str | os.PathLike | None = None,
-               timeout: float = 120) -> dict[str, Any]:
+def run_python(
+    code: str, env: dict[str, str], cwd: str | os.PathLike | None = None, timeout: float = 120
+) -> dict[str, Any]:
     """Run `code` in a fresh interpreter under `env` (with `LOOPBACK_GUARD` first) and return its result.
 
     The code reports back by assigning a JSON-serialisable object to ``RESULT``. A non-zero exit
@@ -704,10 +768,10 @@ def run_python(code: str, env: dict[str, str], cwd: str | os.PathLike | None = N
         + code
         + "\n_sys.stdout.write('\\n@@RESULT@@' + _json.dumps(RESULT))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", wrapper], env=env, cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-c", wrapper], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
     if proc.returncode != 0:
         raise AssertionError(f"subprocess failed (rc={proc.returncode}):\n{proc.stderr[-6000:]}")
     _, _, payload = proc.stdout.rpartition("@@RESULT@@")
     return {"result": json.loads(payload), "stderr": proc.stderr, "stdout": proc.stdout}
-

@@ -53,17 +53,18 @@ def _text_model(vocab_size, seed=0):
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    return get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    return get_peft_model(LlamaForCausalLM(config), lora)
 
 
 # ---- images ----
 
 
 def test_missing_image_is_an_error_naming_the_row_and_path(tmp_path):
+    from PIL import Image
+
     from icons_hf.data import prepare_llava_dataset
     from icons_hf.demo import image_processor
-
-    from PIL import Image
 
     Image.new("RGB", (32, 32), "red").save(tmp_path / "0.png")
     records = _records(2, image=lambda i: f"{i}.png")
@@ -91,7 +92,8 @@ def test_unreadable_image_is_an_error_naming_the_row_or_a_recorded_skip(tmp_path
                                  image_token_id=image_token, num_image_tokens=16)
     torch.manual_seed(0)
     model = get_peft_model(build_tiny_llava(len(tok), image_token, tok.pad_token_id),
-                           LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)", init_lora_weights=False))
+                           LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)",
+                                      init_lora_weights=False))
     with pytest.raises(BadRowError, match=r"row 2 cannot be read: image .*2\.png cannot be read"):
         compute_gradients(model, pool, output_dir=tmp_path / "err", **FAST)
     path = compute_gradients(model, pool, output_dir=tmp_path / "skip", on_bad_row="skip", **FAST)
@@ -125,7 +127,8 @@ def test_row_without_supervised_tokens_errors_or_is_skipped_and_reaches_the_card
     np.testing.assert_allclose(feats, _features(clean)[1], rtol=1e-5, atol=1e-7)
 
     # Downstream: the skipped rows are never selected and the card and selection.json list them with reasons.
-    val = compute_gradients(model, Dataset.from_list(token_rows(3, seed=2)), output_dir=tmp_path / "val", dtype="float32", **FAST)
+    val = compute_gradients(model, Dataset.from_list(token_rows(3, seed=2)), output_dir=tmp_path / "val",
+                            dtype="float32", **FAST)
     scores = select(compute_influence(path, {"t": val}), fraction=0.5)
     assert scores["index"] == index.tolist() and sum(scores["selected"]) == 3
     out = export_selection(pool, scores, tmp_path / "export")
@@ -146,7 +149,8 @@ def test_row_longer_than_the_model_limit(tmp_path, tiny_lora_llama, token_rows):
     with pytest.raises(BadRowError, match=r"row 3: 70 tokens exceed the model's limit of 64; pass max_length <= 64"):
         compute_gradients(model, pool, output_dir=tmp_path / "err", **FAST)
     skipped = compute_gradients(model, pool, output_dir=tmp_path / "skip", on_bad_row="skip", **FAST)
-    assert _meta(skipped)["skipped"][0]["index"] == 3 and "exceed the model's limit" in _meta(skipped)["skipped"][0]["reason"]
+    first = _meta(skipped)["skipped"][0]
+    assert first["index"] == 3 and "exceed the model's limit" in first["reason"]
     # Truncation beyond the limit is still refused.
     with pytest.raises(BadRowError, match=r"row 3: 66 tokens after truncation exceed the model's limit of 64"):
         compute_gradients(model, pool, output_dir=tmp_path / "too_far", max_length=66, **FAST)
@@ -157,7 +161,8 @@ def test_row_longer_than_the_model_limit(tmp_path, tiny_lora_llama, token_rows):
     assert meta["config"]["max_length"] == 32
     # The truncated row's feature is that of the row cut by hand.
     rows[3] = {"input_ids": long_ids[:32], "labels": ([-100] * 10 + long_ids[10:])[:32]}
-    by_hand = compute_gradients(model, Dataset.from_list(rows), output_dir=tmp_path / "by_hand", dtype="float32", **FAST)
+    by_hand = compute_gradients(model, Dataset.from_list(rows), output_dir=tmp_path / "by_hand", dtype="float32",
+                                **FAST)
     np.testing.assert_allclose(_features(path)[1], _features(by_hand)[1], rtol=1e-5, atol=1e-7)
 
 
@@ -168,7 +173,8 @@ def test_non_finite_loss_errors_or_is_skipped(tmp_path, tiny_lora_llama, token_r
     rows[5]["input_ids"][0] = 63
     pool = Dataset.from_list(rows)
     model = tiny_lora_llama(seed=0)
-    clean = compute_gradients(model, pool.select([0, 1, 2, 3, 4, 6]), output_dir=tmp_path / "clean", dtype="float32", **FAST)
+    clean = compute_gradients(model, pool.select([0, 1, 2, 3, 4, 6]), output_dir=tmp_path / "clean", dtype="float32",
+                              **FAST)
     with torch.no_grad():
         model.get_base_model().model.embed_tokens.weight[63] = float("inf")  # any row with token 63: loss is nan
     with pytest.raises(BadRowError, match=r"row 5: non-finite loss \(nan\)"):
@@ -295,3 +301,144 @@ def test_duplicate_llava_ids_are_selected_by_position_through_the_whole_pipeline
     out = export_selection(str(pool_file), scores, tmp_path / "export")
     exported = json.load(open(os.path.join(out, "pool_icons.json")))
     assert exported == [records[i] for i in chosen]  # positions, not ids: repeated ids keep their own record
+
+
+# ---- pool files, export and publishing: wrong input is an error naming the row/file/argument ----
+
+
+def _conv(q="what?", a="red"):
+    return [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+
+
+def _prepare(records):
+    from icons_hf.data import prepare_llava_dataset
+    from icons_hf.demo import image_processor
+
+    tok = _tokenizer([{"conversations": _conv()}])
+    return prepare_llava_dataset(records, tok, image_processor=image_processor(),
+                                 image_token_id=tok.convert_tokens_to_ids("<image>"), num_image_tokens=4)
+
+
+def _prepare_chat(records):
+    from icons_hf.data import prepare_chat_dataset
+
+    tok = _tokenizer([{"conversations": _conv()}])
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+    return prepare_chat_dataset(records, tok)
+
+
+def _file(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def _load(tmp_path, name, text):
+    from icons_hf.pools import load_pool
+
+    return load_pool(_file(tmp_path, name, text))
+
+
+def _dataset_dict_folder(tmp_path):
+    from datasets import DatasetDict
+
+    from icons_hf.pools import load_pool
+
+    DatasetDict({"train": Dataset.from_dict({"a": [1]})}).save_to_disk(str(tmp_path / "dd"))
+    return load_pool(str(tmp_path / "dd"))
+
+
+def _selected_table(records=None):
+    from icons_hf.pools import record_hash
+
+    records = records or _records(6)
+    table = Dataset.from_dict({"index": list(range(6)), "influence_t": [0.1, 0.5, 0.2, 0.9, 0.3, 0.7],
+                               "record_hash": [record_hash(r) for r in records]})
+    return select(table, fraction=0.5, method="task", task="t")
+
+
+def _scored_export(tmp_path):
+    records = _records(6)
+    pool = _file(tmp_path, "pool.json", json.dumps(records))
+    return export_selection(pool, _selected_table(records), tmp_path / "export")
+
+
+def _edited_export(tmp_path):
+    out = _scored_export(tmp_path)
+    path = os.path.join(out, "pool_icons.json")
+    chosen = json.load(open(path))
+    chosen[1]["conversations"][1]["value"] = "edited by hand"
+    json.dump(chosen, open(path, "w"))
+    return out
+
+
+def _push_edited(tmp_path):
+    from icons_hf.hub import push_selection
+
+    push_selection(_edited_export(tmp_path), "me/never-pushed")
+
+
+def _report_edited(tmp_path):
+    from icons_hf.report import write_report
+
+    write_report(_edited_export(tmp_path))
+
+
+HOSTILE_EDGES = [
+    ("image_without_placeholder", lambda t: _prepare([{"id": "a", "image": "x.png", "conversations": _conv()}]),
+     ValueError, r"row 0 \(id 'a'\) has an image but no <image> in its turns"),
+    ("placeholder_without_image", lambda t: _prepare([{"id": "a", "conversations": _conv("<image>\nwhat?")}]),
+     ValueError, r"row 0 \(id 'a'\) mentions <image> but has no 'image' field"),
+    ("turn_not_an_object", lambda t: _prepare([{"id": "a", "conversations": ["what?", "red"]}]),
+     ValueError, r"row 0: turn 0 is a str, not a \{'from', 'value'\} object"),
+    ("conversations_a_string", lambda t: _prepare([{"id": "a", "conversations": "what? red"}]),
+     ValueError, r"row 0 \(id 'a'\): 'conversations' must be a list"),
+    ("record_not_an_object", lambda t: _prepare([["what?", "red"]]), ValueError,
+     r"row 0 is a list, not a LLaVA record"),
+    ("chat_row_not_an_object", lambda t: _prepare_chat(["hello"]), ValueError, r"row 0 is a str, not a record object"),
+    ("chat_row_without_messages", lambda t: _prepare_chat([{"chat": []}]), ValueError,
+     r"row 0 has no 'messages' field; pass messages_key="),
+    ("pool_file_not_a_list", lambda t: _load(t, "p.json", '{"data": []}'), ValueError, r"p.json: expected a JSON list"),
+    ("pool_row_not_an_object", lambda t: _load(t, "p.json", '[{"id": 1}, [1, 2]]'), ValueError,
+     r"p.json: row 1 is a list, not a record object"),
+    ("pool_jsonl_bad_line", lambda t: _load(t, "p.jsonl", '{"id": 1}\n{"id": \n'), ValueError,
+     r"p.jsonl, line 2: not valid JSON"),
+    ("pool_other_extension", lambda t: _load(t, "p.csv", "id\n1\n"), ValueError,
+     r"expected a .json/.jsonl records file"),
+    ("pool_dataset_dict_folder", _dataset_dict_folder, ValueError,
+     r"holds a DatasetDict; pass the folder of one split"),
+    ("pool_not_a_dataset_folder", lambda t: load_pool_folder(t), FileNotFoundError,
+     r"is not a dataset saved with Dataset.save_to_disk"),
+    ("pool_a_list_of_dicts", lambda t: export_selection([{"id": 1}], _selected_table(), t / "o"),
+     TypeError, r"pool of type list is not supported; .* Dataset.from_list\(records\)"),
+    ("scores_a_dict", lambda t: export_selection(str(t), {"index": [0]}, t / "o"), TypeError,
+     r"scores of type dict is not supported; pass the Dataset that icons_hf.select returned"),
+    ("scores_folder_not_a_table", lambda t: export_selection(str(t), str(t), t / "o"), FileNotFoundError,
+     r"is not a score table folder"),
+    ("record_not_json", lambda t: __import__("icons_hf.pools").pools.record_hash({"pixels": {1, 2}}), TypeError,
+     r"record\['pixels'\] is a set, which cannot be hashed as JSON"),
+    ("push_of_an_edited_subset_file", _push_edited, ValueError,
+     r"pool_icons.json: record 1 \(pool row \d\) is not the record that was selected"),
+    ("report_of_an_edited_subset_file", _report_edited, ValueError, r"record 1 \(pool row \d\) is not the record"),
+]
+
+
+def load_pool_folder(tmp_path):
+    from icons_hf.pools import load_pool
+
+    (tmp_path / "plain").mkdir()
+    return load_pool(str(tmp_path / "plain"))
+
+
+@pytest.mark.parametrize("build, error, message", [c[1:] for c in HOSTILE_EDGES], ids=[c[0] for c in HOSTILE_EDGES])
+def test_hostile_pools_exports_and_publishing(tmp_path, build, error, message):
+    with pytest.raises(error, match=message):
+        build(tmp_path)
+
+
+def test_one_task_category_or_tag_given_as_a_string_is_not_split_into_letters(tmp_path):
+    _scored_export(tmp_path)
+    out = export_selection(os.path.join(tmp_path, "pool.json"), _selected_table(), tmp_path / "strings",
+                           task_categories="text-generation", tags="vqa")
+    card = open(os.path.join(out, "README.md")).read()
+    assert "- text-generation" in card and "- vqa" in card and "\n- t\n" not in card

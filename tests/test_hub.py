@@ -37,31 +37,40 @@ CARD_YAML = {
 # -- export folders built by hand ---------------------------------------------------------------
 
 
-def _write_common(out: Path, *, fmt: str, pool_rows: int, positions: list[int], subset_file: str | None,
-                  local_data_files: str) -> None:
+def _write_common(
+    out: Path, *, fmt: str, pool_rows: int, positions: list[int], subset_file: str | None, local_data_files: str
+) -> None:
     from datasets import Dataset
 
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     selected = np.zeros(pool_rows, dtype=bool)
     selected[positions] = True
-    Dataset.from_dict({
-        "index": list(range(pool_rows)),
-        "influence_vqa": rng.normal(size=pool_rows).tolist(),
-        "influence_mme": rng.normal(size=pool_rows).tolist(),
-        "votes": rng.integers(0, 3, size=pool_rows).tolist(),
-        "selected": selected.tolist(),
-    }).to_parquet(str(out / "scores.parquet"))
+    Dataset.from_dict(
+        {
+            "index": list(range(pool_rows)),
+            "influence_vqa": rng.normal(size=pool_rows).tolist(),
+            "influence_mme": rng.normal(size=pool_rows).tolist(),
+            "votes": rng.integers(0, 3, size=pool_rows).tolist(),
+            "selected": selected.tolist(),
+        }
+    ).to_parquet(str(out / "scores.parquet"))
     (out / "indices.json").write_text(json.dumps(positions))
-    (out / "selection.json").write_text(json.dumps({
-        "pool": {"name": "tiny", "format": fmt, "num_rows": pool_rows, "path": None},
-        "subset_file": subset_file,
-        "method": "vote",
-        "fraction": len(positions) / pool_rows,
-        "num_selected": len(positions),
-    }))
-    meta = {**CARD_YAML, "configs": [{"config_name": "default",
-                                      "data_files": [{"split": "train", "path": local_data_files}]}]}
+    (out / "selection.json").write_text(
+        json.dumps(
+            {
+                "pool": {"name": "tiny", "format": fmt, "num_rows": pool_rows, "path": None},
+                "subset_file": subset_file,
+                "method": "vote",
+                "fraction": len(positions) / pool_rows,
+                "num_selected": len(positions),
+            }
+        )
+    )
+    meta = {
+        **CARD_YAML,
+        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": local_data_files}]}],
+    }
     (out / "README.md").write_text(f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n\n# Tiny selection\n\n{MARKER}\n")
 
 
@@ -69,15 +78,16 @@ def make_hf_export(out: Path) -> list[dict]:
     """An 'hf' pool of 10 rows, 3 selected; returns the selected rows."""
     from datasets import Dataset
 
-    pool = Dataset.from_dict({
-        "text": [f"question {i}" for i in range(10)],
-        "label": [i % 3 for i in range(10)],
-        "scores": [[float(i), float(-i)] for i in range(10)],
-    })
+    pool = Dataset.from_dict(
+        {
+            "text": [f"question {i}" for i in range(10)],
+            "label": [i % 3 for i in range(10)],
+            "scores": [[float(i), float(-i)] for i in range(10)],
+        }
+    )
     positions = [1, 4, 7]
     subset = pool.select(positions)
-    _write_common(out, fmt="hf", pool_rows=10, positions=positions, subset_file=None,
-                  local_data_files="data/*.parquet")
+    _write_common(out, fmt="hf", pool_rows=10, positions=positions, subset_file=None, local_data_files="data/*.parquet")
     (out / "data").mkdir(exist_ok=True)
     subset.to_parquet(str(out / "data" / "train-00000-of-00001.parquet"))
     return subset.to_list()
@@ -106,8 +116,14 @@ def make_llava_export(out: Path, images: Path) -> tuple[list[dict], dict[str, np
     ]
     positions = [1, 2, 3]
     chosen = [pool[i] for i in positions]
-    _write_common(out, fmt="llava_json", pool_rows=len(pool), positions=positions,
-                  subset_file="tiny_icons.json", local_data_files="tiny_icons.json")
+    _write_common(
+        out,
+        fmt="llava_json",
+        pool_rows=len(pool),
+        positions=positions,
+        subset_file="tiny_icons.json",
+        local_data_files="tiny_icons.json",
+    )
     (out / "tiny_icons.json").write_text(json.dumps(chosen))
     return chosen, pixels
 
@@ -285,8 +301,9 @@ def test_token_only_in_authorization_headers(hub, pushes, hf_push, llava_push, r
 
 def test_llava_records_pushed_as_records(hub, llava_push):
     rows = llava_push["result"]["records"]
-    expected = [{"id": r["id"], "image": r.get("image"), "conversations": r["conversations"]}
-                for r in llava_push["chosen"]]
+    expected = [
+        {"id": r["id"], "image": r.get("image"), "conversations": r["conversations"]} for r in llava_push["chosen"]
+    ]
     assert rows == expected  # a text-only first record does not drop the image column
     data, text = _card(hub, "icons/tiny-llava")
     assert {c["config_name"] for c in data["configs"]} == {"default", "scores"}
@@ -300,7 +317,7 @@ def test_embed_images_gives_image_column_with_source_pixels(hub, llava_push):
     assert result["embedded_ids"] == ["r1", "r2", "r2"]
     got = result["embedded_pixels"]
     assert got[0] is None
-    for row, record in zip(got[1:], llava_push["chosen"][1:]):
+    for row, record in zip(got[1:], llava_push["chosen"][1:], strict=True):
         np.testing.assert_array_equal(np.asarray(row, dtype=np.uint8), llava_push["pixels"][record["image"]])
     data, _ = _card(hub, "icons/tiny-llava-img")
     assert [c["config_name"] for c in data["configs"]] == ["default"]  # push_scores=False

@@ -317,7 +317,8 @@ def test_text_only_llava_pool_has_only_model_inputs(tmp_path, tiny_lora_llama):
                                                 {"from": "gpt", "value": "a number"}]} for i in range(5)]
     tokenizer = build_tokenizer(["what is a number ?"] + [str(i) for i in range(5)])
     pool = prepare_llava_dataset(records, tokenizer)
-    assert pool.column_names == ["input_ids", "labels"]
+    # The record_hash column (row identity for export) stays in the table; rows read hold the model inputs only.
+    assert pool.column_names == ["input_ids", "labels", "record_hash"] and set(pool[0]) == {"input_ids", "labels"}
     path = compute_gradients(tiny_lora_llama(vocab_size=len(tokenizer)), pool, output_dir=tmp_path / "s", dim=32)
     assert len(load_gradients(path)) == 5
 

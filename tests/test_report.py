@@ -39,7 +39,9 @@ def score_table(n, tasks, rng, decimals=3):
     cols = {"index": np.arange(n)}
     for k, task in enumerate(tasks):
         # Rounded so that equal scores (ties at and around the thresholds) occur.
-        cols[f"influence_{task}"] = np.round((0.3 * (k + 1) * shared + rng.normal(size=n)) * 0.01, decimals).astype(np.float32)
+        cols[f"influence_{task}"] = np.round((0.3 * (k + 1) * shared + rng.normal(size=n)) * 0.01, decimals).astype(
+            np.float32
+        )
     return Dataset.from_dict(cols)
 
 
@@ -140,7 +142,7 @@ def test_report_numbers_match_brute_force(llava_export):
     header, table = md_table(markdown, "Overlap between the tasks' top sets")
     assert header[1:] == TASKS
     for row in table:
-        for b, cell in zip(TASKS, row[1:]):
+        for b, cell in zip(TASKS, row[1:], strict=True):
             assert cell == f"{100 * pair[row[0]][b]:.1f}%"
             assert data["pairwise_overlap"][row[0]][b] == pytest.approx(pair[row[0]][b], abs=1e-12)
     # Overlap of the subset with each task's own top rows.
@@ -163,7 +165,9 @@ def test_report_custom_groups_output_dir_and_other_method(tmp_path):
     """A datasets pool, method 'mean' (no votes column: the report recomputes them), groups= as a sequence."""
     rng = np.random.default_rng(99)
     n = 120
-    pool = Dataset.from_dict({"text": [f"row {i}" for i in range(n)], "kind": [["a", "b", "c"][i % 3] for i in range(n)]})
+    pool = Dataset.from_dict(
+        {"text": [f"row {i}" for i in range(n)], "kind": [["a", "b", "c"][i % 3] for i in range(n)]}
+    )
     scores = select(score_table(n, TASKS[:2], rng, decimals=4), fraction=0.25, method="mean")
     assert "votes" not in scores.column_names
     export_dir = export_selection(pool, scores, tmp_path / "export")
@@ -185,7 +189,9 @@ def test_report_custom_groups_output_dir_and_other_method(tmp_path):
     header, table = md_table(markdown, "Composition")
     assert header == ["kind", "selected rows", "selected share"]
     kinds = pool["kind"]
-    assert {r[0]: int(r[1]) for r in table} == {k: sum(kinds[p] == k for p in positions) for k in {kinds[p] for p in positions}}
+    assert {r[0]: int(r[1]) for r in table} == {
+        k: sum(kinds[p] == k for p in positions) for k in {kinds[p] for p in positions}
+    }
 
 
 def test_report_single_task_has_no_heatmap(tmp_path):
@@ -224,5 +230,57 @@ def test_report_errors(tmp_path, llava_export):
                 dst.write(src.read())
     positions = json.load(open(broken / "indices.json"))
     json.dump(positions[1:], open(broken / "indices.json", "w"))
-    with pytest.raises(ValueError, match="mixes two exports"):
+    with pytest.raises(ValueError, match=r"indices\.json lists 59"):
         write_report(broken)
+
+
+@pytest.mark.parametrize(
+    "specialist, task_floor, label, floor_text",
+    [
+        (
+            "balanced",
+            None,
+            "percentile rank (0-1)",
+            "100% of the subset reserved in equal shares: each task's own top 20 rows",
+        ),
+        (
+            "balanced-quota",
+            0.5,
+            "percentile rank (0-1)",
+            "50% of the subset reserved in equal shares: each task's own top 10 rows",
+        ),
+        ("mean", 0.0, "influence score", "none (the subset is ranked by the method alone, the ICONS paper's rule)"),
+        (None, 0.0, "influence score", "none (the subset is ranked by the method alone, the ICONS paper's rule)"),
+    ],
+)
+def test_report_names_the_score_scale_and_the_floors(tmp_path, specialist, task_floor, label, floor_text):
+    rng = np.random.default_rng(7)
+    n = 200
+    records = llava_pool(tmp_path / "pool.json", n, rng)
+    table = score_table(n, TASKS[:2], rng)
+    if specialist is not None:
+        table.info.description = json.dumps(
+            {
+                "influence": {
+                    "specialist": specialist,
+                    "num_validation": {t: {t: 5} for t in TASKS[:2]},
+                    "checkpoints": ["c1"],
+                    "learning_rates": [1e-4],
+                    "checkpoint_weights": [1.0],
+                    "projection": {"kind": "identity", "dim": 8, "seed": 0},
+                    "preconditioner": {"feature": "sgd"},
+                    "skipped": [],
+                    "pool_rows": n,
+                }
+            }
+        )
+    scores = select(table, fraction=0.2, task_floor=task_floor)
+    export_dir = export_selection(str(tmp_path / "pool.json"), scores, tmp_path / "export")
+    report = write_report(export_dir)
+    markdown = open(report, encoding="utf-8").read()
+    data = json.load(open(os.path.join(export_dir, "report", "report.json")))
+    assert data["score_label"] == label and f"Scores are {label}s." in markdown
+    assert f"| per-task floor | {floor_text} |" in markdown
+    floors = data["floor_rows_per_task"]
+    assert (f"Per-task floors reserve each task's own top {floors} rows" in markdown) == bool(floors)
+    assert len(records) == n

@@ -1,0 +1,283 @@
+"""Pools as files and datasets: one place that reads them, names their format and fingerprints their rows.
+
+A pool is given as
+
+* a LLaVA-style ``.json`` file (a list of records) or ``.jsonl`` file (one record per line);
+* a folder written by ``datasets.Dataset.save_to_disk``;
+* a ``datasets.Dataset``.
+
+:func:`record_hash` is the identity of one source record: a short BLAKE2b hash of the record's canonical JSON
+(keys sorted, ``None`` values and integral floats normalised, so a record read from JSON and the same record
+read back from a ``datasets.Dataset`` hash alike). ``icons_hf.data.prepare_llava_dataset`` and
+``prepare_chat_dataset`` store it per row in a ``record_hash`` column; the gradient stores and the score table
+carry it along, and :func:`icons_hf.export_selection` compares it with the pool it is given, so a pool that was
+reordered, regenerated or edited since it was scored is refused instead of exported by position.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+RECORD_HASH_COLUMN = "record_hash"
+RECORD_EXTENSIONS = (".json", ".jsonl")
+# Record pool formats are "<kind>_<json|jsonl>"; a datasets pool (object or save_to_disk folder) is "hf".
+RECORD_KINDS = ("llava", "chat", "records")
+POOL_FORMATS = ("hf", *(f"{kind}_{ext}" for kind in RECORD_KINDS for ext in ("json", "jsonl")))
+_DETECT_ROWS = 1000
+_HASH_BATCH = 10_000
+
+
+# --------------------------------------------------------------------------------------------------- reading
+
+
+def load_records(path: str | os.PathLike) -> list[dict]:
+    """Records of a ``.json`` file (a list of objects) or a ``.jsonl`` file (one object per line), in file order.
+
+    Every problem is an error naming the file and the line or row: a missing file, invalid JSON, a file that is
+    not a list, a row that is not an object.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pool file {path} does not exist; pass the path of a .json or .jsonl records file.")
+    if not path.endswith(RECORD_EXTENSIONS):
+        raise ValueError(f"pool file {path}: expected a .json (list of records) or .jsonl (one record per line) file.")
+    with open(path, encoding="utf-8") as handle:
+        if path.endswith(".jsonl"):
+            records = []
+            for line_no, line in enumerate(handle, start=1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"{path}, line {line_no}: not valid JSON ({err.msg}).") from None
+        else:
+            try:
+                records = json.load(handle)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}).") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of records (LLaVA format), got {type(records).__name__}.")
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: row {i} is a {type(record).__name__}, not a record object.")
+    return records
+
+
+# The historical name, kept for existing callers.
+load_llava_records = load_records
+
+
+def write_records(records: Sequence[Mapping], path: str | os.PathLike) -> None:
+    """Write records as ``.jsonl`` (one per line) or ``.json`` (a list), chosen by the file's extension."""
+    path = os.fspath(path)
+    with open(path, "w", encoding="utf-8") as handle:
+        if path.endswith(".jsonl"):
+            for record in records:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        else:
+            json.dump(list(records), handle, ensure_ascii=False)
+
+
+def record_kind(records: Sequence[Mapping]) -> str:
+    """``"llava"`` (``conversations``), ``"chat"`` (``messages``) or ``"records"``, from the first records."""
+    head = records[:_DETECT_ROWS]
+    if head and all("conversations" in r for r in head):
+        return "llava"
+    if head and all("messages" in r for r in head):
+        return "chat"
+    return "records"
+
+
+def records_format(records: Sequence[Mapping], path: str | os.PathLike) -> str:
+    """The pool format of a records file: ``<kind>_<json|jsonl>`` (see :data:`POOL_FORMATS`)."""
+    ext = "jsonl" if os.fspath(path).endswith(".jsonl") else "json"
+    return f"{record_kind(records)}_{ext}"
+
+
+def is_records_format(fmt: str) -> bool:
+    """Whether an export of this pool format holds a records file (rather than ``data/*.parquet``)."""
+    return fmt in POOL_FORMATS and fmt != "hf"
+
+
+@dataclass
+class Pool:
+    """A pool as given by the user: exactly one of ``dataset`` / ``records`` is set."""
+
+    name: str
+    format: str
+    path: str | None = None
+    dataset: object = None
+    records: list | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset) if self.dataset is not None else len(self.records)
+
+    def hashes(self) -> list[str]:
+        """:func:`record_hash` of every row, in pool order (a dataset's own ``record_hash`` column when it has
+        one: the tokenized pool that ``prepare_*`` returned)."""
+        if self.records is not None:
+            return [record_hash(r) for r in self.records]
+        if RECORD_HASH_COLUMN in self.dataset.column_names:
+            return column_values(self.dataset, RECORD_HASH_COLUMN)
+        return dataset_record_hashes(self.dataset)
+
+
+def load_pool(pool, *, name: str | None = None) -> Pool:
+    """A :class:`Pool` from a ``datasets.Dataset``, a ``save_to_disk`` folder or a ``.json``/``.jsonl`` file."""
+    from datasets import Dataset, load_from_disk
+
+    if isinstance(pool, Dataset):
+        return Pool(name=name or "dataset", format="hf", dataset=pool)
+    if not isinstance(pool, (str, os.PathLike)):
+        raise TypeError(
+            f"pool of type {type(pool).__name__} is not supported; pass a datasets.Dataset, a folder saved with "
+            "Dataset.save_to_disk, or the path of a .json/.jsonl records file (a list of records: "
+            "Dataset.from_list(records))."
+        )
+    path = os.fspath(pool)
+    if os.path.isdir(path):
+        try:
+            dataset = load_from_disk(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"pool folder {path} is not a dataset saved with Dataset.save_to_disk; pass that folder, a Dataset or "
+                "a .json/.jsonl records file."
+            ) from None
+        if not isinstance(dataset, Dataset):
+            raise ValueError(
+                f"pool folder {path} holds a DatasetDict; pass the folder of one split (e.g. {path}/train)."
+            )
+        return Pool(name=name or os.path.basename(os.path.normpath(path)), format="hf", path=path, dataset=dataset)
+    if not path.endswith(RECORD_EXTENSIONS):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"pool {path} does not exist; pass a .json/.jsonl file or a save_to_disk folder.")
+        raise ValueError(f"pool {path}: expected a .json/.jsonl records file, a saved dataset folder or a Dataset.")
+    records = load_records(path)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return Pool(name=name or stem, format=records_format(records, path), path=path, records=records)
+
+
+# --------------------------------------------------------------------------------------------------- identity
+
+
+def _canonical(value, where: str):
+    if isinstance(value, Mapping):
+        return {str(k): _canonical(v, f"{where}[{k!r}]") for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, np.ndarray):
+        return _canonical(value.tolist(), where)
+    if isinstance(value, np.generic):
+        return _canonical(value.item(), where)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return repr(value)
+        return int(value) if value.is_integer() else value
+    if isinstance(value, (bytes, bytearray)):
+        return {"$bytes": base64.b64encode(bytes(value)).decode("ascii")}
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    raise TypeError(
+        f"{where} is a {type(value).__name__}, which cannot be hashed as JSON; pass records of JSON values "
+        "(str, numbers, lists, objects) or the dataset's raw Arrow rows."
+    )
+
+
+def record_hash(record: Mapping) -> str:
+    """Stable identity of a source record: 16 hex characters of BLAKE2b over its canonical JSON.
+
+    Keys are sorted, ``None`` values dropped (a ``datasets`` row gains ``None`` for fields other rows have) and
+    integral floats written as integers, so the same record read from a JSON file or from a ``datasets.Dataset``
+    hashes alike; any change of a value changes the hash.
+    """
+    if not isinstance(record, Mapping):
+        raise TypeError(f"record_hash expects a record object (a mapping), got {type(record).__name__}.")
+    text = json.dumps(_canonical(record, "record"), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()
+
+
+def dataset_record_hashes(dataset, columns: Sequence[str] | None = None) -> list[str]:
+    """:func:`record_hash` of every row of a ``datasets.Dataset`` (its raw Arrow values: images are hashed by their
+    stored bytes/paths, never decoded), in row order."""
+    view = dataset.with_format("arrow")
+    if columns is not None:
+        view = view.select_columns(list(columns))
+    out: list[str] = []
+    for start in range(0, len(dataset), _HASH_BATCH):
+        out += [record_hash(row) for row in view[start : start + _HASH_BATCH].to_pylist()]
+    return out
+
+
+def column_values(dataset, name: str) -> list:
+    """One column of a ``datasets.Dataset`` as a Python list, in row order (read from Arrow in one piece: the
+    row-by-row ``Column`` of ``dataset[name]`` is some 30x slower on large pools)."""
+    return dataset.with_format("arrow", columns=[name])[:].column(name).to_pylist()
+
+
+def iter_dataset_records(dataset) -> Iterable[dict]:
+    """Rows of a ``datasets.Dataset`` as Python dicts of their raw (undecoded) values, in order."""
+    view = dataset.with_format("arrow")
+    for start in range(0, len(dataset), _HASH_BATCH):
+        yield from view[start : start + _HASH_BATCH].to_pylist()
+
+
+def check_row_identity(pool_hashes: Sequence[str], index: np.ndarray, table_hashes: Sequence, pool_name: str) -> None:
+    """Refuse a pool whose rows are not the records the score table was computed on.
+
+    ``index[i]`` is the pool row of score-table row ``i`` and ``table_hashes[i]`` the hash recorded for it when
+    the features were computed. The message names the first mismatching pool row and the fix.
+    """
+    pool_hashes = np.asarray(pool_hashes, dtype=object)
+    table_hashes = np.asarray(table_hashes, dtype=object)
+    order = np.argsort(index, kind="stable")
+    index, table_hashes = index[order], table_hashes[order]
+    missing = np.flatnonzero(np.equal(table_hashes, None))
+    if len(missing):
+        raise ValueError(
+            f"the score table's record_hash is empty for pool row {int(index[missing[0]])}; the table was edited or "
+            "merged by hand. Recompute the influence from the gradient stores."
+        )
+    differ = np.flatnonzero(pool_hashes[index] != table_hashes)
+    if not len(differ):
+        return
+    row = int(index[differ[0]])
+    same_records = sorted(pool_hashes[index].tolist()) == sorted(table_hashes.tolist())
+    why = (
+        "it holds the scored records in another order (shuffled or re-sorted)" if same_records else
+        f"{len(differ)} of the {len(index)} scored rows hold other records (regenerated, edited or another pool)"
+    )
+    raise ValueError(
+        f"pool {pool_name!r} is not the pool the scores were computed on: row {row} holds record "
+        f"{pool_hashes[row]} but the score table expects {table_hashes[differ[0]]}; {why}. Export with the exact "
+        "pool file or dataset that was passed to the gradient stage, in its original order."
+    )
+
+
+__all__ = [
+    "POOL_FORMATS",
+    "RECORD_HASH_COLUMN",
+    "Pool",
+    "check_row_identity",
+    "column_values",
+    "dataset_record_hashes",
+    "is_records_format",
+    "iter_dataset_records",
+    "load_llava_records",
+    "load_pool",
+    "load_records",
+    "record_hash",
+    "record_kind",
+    "records_format",
+    "write_records",
+]
