@@ -43,14 +43,16 @@ class IconsCallback(TrainerCallback):
             ``part name -> Dataset`` of sub-pools (scored as one pool, in order).
         tasks: ``task -> tokenized validation Dataset``, or ``task -> {subtask -> Dataset}``.
         output_dir: where the stores go (default: ``<TrainingArguments.output_dir>/icons``).
-        train_feature, adam_variant, projection, dim, seed, batch_size, max_tokens_per_batch, dtype, on_bad_row,
-            max_length, pad_token_id, shard_size: the fields of :class:`icons_hf.settings.FeatureSettings`,
-            overriding the preset's (or ``settings``') value when given. ``train_feature``: ``"sgd"`` (default:
-            plain gradients, as the released ICONS scripts; better in the easy-VQA replica, see the README) or
-            ``"adam"`` (the LESS map of the live optimizer state, as the ICONS/LESS papers).
+        train_feature: ``"sgd"`` (default: plain gradients, as the released ICONS scripts; better in the easy-VQA
+            replica, see the README) or ``"adam"`` (the LESS map of the live optimizer state, as the ICONS/LESS
+            papers).
         preset: the ``FeatureSettings`` preset (``"default"``, ``"paper"``).
         settings: a ``FeatureSettings`` (or mapping of its fields) instead of a preset.
         show_progress: progress bars of the extraction on the main process.
+        **options: any other field of :class:`icons_hf.settings.FeatureSettings` (``projection``, ``dim``,
+            ``seed``, ``batch_size``, ``max_tokens_per_batch``, ``dtype``, ``on_bad_row``, ``max_length``,
+            ``pad_token_id``, ``shard_size``, ``adam_variant``), overriding the preset's (or ``settings``') value
+            when given; an unknown name is refused.
 
     After training, ``callback.stores()`` returns ``(train_paths, tasks)`` for :func:`icons_hf.compute_influence`.
     """
@@ -62,26 +64,12 @@ class IconsCallback(TrainerCallback):
         output_dir: str | os.PathLike | None = None,
         *,
         train_feature: str | None = None,
-        adam_variant: str | None = None,
-        projection: str | None = None,
-        dim: int | None = None,
-        seed: int | None = None,
-        batch_size: int | None = None,
-        max_tokens_per_batch: int | None = None,
-        dtype: str | None = None,
-        on_bad_row: str | None = None,
-        max_length: int | None = None,
-        pad_token_id: int | None = None,
-        shard_size: int | None = None,
         preset: str | None = None,
         settings: FeatureSettings | Mapping | None = None,
         show_progress: bool = True,
+        **options,
     ):
-        self.settings = FeatureSettings.resolve(
-            settings, preset, train_feature=train_feature, adam_variant=adam_variant, projection=projection, dim=dim,
-            seed=seed, batch_size=batch_size, max_tokens_per_batch=max_tokens_per_batch, dtype=dtype,
-            on_bad_row=on_bad_row, max_length=max_length, pad_token_id=pad_token_id, shard_size=shard_size,
-        )
+        self.settings = FeatureSettings.resolve(settings, preset, train_feature=train_feature, **options)
         check_inputs(pool, tasks)
         check_bad_rows(pool, tasks, self.settings)
         self.pool = pool

@@ -19,8 +19,11 @@ import tempfile
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import torch
 
 from .config import validate_choice
+from .gradients import compute_gradients, resolve_optimizer_state, unwrap_model
+from .gradients.precondition import AdamState
 from .influence import compute_influence
 from .store import load_gradients
 
@@ -67,16 +70,10 @@ def adam_feature_diagnostics(
     folder by default, removed afterwards). Under a multi-process launch, call it in every process with the same
     ``work_dir`` on a file system they share (the rows are split between processes); it is left in place.
     """
-    import torch
-
-    from .gradients import compute_gradients
-    from .gradients.extractor import _resolve_state, _unwrap
-    from .gradients.precondition import AdamState
-
     if len(dataset) < 2:
         raise ValueError("adam_feature_diagnostics needs at least two rows (it compares rows with each other).")
-    base = _unwrap(model)
-    state = _resolve_state(optimizer_state, base)
+    base = unwrap_model(model)
+    state = resolve_optimizer_state(optimizer_state, base)
     zero_momentum = AdamState(
         {
             name: {"exp_avg": torch.zeros_like(st["exp_avg"]), "exp_avg_sq": st["exp_avg_sq"], "step": st.get("step", 0)}

@@ -291,11 +291,8 @@ def _extraction_mode(model: nn.Module):
 
 def compute_gradients(
     model: nn.Module, dataset, *, output_dir: str | os.PathLike, feature: str | None = "sgd", optimizer_state=None,
-    adam_variant: str | None = None, projection: str | None = None, dim: int | None = None, seed: int | None = None,
-    batch_size: int | None = None, max_tokens_per_batch: int | None = None, dtype: str | None = None,
-    on_bad_row: str | None = None, max_length: int | None = None, learning_rate: float | None = None,
-    checkpoint: str | None = None, shard_size: int | None = None, pad_token_id: int | None = None,
-    preset: str | None = None, settings: FeatureSettings | Mapping | None = None, show_progress: bool = True,
+    learning_rate: float | None = None, checkpoint: str | None = None, preset: str | None = None,
+    settings: FeatureSettings | Mapping | None = None, show_progress: bool = True, **options,
 ) -> str:
     """Compute one gradient feature per row of ``dataset`` and write them to a gradient store; return its path.
 
@@ -314,24 +311,23 @@ def compute_gradients(
             (:func:`icons_hf.compute_checkpoint_stores` passes it for the pool).
         optimizer_state: a Trainer checkpoint folder (``optimizer.pt``), a live torch optimizer, or a mapping
             ``parameter name -> {"exp_avg", "exp_avg_sq"[, "step"]}``. Never modified.
-        adam_variant, projection, dim, seed, batch_size, max_tokens_per_batch, dtype, on_bad_row, max_length,
-            shard_size, pad_token_id: as the fields of :class:`icons_hf.settings.FeatureSettings` (their help
-            says what each does), overriding the preset's or ``settings``' value when given (not ``None``).
-            Features never depend on ``batch_size``, ``max_tokens_per_batch`` or ``pad_token_id``.
         learning_rate: the checkpoint's learning rate (weights checkpoints in influence); read from the Trainer
             checkpoint's ``trainer_state.json`` when ``optimizer_state`` is a checkpoint folder.
         checkpoint: a name for the checkpoint (e.g. ``"checkpoint-500"``) stored in the metadata.
         preset: the ``FeatureSettings`` preset to start from (``"default"``, ``"paper"``).
         settings: a ``FeatureSettings`` (or a mapping of its fields) to start from instead of a preset.
         show_progress: show a progress bar on the main process.
+        **options: any field of :class:`icons_hf.settings.FeatureSettings` (``projection``, ``dim``, ``seed``,
+            ``batch_size``, ``max_tokens_per_batch``, ``dtype``, ``on_bad_row``, ``max_length``, ``shard_size``,
+            ``pad_token_id``, ``adam_variant``; their help says what each does), overriding the preset's or
+            ``settings``' value when given (not ``None``); an unknown name is refused. Features never depend on
+            ``batch_size``, ``max_tokens_per_batch`` or ``pad_token_id``.
 
     Under ``accelerate launch``/``torchrun``, call it in every process with the same arguments: one store results.
     """
-    settings = FeatureSettings.resolve(
-        settings, preset, adam_variant=adam_variant, projection=projection, dim=dim, seed=seed, batch_size=batch_size,
-        max_tokens_per_batch=max_tokens_per_batch, dtype=dtype, on_bad_row=on_bad_row, max_length=max_length,
-        shard_size=shard_size, pad_token_id=pad_token_id,
-    )
+    if "train_feature" in options:
+        raise TypeError("compute_gradients takes feature= (this dataset's feature), not train_feature=.")
+    settings = FeatureSettings.resolve(settings, preset, **options)
     check_dataset(dataset)
     model = unwrap_model(model)
     feature = settings.train_feature if feature is None else feature
@@ -367,9 +363,5 @@ def _write_shards(writer: StoreWriter, extraction: _Extraction, todo: list, show
         progress.close()
 
 
-# Former private names, still imported by icons_hf.variants; the public ones are icons_hf.gradients.unwrap_model
-# and icons_hf.gradients.resolve_optimizer_state.
-_unwrap = unwrap_model
-_resolve_state = resolve_optimizer_state
 
 __all__ = ["ON_BAD_ROW", "BadRowError", "collate_rows", "compute_gradients", "fingerprint_rows", "per_row_loss"]
