@@ -61,7 +61,7 @@ def build_causal(kind, seed=0, **lora_kwargs):
 
 
 def build_llava(seed=0):
-    from icons_hf.demo import build_tiny_llava
+    from icons_hf.testing import build_tiny_llava
 
     model = build_tiny_llava(VOCAB, IMAGE, 0, seed=seed)
     return _lora(model, r".*language_model.*\.(q_proj|v_proj)", seed, modules_to_save=["multi_modal_projector"])

@@ -40,7 +40,7 @@ def _records(n, *, ids=None, image=None):
 
 
 def _tokenizer(records):
-    from icons_hf.demo import build_tokenizer
+    from icons_hf.testing import build_tokenizer
 
     return build_tokenizer([t["value"] for r in records for t in r["conversations"]])
 
@@ -61,7 +61,7 @@ def _text_model(vocab_size, seed=0):
 
 def test_missing_image_is_an_error_naming_the_row_and_path(tmp_path):
     from icons_hf.data import prepare_llava_dataset
-    from icons_hf.demo import image_processor
+    from icons_hf.testing import image_processor
 
     from PIL import Image
 
@@ -79,7 +79,7 @@ def test_unreadable_image_is_an_error_naming_the_row_or_a_recorded_skip(tmp_path
     from PIL import Image
 
     from icons_hf.data import prepare_llava_dataset
-    from icons_hf.demo import build_tiny_llava, image_processor
+    from icons_hf.testing import build_tiny_llava, image_processor
 
     for i in range(4):
         Image.new("RGB", (32, 32), ("red", "blue", "green", "white")[i]).save(tmp_path / f"{i}.png")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from icons_hf.demo import (
+from icons_hf.testing import (
     COLORS,
     SHAPES,
     answer_balanced,
