@@ -27,7 +27,13 @@ from .export import export_selection
 from .influence import compute_influence
 from .report import write_report
 from .testing import (
-    TASKS, answer_balanced, answer_task, build_tiny_llava, build_tokenizer, easy_vqa_records, image_processor,
+    TASKS,
+    answer_balanced,
+    answer_task,
+    build_tiny_llava,
+    build_tokenizer,
+    easy_vqa_records,
+    image_processor,
 )
 
 logger = logging.getLogger(__name__)
@@ -138,7 +144,7 @@ def run_demo(config: DemoConfig | None = None) -> dict:
         "selected_rows": int(selected.sum()),
         "checkpoints": [c["checkpoint"] for c in callback.checkpoints],
         "pool_by_task": dict(Counter(kinds)),
-        "selected_by_task": dict(Counter(k for k, s in zip(kinds, selected) if s)),
+        "selected_by_task": dict(Counter(k for k, s in zip(kinds, selected, strict=True) if s)),
         "vote_histogram": vote_histogram(scores),
         "subset_dir": subset_dir,
     }

@@ -37,7 +37,9 @@ def _env() -> dict:
 def _run(cmd: list[str], timeout: int = 240, env: dict | None = None) -> str:
     proc = subprocess.run(cmd, cwd=ROOT, env=env or _env(), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc.stdout + proc.stderr
 
 
@@ -109,8 +111,8 @@ def test_format_chat_errors_name_the_row():
     with pytest.raises(ValueError, match="row 3: the chat has no assistant message"):
         format_chat([{"role": "user", "content": "what is one"}], tokenizer, row=3)
     with pytest.raises(ValueError, match="row 1: message 0 has no text 'content'"):
-        prepare_chat_dataset([{"messages": [{"role": "user", "content": "one"}, {"role": "assistant", "content": "two"}]},
-                              {"messages": [{"role": "user"}]}], tokenizer)
+        good = {"messages": [{"role": "user", "content": "one"}, {"role": "assistant", "content": "two"}]}
+        prepare_chat_dataset([good, {"messages": [{"role": "user"}]}], tokenizer)
     with pytest.raises(ValueError, match="row 0 has no 'messages'"):
         prepare_chat_dataset([{"chat": []}], tokenizer)
     # A template that renders the last turn differently rewrites earlier turns as the chat grows.
@@ -134,7 +136,13 @@ def llava_setup(tmp_path_factory):
     """A tiny LlavaForConditionalGeneration + tokenizer + CLIPImageProcessorPil saved to disk, a LLaVA JSON pool
     (with two text-only rows, as LLaVA-665K has) and two validation files with PNG images."""
     import torch
-    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
     root = tmp_path_factory.mktemp("llava")
     rng = np.random.default_rng(0)
@@ -181,7 +189,8 @@ def llava_setup(tmp_path_factory):
     (root / "shape.jsonl").write_text("\n".join(json.dumps(r) for r in records("shape", 4)))
     (root / "count_a.json").write_text(json.dumps(records("count_a", 3)))
     # A task held in a datasets folder with an Image column, as a Hub dataset would be.
-    from datasets import Dataset, Image as ImageFeature
+    from datasets import Dataset
+    from datasets import Image as ImageFeature
     from PIL import Image
 
     held = records("count_b", 3)
@@ -268,7 +277,8 @@ def test_llava_example_end_to_end_and_push(llava_setup, tmp_path):
             "--image-folder", str(root / "images"), "--task", f"color={root / 'color.json'}",
             "--task", f"shape={root / 'shape.jsonl'}:{root / 'images'}", "--task", f"count/a={root / 'count_a.json'}",
             "--task", f"count/b={root / 'count_b'}", "--output-dir", str(out),
-            "--lora-r", "4", "--warmup-fraction", "0.3", "--num-train-epochs", "2", "--per-device-train-batch-size", "4",
+            "--lora-r", "4", "--warmup-fraction", "0.3", "--num-train-epochs", "2",
+            "--per-device-train-batch-size", "4",
             "--num-checkpoints", "2", "--dim", "64", "--feature-batch-size", "4", "--fraction", "0.25",
             "--learning-rate", "1e-3", "--push-to-hub", "tester/llava-icons",
         ], env=env)
@@ -289,7 +299,7 @@ def test_llava_example_end_to_end_and_push(llava_setup, tmp_path):
 
     scores = pq.read_table(out / "subset" / "scores.parquet").to_pydict()
     assert sorted(scores["index"]) == list(range(30))  # both sub-pools scored, mapped to pool positions
-    assert [i for i, s in zip(scores["index"], scores["selected"]) if s] == indices
+    assert [i for i, s in zip(scores["index"], scores["selected"], strict=True) if s] == indices
     assert len(os.listdir(out / "task_images" / "count" / "b")) == 3  # the held images, written for the loader
     for task in ("color", "shape", "count"):
         assert np.isfinite(scores[f"influence_{task}"]).all() and np.std(scores[f"influence_{task}"]) > 0
@@ -373,9 +383,9 @@ def test_no_features_only_warms_up(text_setup, tmp_path):
     """--no-features (the first step of a ZeRO-3/FSDP run) saves the checkpoints and computes no feature."""
     root = text_setup
     result = _script(TEXT).main([
-        "--model", str(root / "model"), "--data-path", str(root / "pool.jsonl"), "--task", f"math={root / 'math.jsonl'}",
-        "--output-dir", str(tmp_path), "--lora-r", "4", "--max-steps", "2", "--num-checkpoints", "2",
-        "--warmup-fraction", "0.2", "--no-features",
+        "--model", str(root / "model"), "--data-path", str(root / "pool.jsonl"),
+        "--task", f"math={root / 'math.jsonl'}", "--output-dir", str(tmp_path), "--lora-r", "4", "--max-steps", "2",
+        "--num-checkpoints", "2", "--warmup-fraction", "0.2", "--no-features",
     ])
     assert result is None
     assert sorted(os.listdir(tmp_path / "warmup")) == ["checkpoint-1", "checkpoint-2"]

@@ -264,17 +264,18 @@ def test_cli_influence_select_export(tmp_path, capsys):
     train = write_store(tmp_path / "train", rng.normal(size=(12, 6)))
     a = write_store(tmp_path / "a", rng.normal(size=(3, 6)))
     b = write_store(tmp_path / "b", rng.normal(size=(4, 6)))
-    assert main(["influence", "--train", train, "--task", f"a={a}", "--task", f"b={b}", "--output", str(tmp_path / "scores")]) == 0
+    scores_dir, out = str(tmp_path / "scores"), str(tmp_path / "out")
+    assert main(["influence", "--train", train, "--task", f"a={a}", "--task", f"b={b}", "--output", scores_dir]) == 0
     assert main(["select", str(tmp_path / "scores"), "--fraction", "0.25", "--output", str(tmp_path / "selected")]) == 0
     pool = tmp_path / "pool.json"
     pool.write_text(json.dumps([{"id": str(i), "conversations": []} for i in range(12)]))
-    assert main(["export", "--pool", str(pool), "--scores", str(tmp_path / "selected"), "--output-dir", str(tmp_path / "out")]) == 0
+    assert main(["export", "--pool", str(pool), "--scores", str(tmp_path / "selected"), "--output-dir", out]) == 0
     assert len(json.load(open(tmp_path / "out" / "pool_icons.json"))) == 3
     # Same result as the Python API.
     api = select(compute_influence(train, {"a": a, "b": b}), fraction=0.25)
     assert [i for i, s in enumerate(api["selected"]) if s] == json.load(open(tmp_path / "out" / "indices.json"))
     # Bad input gives an error message, not a traceback.
-    assert main(["select", str(tmp_path / "scores"), "--method", "task", "--task", "zzz", "--output", str(tmp_path / "x")]) == 2
+    assert main(["select", scores_dir, "--method", "task", "--task", "zzz", "--output", str(tmp_path / "x")]) == 2
     assert "task= one of: a, b" in capsys.readouterr().err
 
 
