@@ -14,9 +14,10 @@ Models and rows are random but fixed by their ``seed``, so a worker process star
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -44,7 +45,9 @@ def tiny_llama(seed: int = 0, vocab_size: int = 64, max_position_embeddings: int
     return LlamaForCausalLM(config)
 
 
-def tiny_lora_llama(seed: int = 0, vocab_size: int = 64, r: int = 4, target_modules: Sequence[str] = ("q_proj", "v_proj")):
+def tiny_lora_llama(
+    seed: int = 0, vocab_size: int = 64, r: int = 4, target_modules: Sequence[str] = ("q_proj", "v_proj")
+):
     """:func:`tiny_llama` with LoRA on ``target_modules``; B is initialised non-zero, so every adapter weight has
     a gradient before the first update (peft's default B = 0 gives lora_A exactly zero gradients)."""
     from peft import LoraConfig, get_peft_model
@@ -63,6 +66,23 @@ def token_rows(n: int, seed: int = 0, vocab_size: int = 64, min_len: int = 4, ma
         cut = int(rng.integers(1, length - 1))
         rows.append({"input_ids": ids, "labels": [-100] * cut + ids[cut:]})
     return rows
+
+
+@contextlib.contextmanager
+def record_forward_calls(module) -> Iterator[list[dict]]:
+    """Record each call of ``module`` while the block runs: ``{"input_shape": shape of input_ids (or None),
+    "kwargs": sorted keyword names}``, e.g. to check how rows were batched or which head path was taken."""
+    calls: list[dict] = []
+
+    def hook(_module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        calls.append({"input_shape": tuple(ids.shape) if hasattr(ids, "shape") else None, "kwargs": sorted(kwargs)})
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield calls
+    finally:
+        handle.remove()
 
 
 # ------------------------------------------------------------------------------------ the demo's LLaVA side
@@ -151,7 +171,7 @@ def easy_vqa_records(split: str) -> tuple[list[dict], str]:
             "image": os.path.basename(paths[image_id]),
             "conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}],
         }
-        for i, (q, a, image_id) in enumerate(zip(questions, answers, image_ids))
+        for i, (q, a, image_id) in enumerate(zip(questions, answers, image_ids, strict=True))
     ]
     return records, folder
 
@@ -215,5 +235,6 @@ def write_store(
 
 __all__ = [
     "COLORS", "SHAPES", "SPECIAL", "TASKS", "answer_balanced", "answer_task", "build_tiny_llava", "build_tokenizer",
-    "easy_vqa_records", "image_processor", "tiny_llama", "tiny_lora_llama", "token_rows", "write_store",
+    "easy_vqa_records", "image_processor", "record_forward_calls", "tiny_llama", "tiny_lora_llama", "token_rows",
+    "write_store",
 ]
