@@ -21,7 +21,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "IconsCallback": "callback",
-    "load_run": "callback",
+    "compute_checkpoint_stores": "checkpoints",
+    "load_run": "checkpoints",
     "METHODS": "consensus",
     "select": "consensus",
     "export_selection": "export",

@@ -2,41 +2,45 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping
 
 from transformers import TrainerCallback
 
-from .config import validate_choice
-from .gradients import ADAM_VARIANTS, FEATURES, PROJECTIONS, compute_gradients
+from .checkpoints import RUN_FILE, check_inputs, check_model_inputs, compute_checkpoint_stores, load_run, run_stores
 from .gradients.precondition import AdamState
-from .influence import _TASK_NAME
+from .settings import FeatureSettings
 
 logger = logging.getLogger(__name__)
-
-RUN_FILE = "icons_run.json"
 
 
 class IconsCallback(TrainerCallback):
     """Computes ICONS gradient features whenever the Trainer saves a checkpoint.
 
-    At each save it writes, under ``output_dir/checkpoint-<step>/``, one gradient store for the pool
-    (``train/``: ``train_feature`` features: plain gradients by default, or Adam-preconditioned with the live
-    optimizer state) and
-    one per target task (``<task>/`` or ``<task>/<subtask>/``: plain SGD gradients), and records the
-    checkpoint's learning rate. All processes of a distributed run take part; each computes its share of rows.
+    At each save it runs :func:`icons_hf.compute_checkpoint_stores`: under ``output_dir/checkpoint-<step>/``, one
+    gradient store for the pool (``train/``, or ``train/<part>/`` per sub-pool; ``train_feature`` features, with
+    the live optimizer state for ``"adam"``) and one per target task (``<task>/`` or ``<task>/<subtask>/``: plain
+    gradients), with the learning rate of the step. All processes of a distributed run take part; each computes
+    its share of rows.
+
+    Every dataset is checked when the callback is built (a ``datasets.Dataset`` with rows, integer
+    ``input_ids``/``labels``) and again when training begins, where its first rows are also batched for the model:
+    a dataset that could only fail at the first checkpoint is refused before the first training step.
 
     Args:
-        pool: the tokenized pool (``input_ids``, ``labels``, model inputs such as ``pixel_values``).
+        pool: the tokenized pool (``input_ids``, ``labels``, model inputs such as ``pixel_values``), or a mapping
+            ``part name -> Dataset`` of sub-pools (scored as one pool, in order).
         tasks: ``task -> tokenized validation Dataset``, or ``task -> {subtask -> Dataset}``.
         output_dir: where the stores go (default: ``<TrainingArguments.output_dir>/icons``).
-        train_feature: ``"sgd"`` (default: plain gradients, as the released ICONS scripts use; in the easy-VQA
-            replica every selection rule did better with them, see the README) or ``"adam"`` (the LESS map of
-            the live optimizer state, as in the ICONS/LESS papers).
-        adam_variant, projection, dim, seed, batch_size, dtype, on_bad_row, max_length, pad_token_id, shard_size: as in
-            :func:`icons_hf.compute_gradients`.
+        train_feature, adam_variant, projection, dim, seed, batch_size, max_tokens_per_batch, dtype, on_bad_row,
+            max_length, pad_token_id, shard_size: the fields of :class:`icons_hf.settings.FeatureSettings`,
+            overriding the preset's (or ``settings``') value when given. ``train_feature``: ``"sgd"`` (default:
+            plain gradients, as the released ICONS scripts; better in the easy-VQA replica, see the README) or
+            ``"adam"`` (the LESS map of the live optimizer state, as the ICONS/LESS papers).
+        preset: the ``FeatureSettings`` preset (``"default"``, ``"paper"``).
+        settings: a ``FeatureSettings`` (or mapping of its fields) instead of a preset.
+        show_progress: progress bars of the extraction on the main process.
 
     After training, ``callback.stores()`` returns ``(train_paths, tasks)`` for :func:`icons_hf.compute_influence`.
     """
@@ -47,55 +51,55 @@ class IconsCallback(TrainerCallback):
         tasks: Mapping,
         output_dir: str | os.PathLike | None = None,
         *,
-        train_feature: str = "sgd",
-        adam_variant: str = "less",
-        projection: str = "countsketch",
-        dim: int = 8192,
-        seed: int = 0,
-        batch_size: int = 8,
-        dtype: str = "float16",
-        on_bad_row: str = "error",
+        train_feature: str | None = None,
+        adam_variant: str | None = None,
+        projection: str | None = None,
+        dim: int | None = None,
+        seed: int | None = None,
+        batch_size: int | None = None,
+        max_tokens_per_batch: int | None = None,
+        dtype: str | None = None,
+        on_bad_row: str | None = None,
         max_length: int | None = None,
-        pad_token_id: int = 0,
-        shard_size: int = 4096,
+        pad_token_id: int | None = None,
+        shard_size: int | None = None,
+        preset: str | None = None,
+        settings: FeatureSettings | Mapping | None = None,
+        show_progress: bool = True,
     ):
-        validate_choice("train_feature", train_feature, FEATURES)
-        validate_choice("adam_variant", adam_variant, ADAM_VARIANTS)
-        validate_choice("projection", projection, PROJECTIONS)
-        if not isinstance(tasks, Mapping) or not tasks:
-            raise ValueError("tasks must be a non-empty mapping task name -> validation Dataset.")
-        for name, spec in tasks.items():
-            subs = spec if isinstance(spec, Mapping) else {name: spec}
-            for sub, ds in subs.items():
-                if not _TASK_NAME.match(str(sub)):
-                    raise ValueError(f"task/subtask name {sub!r} may only use letters, digits, '_', '.', '-'.")
-                if len(ds) == 0:
-                    where = f"task {name!r}" + (f" subtask {sub!r}" if isinstance(spec, Mapping) else "")
-                    raise ValueError(f"{where} has no validation rows; give every task at least one example.")
-        if len(pool) == 0:
-            raise ValueError("the pool has no rows; there is nothing to select from.")
+        self.settings = FeatureSettings.resolve(
+            settings, preset, train_feature=train_feature, adam_variant=adam_variant, projection=projection, dim=dim,
+            seed=seed, batch_size=batch_size, max_tokens_per_batch=max_tokens_per_batch, dtype=dtype,
+            on_bad_row=on_bad_row, max_length=max_length, pad_token_id=pad_token_id, shard_size=shard_size,
+        )
+        check_inputs(pool, tasks)
         self.pool = pool
         self.tasks = tasks
         self.output_dir = None if output_dir is None else os.fspath(output_dir)
-        self.train_feature = train_feature
-        self.options = dict(
-            adam_variant=adam_variant, projection=projection, dim=dim, seed=seed, batch_size=batch_size, dtype=dtype,
-            on_bad_row=on_bad_row, max_length=max_length, pad_token_id=pad_token_id, shard_size=shard_size,
-        )
+        self.show_progress = show_progress
         self.checkpoints: list[dict] = []
         self._step_lr: float | None = None
 
-    def _task_items(self):
-        for name, spec in self.tasks.items():
-            if isinstance(spec, Mapping):
-                for sub, ds in spec.items():
-                    yield name, sub, ds, os.path.join(name, sub)
-            else:
-                yield name, None, spec, name
+    @property
+    def train_feature(self) -> str:
+        return self.settings.train_feature
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.output_dir is None:
             self.output_dir = os.path.join(args.output_dir, "icons")
+        check_training_arguments(args)
+        check_inputs(self.pool, self.tasks)
+        if model is not None:
+            check_model_inputs(model, self.pool, self.tasks, self.settings.pad_token_id)
+        if self.settings.train_feature == "adam" and optimizer is not None:
+            groups = getattr(getattr(optimizer, "optimizer", optimizer), "param_groups", None) or [{}]
+            if "betas" not in groups[0]:
+                raise ValueError(
+                    f"train_feature='adam' needs an Adam/AdamW optimizer, but the Trainer's is "
+                    f"{type(getattr(optimizer, 'optimizer', optimizer)).__name__}; use an Adam optimizer (optim= in "
+                    "TrainingArguments) or train_feature='sgd'."
+                )
+        return control
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         # The learning rate this step used (the scheduler moves on right after): the value the Trainer logs.
@@ -105,31 +109,17 @@ class IconsCallback(TrainerCallback):
     def on_save(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None:
             raise RuntimeError("IconsCallback needs the model in on_save; it is meant for transformers.Trainer.")
-        name = f"checkpoint-{state.global_step}"
-        root = os.path.join(self.output_dir, name)
-        lr = self._step_lr
         state_arg = None
-        if self.train_feature == "adam":
+        if self.settings.train_feature == "adam":
             if optimizer is None:
                 raise RuntimeError("train_feature='adam' needs the Trainer's optimizer; it was not passed to on_save.")
             state_arg = AdamState.from_optimizer(optimizer, model)
-        logger.info("ICONS features for %s (learning rate %s)", name, lr)
-        common = dict(self.options, learning_rate=lr, checkpoint=name)
-        train_path = compute_gradients(
-            model, self.pool, output_dir=os.path.join(root, "train"), feature=self.train_feature,
-            optimizer_state=state_arg, **common,
+        entry = compute_checkpoint_stores(
+            model, self.pool, self.tasks, self.output_dir, settings=self.settings, optimizer_state=state_arg,
+            learning_rate=self._step_lr, checkpoint=f"checkpoint-{state.global_step}", step=state.global_step,
+            show_progress=self.show_progress,
         )
-        entry = {"checkpoint": name, "step": state.global_step, "learning_rate": lr, "train": train_path, "tasks": {}}
-        for task, sub, ds, rel in self._task_items():
-            path = compute_gradients(model, ds, output_dir=os.path.join(root, rel), feature="sgd", **common)
-            if sub is None:
-                entry["tasks"][task] = path
-            else:
-                entry["tasks"].setdefault(task, {})[sub] = path
-        self.checkpoints.append(entry)
-        if state.is_world_process_zero:
-            with open(os.path.join(self.output_dir, RUN_FILE), "w") as handle:
-                json.dump({"checkpoints": self.checkpoints}, handle, indent=2)
+        self.checkpoints = [c for c in self.checkpoints if c["checkpoint"] != entry["checkpoint"]] + [entry]
         return control
 
     def stores(self):
@@ -139,23 +129,23 @@ class IconsCallback(TrainerCallback):
         return run_stores(self.checkpoints)
 
 
-def run_stores(checkpoints) -> tuple[list[str], dict]:
-    train = [c["train"] for c in checkpoints]
-    tasks: dict = {}
-    for c in checkpoints:
-        for task, spec in c["tasks"].items():
-            if isinstance(spec, Mapping):
-                for sub, path in spec.items():
-                    tasks.setdefault(task, {}).setdefault(sub, []).append(path)
-            else:
-                tasks.setdefault(task, []).append(spec)
-    return train, tasks
+def check_training_arguments(args) -> None:
+    """Refuse, before the first step, a Trainer setup in which the callback would compute nothing or could not
+    compute features: no checkpoint is ever saved, or parameters/optimizer states are sharded (DeepSpeed, FSDP)."""
+    strategy = getattr(args, "save_strategy", "steps")
+    if getattr(strategy, "value", strategy) == "no":
+        raise ValueError(
+            "TrainingArguments(save_strategy='no') saves no checkpoint, so IconsCallback would compute no features; "
+            "set save_strategy='steps' with save_steps (features are computed at every save)."
+        )
+    sharded = [name for name, on in (("DeepSpeed", getattr(args, "deepspeed", None)),
+                                     ("FSDP", getattr(args, "fsdp", None))) if on]
+    if sharded:
+        raise ValueError(
+            f"this run uses {sharded[0]}, which shards parameters or optimizer states across processes; IconsCallback "
+            "does not support it. Warm up without the callback and compute the features from the saved checkpoints "
+            "with icons_hf.compute_checkpoint_stores under DDP or one process."
+        )
 
 
-def load_run(output_dir: str | os.PathLike) -> tuple[list[str], dict]:
-    """``(train_paths, tasks)`` of a folder written by ``IconsCallback`` (its ``icons_run.json``)."""
-    path = os.path.join(os.fspath(output_dir), RUN_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found; point at the IconsCallback output_dir (default <output_dir>/icons).")
-    with open(path) as handle:
-        return run_stores(json.load(handle)["checkpoints"])
+__all__ = ["RUN_FILE", "IconsCallback", "check_training_arguments", "load_run", "run_stores"]

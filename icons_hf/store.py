@@ -4,6 +4,7 @@ Layout::
 
     <store>/store.json                       configuration, row count, completion, skipped rows
     <store>/shards/rows-<start>-<end>.arrow  Arrow stream files with columns index, features, norm
+                                             (and record_hash when the dataset had that column)
 
 Rows are sharded by pool position in fixed ranges ``[start, end)``, so the shard a row lands in does not depend
 on the number of processes, and concatenating the shards in name order gives the rows in pool order. A shard is
@@ -38,13 +39,32 @@ _SHARD_RE = re.compile(r"^rows-(\d{10})-(\d{10})\.arrow$")
 _NOTES_KEY = b"icons_hf.notes"
 
 
-def _features_schema(dim: int, dtype: str) -> pa.Schema:
+def _features_schema(dim: int, dtype: str, record_hash: bool = False) -> pa.Schema:
     from datasets import Features, List, Value
 
-    features = Features(
-        {"index": Value("int64"), "features": List(Value(dtype), length=dim), "norm": Value("float32")}
+    columns = {"index": Value("int64"), "features": List(Value(dtype), length=dim), "norm": Value("float32")}
+    if record_hash:
+        columns["record_hash"] = Value("string")
+    return Features(columns).arrow_schema
+
+
+def store_path(value, argument: str = "path") -> str:
+    """The folder of a gradient store given as a path, or as the ``Dataset`` that :func:`load_gradients` returned
+    (it remembers its folder). Anything else is refused, naming ``argument`` and what to pass."""
+    if isinstance(value, (str, os.PathLike)):
+        return os.fspath(value)
+    info = getattr(getattr(value, "info", None), "description", None)
+    if info:
+        try:
+            folder = json.loads(info).get("store")
+        except (ValueError, AttributeError):
+            folder = None
+        if isinstance(folder, str):
+            return folder
+    raise TypeError(
+        f"{argument} is a {type(value).__name__}; pass the folder of a gradient store (the path compute_gradients "
+        "returned), or the Dataset that load_gradients returned for it."
     )
-    return features.arrow_schema
 
 
 def _atomic_write_json(path: str, payload) -> None:
@@ -58,10 +78,11 @@ def _atomic_write_json(path: str, payload) -> None:
 
 def read_store_metadata(path: str | os.PathLike) -> dict:
     """The ``store.json`` of a gradient store, with a clear error when ``path`` is not one."""
-    meta_path = os.path.join(os.fspath(path), "store.json")
+    path = store_path(path)
+    meta_path = os.path.join(path, "store.json")
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(
-            f"{os.fspath(path)} is not a gradient store (no store.json); write one with compute_gradients or "
+            f"{path} is not a gradient store (no store.json); write one with compute_gradients or "
             "IconsCallback."
         )
     with open(meta_path) as handle:
@@ -116,7 +137,8 @@ class StoreWriter:
     """Writes (or resumes) one gradient store. Every process of a distributed job creates one with the same
     arguments; each handles the shards ``shard_number % world_size == rank``."""
 
-    def __init__(self, path, *, config: Mapping, num_rows: int, shard_size: int, dim: int, dtype: str, extra=None):
+    def __init__(self, path, *, config: Mapping, num_rows: int, shard_size: int, dim: int, dtype: str, extra=None,
+                 record_hash: bool = False):
         if dtype not in ("float16", "float32"):
             raise ValueError(f"dtype={dtype!r} is not supported; choose 'float16' (default) or 'float32'.")
         self.path = os.fspath(path)
@@ -128,7 +150,9 @@ class StoreWriter:
         self.extra = dict(extra or {})
         self.rank, self.world = process_info()
         self.shard_dir = os.path.join(self.path, "shards")
-        self.schema = _features_schema(self.dim, dtype)
+        self.record_hash = bool(record_hash)
+        self.schema = _features_schema(self.dim, dtype, self.record_hash)
+        self.skipped = 0
 
     def open(self) -> list[tuple[int, int]]:
         """Create or validate the store; return this process's shards that still need computing."""
@@ -163,8 +187,8 @@ class StoreWriter:
     def _check_existing(self, meta: Mapping) -> None:
         diffs = _config_differences(meta["config"], self.config)
         for key, value in (("num_rows", self.num_rows), ("shard_size", self.shard_size), ("dim", self.dim),
-                           ("dtype", self.dtype)):
-            if meta.get(key) != value:
+                           ("dtype", self.dtype), ("record_hash", self.record_hash)):
+            if meta.get(key, False if key == "record_hash" else None) != value:
                 diffs.append(f"{key}: stored {meta.get(key)}, requested {value}")
         if diffs:
             raise ValueError(
@@ -186,6 +210,7 @@ class StoreWriter:
             "num_features": self.num_rows - len(skipped),
             "skipped": skipped,
             "bytes_per_row": self.dim * (2 if self.dtype == "float16" else 4) + 12,
+            "record_hash": self.record_hash,
             **self.extra,
         }
 
@@ -200,9 +225,16 @@ class StoreWriter:
         return sorted(found)
 
     def write_shard(
-        self, start: int, end: int, indices: np.ndarray, features: np.ndarray, notes: Mapping[str, list] | None = None
+        self, start: int, end: int, indices: np.ndarray, features: np.ndarray, notes: Mapping[str, list] | None = None,
+        record_hash=None,
     ) -> None:
-        """Atomically write rows ``[start, end)`` (``indices`` ascending, features float32 ``n x dim``)."""
+        """Atomically write rows ``[start, end)`` (``indices`` ascending, features float32 ``n x dim``, and with a
+        store of ``record_hash=True`` one hash string per row)."""
+        if self.record_hash != (record_hash is not None):
+            raise ValueError(
+                f"{self.path}: this store {'keeps' if self.record_hash else 'has no'} record_hash per row; "
+                f"write_shard got {'none' if record_hash is None else 'some'}."
+            )
         features = np.asarray(features, dtype=np.float32).reshape(len(indices), self.dim)
         norms = np.linalg.norm(features.astype(np.float64), axis=1).astype(np.float32)
         stored = features.astype(self.dtype)
@@ -213,14 +245,16 @@ class StoreWriter:
                 "use dtype='float32'."
             )
         schema = self.schema.with_metadata({**self.schema.metadata, _NOTES_KEY: json.dumps(dict(notes or {})).encode()})
-        table = pa.table(
-            {
-                "index": pa.array(np.asarray(indices, dtype=np.int64)),
-                "features": pa.FixedSizeListArray.from_arrays(pa.array(stored.reshape(-1)), self.dim),
-                "norm": pa.array(norms),
-            },
-            schema=schema,
-        )
+        columns = {
+            "index": pa.array(np.asarray(indices, dtype=np.int64)),
+            "features": pa.FixedSizeListArray.from_arrays(pa.array(stored.reshape(-1)), self.dim),
+            "norm": pa.array(norms),
+        }
+        if self.record_hash:
+            if len(record_hash) != len(indices):
+                raise ValueError(f"{self.path}: {len(record_hash)} record hashes for {len(indices)} rows.")
+            columns["record_hash"] = pa.array(list(record_hash), type=pa.string())
+        table = pa.table(columns, schema=schema)
         final = os.path.join(self.shard_dir, _shard_name(start, end))
         tmp = f"{final}.tmp-{os.getpid()}"
         with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
@@ -244,6 +278,7 @@ class StoreWriter:
                 truncated.extend(notes.get("truncated", []))
             self.extra.update(extra_updates or {})
             self.extra["truncated"] = truncated
+            self.skipped = len(skipped)
             _atomic_write_json(os.path.join(self.path, "store.json"), self._metadata(complete=True, skipped=skipped))
         barrier()
         return self.path
@@ -277,7 +312,7 @@ def iter_store_batches(path: str | os.PathLike, batch_size: int = 4096) -> Itera
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1.")
-    path = os.fspath(path)
+    path = store_path(path)
     meta, files = _complete_shards(path)
     dim, dtype = int(meta["dim"]), np.dtype(meta["dtype"])
     seen = 0
@@ -325,16 +360,33 @@ def _release_pages(mapped: mmap.mmap, base: int, block: np.ndarray) -> None:
     mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
+def read_record_hashes(path) -> dict[int, str] | None:
+    """``row index -> record_hash`` of a complete store whose dataset had a ``record_hash`` column (``None`` for a
+    store without one). Skipped rows are absent."""
+    path = store_path(path)
+    meta, files = _complete_shards(path)
+    if not meta.get("record_hash"):
+        return None
+    out: dict[int, str] = {}
+    for file in files:
+        with pa.memory_map(file, "r") as source:  # zero-copy: the features are never read
+            table = pa.ipc.open_stream(source).read_all().select(["index", "record_hash"])
+        out.update(zip(table.column("index").to_pylist(), table.column("record_hash").to_pylist()))
+    return out
+
+
 def load_gradients(path: str | os.PathLike):
     """Open a complete gradient store as a memory-mapped ``datasets.Dataset``.
 
     Columns: ``index`` (row position in the dataset the features were computed on), ``features`` (raw, not
-    normalised, length ``dim``) and ``norm`` (float32 L2 norm of the feature before storage rounding). Rows are
-    in ascending ``index`` order; skipped rows (see ``store.json``) are absent.
+    normalised, length ``dim``), ``norm`` (float32 L2 norm of the feature before storage rounding) and, when the
+    dataset had one (``store.json``: ``"record_hash": true``), ``record_hash`` (the row's source-record hash).
+    Rows are in ascending ``index`` order; skipped rows (see ``store.json``) are absent. ``path`` may also be a
+    Dataset this function returned.
     """
     from datasets import Dataset, concatenate_datasets
 
-    path = os.fspath(path)
+    path = store_path(path)
     meta, files = _complete_shards(path)
     parts = [Dataset.from_file(f) for f in files]
     dataset = concatenate_datasets(parts) if len(parts) > 1 else parts[0]

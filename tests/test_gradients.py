@@ -16,8 +16,8 @@ from torch import nn
 
 from icons_hf import compute_gradients, load_gradients
 from icons_hf.gradients import AdamState, LinearCapture, Projector
-from icons_hf.gradients.batching import plan_batches, supervised_losses
-from icons_hf.gradients.extractor import per_row_loss
+from icons_hf.gradients.batching import plan_batches
+from icons_hf.gradients.loss import per_row_loss, supervised_losses
 
 
 

@@ -1,20 +1,24 @@
 """Per-example gradient features: capture, preconditioning, projection and extraction."""
 
+from .badrows import BadRowError
 from .capture import LinearCapture
-from .extractor import BadRowError, collate_rows, compute_gradients, per_row_loss
-from .precondition import ADAM_VARIANTS, FEATURES, AdamState, Preconditioner
+from .extractor import compute_gradients
+from .inputs import collate_rows
+from .loss import per_row_loss
+from .precondition import ADAM_VARIANTS, FEATURES, AdamState, Preconditioner, resolve_optimizer_state
 from .projection import PROJECTIONS, Projector
 
 __all__ = [
     "ADAM_VARIANTS",
-    "FEATURES",
-    "PROJECTIONS",
     "AdamState",
     "BadRowError",
+    "FEATURES",
     "LinearCapture",
+    "PROJECTIONS",
     "Preconditioner",
     "Projector",
     "collate_rows",
     "compute_gradients",
     "per_row_loss",
+    "resolve_optimizer_state",
 ]

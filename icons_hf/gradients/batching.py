@@ -7,8 +7,6 @@
   (Idefics3/SmolVLM, LLaVA-NeXT style ``pixel_values`` of shape ``(images, ...)``) are zero-padded along the first
   axis as those models' processors do; Qwen2-VL-style inputs, which have no per-example axis (``pixel_values``
   packs the patches of all images, ``image_grid_thw`` has one row per image), are concatenated.
-* The loss: each row's mean next-token cross-entropy over its own supervised tokens (as a batch of one), with
-  the language-model head run on the supervised positions only when the model allows it (``logits_to_keep``).
 * Gradient checkpointing: HF layers checkpoint only in training mode; during extraction they are kept
   checkpointing (non-reentrant) while the rest of the model, dropout included, is in eval mode.
 """
@@ -17,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import weakref
 from collections.abc import Mapping, Sequence
 
@@ -137,66 +134,6 @@ def collate_extra(batch: Mapping[str, list], skip: Sequence[str]) -> dict:
     """The model inputs of ``batch`` other than the columns in ``skip``."""
     packed = {m for key, members in PACKED_COLUMNS.items() if key in batch for m in members}
     return {key: stack_column(key, values, key in packed) for key, values in batch.items() if key not in skip}
-
-
-def _base_model(model: nn.Module) -> nn.Module:
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
-def head_selection_supported(model: nn.Module, capture) -> bool:
-    """Whether the loss may run the language-model head on supervised positions only: a transformers model whose
-    forward takes a boolean ``logits_to_keep`` mask, with no trainable layer in or after the head (the head then
-    sees flattened positions, not one row per example)."""
-    base = _base_model(model)
-    if not type(base).__module__.startswith("transformers."):
-        return False
-    try:
-        parameters = inspect.signature(base.forward).parameters
-    except (TypeError, ValueError):
-        return False
-    if "logits_to_keep" not in parameters:
-        return False
-    from transformers import modeling_utils
-
-    slicer = getattr(modeling_utils, "slice_logits_to_keep", None)
-    if slicer is None or tuple(slicer(torch.zeros(1, 2, 1), torch.tensor([[True, False]])).shape) != (1, 1):
-        return False
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    if head is None:
-        return False
-    inside = {id(m) for m in head.modules()}
-    return not any(id(site.module) in inside for site in capture.sites)
-
-
-def supervised_losses(model: nn.Module, batch: Mapping, labels: torch.Tensor, select_positions: bool):
-    """Each row's mean next-token cross-entropy over its supervised tokens (float32), and their counts.
-
-    ``labels`` are unshifted (-100 = not supervised), as HF models take them. With ``select_positions`` the head
-    runs on the supervised positions only (``logits_to_keep`` mask); otherwise on every position."""
-    from .extractor import per_row_loss
-
-    if not select_positions:
-        outputs = model(**batch, use_cache=False)
-        logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
-        return per_row_loss(logits, labels)
-    shift = labels[:, 1:] != -100
-    counts = shift.sum(dim=1)
-    keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = shift
-    outputs = model(**batch, use_cache=False, logits_to_keep=keep)
-    logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
-    total = int(counts.sum())
-    if logits.dim() != 2 or logits.shape[0] != total:
-        raise RuntimeError(
-            f"{type(_base_model(model)).__name__} returned logits of shape {tuple(logits.shape)} for a logits_to_keep "
-            f"mask of {total} positions; its head does not follow the transformers convention."
-        )
-    targets = labels[:, 1:][shift]
-    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(shift)[shift]
-    token_loss = nn.functional.cross_entropy(logits.to(torch.float32), targets, reduction="none")
-    sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=token_loss.device).index_add(0, rows, token_loss)
-    return sums / counts.clamp(min=1), counts
 
 
 @contextlib.contextmanager

@@ -1,4 +1,9 @@
-"""``compute_gradients``: per-example gradient features of a dataset, written to a gradient store."""
+"""``compute_gradients``: per-example gradient features of a dataset, written to a gradient store.
+
+The defaults of every option are those of :class:`icons_hf.settings.FeatureSettings` (``preset=`` picks one of
+its presets, ``settings=`` passes one); an option given explicitly overrides them. The resolved settings are
+written whole into the store's ``store.json``.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -15,49 +21,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..distributed import is_main_process
+from ..settings import FeatureSettings
 from ..store import StoreWriter
-from .batching import (
-    collate_extra,
-    extraction_checkpointing,
-    fetch_rows,
-    head_selection_supported,
-    plan_batches,
-    row_lengths,
-    supervised_losses,
-)
+from .badrows import NO_SUPERVISED, ON_BAD_ROW, BadRowError, BadRows, feature_problems, length_problem, loss_problem
+from .batching import extraction_checkpointing, fetch_rows, plan_batches, row_lengths
 from .capture import LinearCapture
-from .precondition import AdamState, Preconditioner, checkpoint_learning_rate
+from .inputs import ModelInputs, check_dataset, collate_rows, max_positions, model_device, unwrap_model
+from .loss import head_selection_supported, per_row_loss, supervised_losses
+from .precondition import FEATURES, Preconditioner, checkpoint_learning_rate, resolve_optimizer_state
 from .projection import Projector
 
 logger = logging.getLogger(__name__)
 
-ON_BAD_ROW = ("error", "skip")
-_SPECIAL_COLUMNS = ("input_ids", "labels", "attention_mask")
-
-
-class BadRowError(ValueError):
-    """A pool row that cannot give a gradient feature (named by its index)."""
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def _max_positions(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    for cfg in (config, getattr(config, "text_config", None)):
-        value = getattr(cfg, "max_position_embeddings", None) if cfg is not None else None
-        if isinstance(value, int):
-            return value
-    return None
+RECORD_HASH = "record_hash"
 
 
 def _fingerprint_tensors(named: Mapping[str, torch.Tensor]) -> str:
@@ -68,226 +44,36 @@ def _fingerprint_tensors(named: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _fingerprint_rows(dataset) -> str:
-    """A content hash of the token ids and labels (stable across runs, unlike in-memory dataset fingerprints)."""
+def fingerprint_rows(dataset, columns=("input_ids", "labels")) -> str:
+    """A content hash of ``columns`` of every row (stable across runs, unlike in-memory dataset fingerprints):
+    by default the token ids and labels, which is what the store records as ``rows``."""
     table = dataset.with_format("arrow")
     digest = hashlib.blake2b(digest_size=16)
     for start in range(0, len(dataset), 4096):
         chunk = table[start : start + 4096]
-        for column in ("input_ids", "labels"):
-            for buffer in chunk.column(column).combine_chunks().flatten().buffers():
+        for column in columns:
+            array = chunk.column(column).combine_chunks()
+            for buffer in (array.flatten() if hasattr(array, "flatten") else array).buffers():
                 if buffer is not None:
                     digest.update(memoryview(buffer))
     return digest.hexdigest()
 
 
-def _resolve_state(optimizer_state, model) -> AdamState:
-    if isinstance(optimizer_state, AdamState):
-        return optimizer_state
-    if isinstance(optimizer_state, (str, os.PathLike)):
-        return AdamState.from_checkpoint(optimizer_state, model)
-    if isinstance(optimizer_state, torch.optim.Optimizer) or hasattr(optimizer_state, "param_groups"):
-        return AdamState.from_optimizer(optimizer_state, model)
-    if isinstance(optimizer_state, Mapping):
-        return AdamState(optimizer_state)
-    raise TypeError(
-        f"optimizer_state of type {type(optimizer_state).__name__} is not supported; pass a Trainer checkpoint "
-        "folder, a torch optimizer, or a mapping name -> {'exp_avg', 'exp_avg_sq'}."
-    )
-
-
-def _pad(rows: list, value, dtype) -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    out = torch.full((len(rows), width), value, dtype=dtype)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.as_tensor(r, dtype=dtype)
-    return out
-
-
-def collate_rows(batch: Mapping[str, list], pad_token_id: int = 0, max_length: int | None = None) -> dict:
-    """Right-pad ``input_ids`` (``pad_token_id``), ``labels`` (-100) and ``attention_mask`` (0); stack the rest
-    (zero-padding a differing first axis, concatenating Qwen2-VL-style packed inputs: see
-    :func:`icons_hf.gradients.batching.stack_column`)."""
-    ids = [r[:max_length] if max_length else r for r in batch["input_ids"]]
-    labels = [r[:max_length] if max_length else r for r in batch["labels"]]
-    out = {"input_ids": _pad(ids, pad_token_id, torch.long), "labels": _pad(labels, -100, torch.long)}
-    if "attention_mask" in batch:
-        masks = [r[:max_length] if max_length else r for r in batch["attention_mask"]]
-        out["attention_mask"] = _pad(masks, 0, torch.long)
-    else:
-        out["attention_mask"] = _pad([[1] * len(r) for r in ids], 0, torch.long)
-    out.update(collate_extra(batch, skip=(*out, "index")))
-    return out
-
-
-def per_row_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean next-token cross-entropy over each row's supervised tokens (as a batch of one would compute it),
-    and the number of supervised tokens per row."""
-    shift_logits = logits[:, :-1].to(torch.float32)
-    shift_labels = labels[:, 1:]
-    token_loss = nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="none"
-    ).view(shift_labels.shape)
-    counts = (shift_labels != -100).sum(dim=1)
-    return token_loss.sum(dim=1) / counts.clamp(min=1), counts
-
-
-def compute_gradients(
-    model: nn.Module,
-    dataset,
-    *,
-    output_dir: str | os.PathLike,
-    feature: str = "sgd",
-    optimizer_state=None,
-    adam_variant: str = "less",
-    projection: str = "countsketch",
-    dim: int = 8192,
-    seed: int = 0,
-    batch_size: int = 8,
-    max_tokens_per_batch: int | None = None,
-    dtype: str = "float16",
-    on_bad_row: str = "error",
-    max_length: int | None = None,
-    learning_rate: float | None = None,
-    checkpoint: str | None = None,
-    shard_size: int = 4096,
-    pad_token_id: int = 0,
-    show_progress: bool = True,
-) -> str:
-    """Compute one gradient feature per row of ``dataset`` and write them to a gradient store.
-
-    Args:
-        model: a model with trainable parameters in linear layers (e.g. a peft LoRA model), in any dtype
-            (products and features are formed in float32). It runs in eval mode, so LoRA and attention dropout
-            are off and features are deterministic; its training mode is restored afterwards. Gradient
-            checkpointing set up with ``gradient_checkpointing_enable`` stays on during extraction (switched to
-            the non-reentrant implementation for the duration, see
-            :func:`icons_hf.gradients.batching.extraction_checkpointing`).
-        dataset: a ``datasets.Dataset`` with ``input_ids`` and ``labels`` (-100 = not supervised, unshifted as
-            HF models take them), optionally ``attention_mask``; every further column (e.g. ``pixel_values``)
-            is stacked and passed to the model's forward.
-        output_dir: the store folder. Calling again with the same arguments resumes an interrupted run;
-            different settings are refused.
-        feature: ``"sgd"`` (the gradient) or ``"adam"`` (Adam-preconditioned, needs ``optimizer_state``).
-        optimizer_state: a Trainer checkpoint folder (``optimizer.pt``), a live torch optimizer, or a mapping
-            ``parameter name -> {"exp_avg", "exp_avg_sq"[, "step"]}``. Never modified.
-        adam_variant: ``"less"`` (default; ``m'/sqrt(v'+eps)``) or ``"torch"`` (bias-corrected AdamW update).
-        projection: ``"countsketch"`` (default), ``"rademacher"`` or ``"identity"``.
-        dim: projected dimension.
-        seed: projection seed.
-        batch_size: rows per forward/backward; features do not depend on it. Rows are batched longest first
-            within each shard, so rows of similar length share a batch and little compute goes to padding.
-        max_tokens_per_batch: optional budget of padded tokens per batch (rows x longest row); batches of long
-            rows then hold fewer rows. Bounds activation memory; features do not depend on it.
-        dtype: storage dtype of features, ``"float16"`` (default) or ``"float32"``; norms are kept in float32.
-        on_bad_row: ``"error"`` (default) raises on a row with no supervised token, a non-finite loss or a
-            length over the model's limit; ``"skip"`` leaves it out and records it with its reason.
-        max_length: truncate longer rows to this many tokens (recorded in the store). Without it, a row longer
-            than the model's position limit is a bad row.
-        learning_rate: the checkpoint's learning rate (weights checkpoints in influence); read from the Trainer
-            checkpoint's ``trainer_state.json`` when ``optimizer_state`` is a checkpoint folder.
-        checkpoint: a name for the checkpoint (e.g. ``"checkpoint-500"``) stored in the metadata.
-        shard_size: rows per shard file (the unit of resumption and of work split between processes).
-        pad_token_id: id used to pad ``input_ids`` (its value never matters: padding is masked).
-        show_progress: show a progress bar on the main process.
-
-    Returns:
-        The store path. Under ``accelerate launch``/``torchrun``, call it in every process with the same
-        arguments: rows are split by shard between the processes and the result is one store.
-    """
-    from ..config import validate_choice
-
-    validate_choice("on_bad_row", on_bad_row, ON_BAD_ROW)
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1.")
-    if max_tokens_per_batch is not None and max_tokens_per_batch < 1:
-        raise ValueError(f"max_tokens_per_batch={max_tokens_per_batch} must be a positive number of tokens or None.")
-    if max_length is not None and max_length < 2:
-        raise ValueError(f"max_length={max_length} must be at least 2 tokens.")
-    missing = [c for c in ("input_ids", "labels") if c not in dataset.column_names]
-    if missing:
-        raise ValueError(
-            f"dataset lacks column(s) {', '.join(missing)}; format the rows first (icons_hf.data) so that each has "
-            "input_ids and labels (-100 where not supervised)."
+def record_hash_column(dataset) -> bool:
+    """Whether ``dataset`` has a ``record_hash`` column (one string per row, a hash of its source record); it is
+    then kept per row in the store. Any other type is refused by name."""
+    if RECORD_HASH not in dataset.column_names:
+        return False
+    kind = dataset.features[RECORD_HASH]
+    if getattr(kind, "dtype", None) not in ("string", "large_string"):
+        raise TypeError(
+            f"column {RECORD_HASH!r} holds {kind}; it must hold one string per row (a hash of the row's source "
+            "record, as icons_hf.data writes it), or be removed."
         )
-    if len(dataset) == 0:
-        raise ValueError("dataset is empty; there is nothing to compute features for.")
-    model = _unwrap(model)
-    device = _model_device(model)
-    capture = LinearCapture(model)
-    state = None
-    if feature == "adam":
-        if optimizer_state is None:
-            raise ValueError("feature='adam' needs optimizer_state (a Trainer checkpoint folder, optimizer or mapping).")
-        state = _resolve_state(optimizer_state, model)
-        state.check_covers(capture.shapes)
-        if learning_rate is None and isinstance(optimizer_state, (str, os.PathLike)):
-            learning_rate = checkpoint_learning_rate(optimizer_state)
-    precondition = Preconditioner(feature, adam_variant, state, device=device)
-    shapes = {n: int(np.prod(s)) for n, s in capture.shapes.items()}
-    projector = Projector(projection, dim, seed, shapes, device=device)
-    named = dict(model.named_parameters())
-    config = {
-        "model_class": type(model).__name__,
-        "model_config": hashlib.blake2b(_config_json(model).encode(), digest_size=16).hexdigest(),
-        "weights": _fingerprint_tensors({n: named[n] for n in capture.parameter_names}),
-        "parameters": {n: list(s) for n, s in capture.shapes.items()},
-        "projection": projector.describe(),
-        "preconditioner": precondition.describe(),
-        "optimizer_state": None if state is None else _fingerprint_tensors(
-            {f"{n}/{k}": state.moments[n][k] for n in capture.parameter_names for k in ("exp_avg", "exp_avg_sq")}
-        ),
-        "rows": _fingerprint_rows(dataset),
-        "on_bad_row": on_bad_row,
-        "max_length": max_length,
-    }
-    writer = StoreWriter(
-        output_dir,
-        config=config,
-        num_rows=len(dataset),
-        shard_size=shard_size,
-        dim=projector.dim,
-        dtype=dtype,
-        extra={"learning_rate": learning_rate, "checkpoint": checkpoint},
-    )
-    todo = writer.open()
-    limit = _max_positions(model)
-    lengths = row_lengths(dataset) if todo else None
-    select_positions = head_selection_supported(model, capture)
-
-    was_training = model.training
-    model.eval()
-    progress = tqdm(
-        total=sum(e - s for s, e in todo),
-        desc=f"gradients -> {os.path.basename(os.fspath(output_dir))}",
-        unit="row",
-        disable=not (show_progress and is_main_process()),
-    )
-    restore = contextlib.ExitStack()
-    restore.enter_context(extraction_checkpointing(model))
-    try:
-        for start, end in todo:
-            feats = np.zeros((end - start, projector.dim), dtype=np.float32)
-            keep = np.ones(end - start, dtype=bool)
-            notes = {"skipped": [], "truncated": []}
-            rows = np.arange(start, end)
-            # Longest first, ties by position: batches of similar length waste little compute on padding.
-            sizes = lengths[start:end] if max_length is None else np.minimum(lengths[start:end], max_length)
-            for idx in plan_batches(rows, sizes, batch_size, max_tokens_per_batch):
-                out, bad = _batch_features(
-                    model, dataset, idx, capture, precondition, projector, device,
-                    pad_token_id=pad_token_id, max_length=max_length, limit=limit, lengths=lengths,
-                    on_bad_row=on_bad_row, notes=notes, select_positions=select_positions,
-                )
-                feats[idx - start] = out
-                keep[[i - start for i in bad]] = False
-                progress.update(len(idx))
-            writer.write_shard(start, end, rows[keep], feats[keep], notes)
-    finally:
-        progress.close()
-        restore.close()
-        model.train(was_training)
-    return writer.finalize()
+    nulls = dataset.with_format("arrow")[RECORD_HASH].null_count
+    if nulls:
+        raise ValueError(f"column {RECORD_HASH!r} is empty (None) in {nulls} row(s); give every row its hash.")
+    return True
 
 
 # Config entries that switch runtime behaviour only (the Trainer turns use_cache off while training, for one); they
@@ -315,92 +101,268 @@ def _config_json(model) -> str:
     return json.dumps(_without_runtime_keys(payload), sort_keys=True)
 
 
-def _batch_features(model, dataset, idx, capture, precondition, projector, device, *, pad_token_id, max_length,
-                    limit, lengths, on_bad_row, notes, select_positions=False):
-    bad: dict[int, str] = {}
-    for i in idx:
-        n = int(lengths[i])
-        kept = n if max_length is None else min(n, max_length)
-        if limit is not None and kept > limit:
-            bad[int(i)] = (f"{kept} tokens{' after truncation' if kept < n else ''} exceed the model's limit of "
-                           f"{limit}; pass max_length <= {limit} to truncate")
-        elif kept < n:
-            notes["truncated"].append({"index": int(i), "from": n, "to": kept})
-    if bad and on_bad_row == "error":
-        first = min(bad)
-        raise BadRowError(f"row {first}: {bad[first]}. Fix the row, or pass on_bad_row='skip' to record and skip it.")
-    # Rows too long for the model or unreadable never reach the forward pass.
-    idx_all = idx
-    rows, unreadable = _fetch_readable(dataset, [i for i in idx if int(i) not in bad], on_bad_row)
-    bad.update(unreadable)
-    idx = np.asarray([i for i in idx if int(i) not in bad], dtype=np.asarray(idx_all).dtype)
-    if len(idx) == 0:
-        _record_skips(bad, notes)
-        return np.zeros((len(idx_all), projector.dim), dtype=np.float32), sorted(bad)
-    batch = {k: v.to(device) for k, v in collate_rows(rows, pad_token_id, max_length).items()}
-    labels = batch.pop("labels")
-    supervised = (labels[:, 1:] != -100).sum(dim=1)
-    for pos, i in enumerate(idx):
-        if int(supervised[pos]) == 0 and int(i) not in bad:
-            bad[int(i)] = "no supervised tokens (every label after the first is -100), so its gradient is zero"
-    with torch.enable_grad(), capture:
-        losses, _ = supervised_losses(model, batch, labels, select_positions)
-        finite = torch.isfinite(losses)
-        for pos, i in enumerate(idx):
-            if not bool(finite[pos]) and int(i) not in bad:
-                bad[int(i)] = f"non-finite loss ({float(losses[pos].detach())})"
-        if bad and on_bad_row == "error":
-            first = min(bad)
-            raise BadRowError(f"row {first}: {bad[first]}. Fix the row, or pass on_bad_row='skip' to record and skip it.")
-        valid = torch.tensor([int(i) not in bad for i in idx], device=losses.device)
-        total = torch.where(valid, losses, torch.zeros_like(losses)).sum()
-        out = projector.new_output(len(idx))
-        # Each parameter's per-example gradients are preconditioned and projected as the backward pass reaches
-        # its layer, so no more than one layer's per-example gradients exist at a time.
-        capture.backward(total, len(idx), lambda name, grads: projector.accumulate(out, name, precondition(name, grads)))
-    out = out.cpu().numpy()
-    # A finite loss can still give an overflowing gradient, and a zero feature has no direction: neither may be
-    # stored as if it were a feature.
-    finite, nonzero = np.isfinite(out).all(axis=1), (out != 0).any(axis=1)
-    for pos, i in enumerate(idx):
-        if int(i) not in bad and not (finite[pos] and nonzero[pos]):
-            bad[int(i)] = "its gradient feature is not finite" if not finite[pos] else "its gradient feature is exactly zero"
-            if on_bad_row == "error":
-                raise BadRowError(f"row {int(i)}: {bad[int(i)]}. Fix the row, or pass on_bad_row='skip' to record and skip it.")
-    _record_skips(bad, notes)
-    if len(idx) == len(idx_all):
-        return out, sorted(bad)
-    full = np.zeros((len(idx_all), out.shape[1]), dtype=out.dtype)
-    full[np.isin(idx_all, idx)] = out
-    return full, sorted(bad)
+@dataclass
+class _Setup:
+    """What one extraction needs besides the dataset: the model's capture, the feature map and the projection."""
+
+    model: nn.Module
+    capture: LinearCapture
+    precondition: Preconditioner
+    projector: Projector
+    device: torch.device
+    config: dict
+    learning_rate: float | None
 
 
-def _record_skips(bad: Mapping[int, str], notes: dict) -> None:
-    for i, reason in sorted(bad.items()):
-        notes["skipped"].append({"index": i, "reason": reason})
-        logger.warning("Skipping row %d: %s", i, reason)
+def _setup(model: nn.Module, dataset, settings: FeatureSettings, feature: str, optimizer_state, learning_rate):
+    if feature not in FEATURES:
+        raise ValueError(f"feature={feature!r} is not supported; choose one of: {', '.join(FEATURES)}.")
+    device = model_device(model)
+    capture = LinearCapture(model)
+    state = None
+    if feature == "adam":
+        if optimizer_state is None:
+            raise ValueError("feature='adam' needs optimizer_state (a Trainer checkpoint folder, optimizer or mapping).")
+        state = resolve_optimizer_state(optimizer_state, model)
+        state.check_covers(capture.shapes)
+        if learning_rate is None and isinstance(optimizer_state, (str, os.PathLike)):
+            learning_rate = checkpoint_learning_rate(optimizer_state)
+    precondition = Preconditioner(feature, settings.adam_variant, state, device=device)
+    shapes = {n: int(np.prod(s)) for n, s in capture.shapes.items()}
+    projector = Projector(settings.projection, settings.dim, settings.seed, shapes, device=device)
+    named = dict(model.named_parameters())
+    config = {
+        "model_class": type(model).__name__,
+        "model_config": hashlib.blake2b(_config_json(model).encode(), digest_size=16).hexdigest(),
+        "weights": _fingerprint_tensors({n: named[n] for n in capture.parameter_names}),
+        "parameters": {n: list(s) for n, s in capture.shapes.items()},
+        "projection": projector.describe(),
+        "preconditioner": precondition.describe(),
+        "optimizer_state": None if state is None else _fingerprint_tensors(
+            {f"{n}/{k}": state.moments[n][k] for n in capture.parameter_names for k in ("exp_avg", "exp_avg_sq")}
+        ),
+        "rows": fingerprint_rows(dataset),
+        "on_bad_row": settings.on_bad_row,
+        "max_length": settings.max_length,
+    }
+    if record_hash_column(dataset):
+        config["record_hashes"] = fingerprint_rows(dataset, (RECORD_HASH,))
+    return _Setup(model, capture, precondition, projector, device, config, learning_rate)
 
 
-def _fetch_readable(dataset, idx, on_bad_row: str) -> tuple[dict, dict[int, str]]:
-    """The batch's rows, and ``row -> reason`` for rows that cannot be read (e.g. an unreadable image in a
-    transform), found by reading the rows one at a time once the batch read has failed."""
-    if not len(idx):
-        return {}, {}
-    try:
-        return fetch_rows(dataset, idx), {}
-    except (OSError, ValueError) as batch_error:
-        unreadable, readable = {}, []
+class _Extraction:
+    """Features of the rows of one dataset, shard by shard (see :func:`compute_gradients`)."""
+
+    def __init__(self, setup: _Setup, dataset, settings: FeatureSettings):
+        self.setup, self.dataset, self.settings = setup, dataset, settings
+        self.limit = max_positions(setup.model)
+        self.select_positions = head_selection_supported(setup.model, setup.capture)
+        self.inputs = ModelInputs(setup.model)
+        self.lengths = row_lengths(dataset)
+        self.hashes = dataset.with_format("arrow")[RECORD_HASH] if "record_hashes" in setup.config else None
+
+    def shard(self, start: int, end: int, progress) -> tuple[np.ndarray, np.ndarray, dict]:
+        """``(rows kept, their features, notes)`` of rows ``[start, end)``."""
+        s = self.settings
+        feats = np.zeros((end - start, self.setup.projector.dim), dtype=np.float32)
+        keep = np.ones(end - start, dtype=bool)
+        notes = {"skipped": [], "truncated": []}
+        rows = np.arange(start, end)
+        # Longest first, ties by position: batches of similar length waste little compute on padding.
+        sizes = self.lengths[start:end] if s.max_length is None else np.minimum(self.lengths[start:end], s.max_length)
+        for idx in plan_batches(rows, sizes, s.batch_size, s.max_tokens_per_batch):
+            out, bad = self.batch(idx, notes)
+            feats[idx - start] = out
+            keep[[i - start for i in bad]] = False
+            progress.update(len(idx))
+        return rows[keep], feats[keep], notes
+
+    def record_hashes(self, rows: np.ndarray):
+        return None if self.hashes is None else self.hashes.take(rows.astype(np.int64)).to_pylist()
+
+    def batch(self, idx: np.ndarray, notes: dict) -> tuple[np.ndarray, list[int]]:
+        """Features of rows ``idx`` (zeros for bad rows) and the bad rows, recorded in ``notes``."""
+        bad = BadRows(self.settings.on_bad_row)
+        self._screen_lengths(idx, bad, notes)
+        # Rows too long for the model or unreadable never reach the forward pass.
+        batch = self._read(idx, bad)
+        good = np.asarray([i for i in idx if i not in bad], dtype=np.asarray(idx).dtype)
+        out = np.zeros((len(idx), self.setup.projector.dim), dtype=np.float32)
+        if len(good):
+            feats = self._features(good, batch, bad)
+            out[np.isin(idx, good)] = feats
+        return out, bad.record(notes)
+
+    def _screen_lengths(self, idx, bad: BadRows, notes: dict) -> None:
+        max_length = self.settings.max_length
         for i in idx:
-            try:
-                fetch_rows(dataset, [i])
-            except (OSError, ValueError) as err:
-                if on_bad_row == "error":
-                    raise BadRowError(
-                        f"row {int(i)} cannot be read: {err} (or pass on_bad_row='skip' to record and skip it)"
-                    ) from err
-                unreadable[int(i)] = f"cannot be read: {err}"
-            else:
-                readable.append(i)
-        if not unreadable:
-            raise batch_error
-        return (fetch_rows(dataset, readable) if readable else {}), unreadable
+            n = int(self.lengths[i])
+            bad.add(i, length_problem(n, max_length, self.limit))
+            if i not in bad and max_length is not None and n > max_length:
+                notes["truncated"].append({"index": int(i), "from": n, "to": max_length})
+        bad.check()
+
+    def _read(self, idx, bad: BadRows) -> dict:
+        """The readable rows of ``idx`` as model inputs; unreadable ones (e.g. an image a transform cannot open)
+        are found by reading the rows one at a time once the batch read has failed."""
+        wanted = [i for i in idx if i not in bad]
+        if not wanted:
+            return {}
+        try:
+            return fetch_rows(self.dataset, wanted)
+        except (OSError, ValueError) as batch_error:
+            readable = []
+            for i in wanted:
+                try:
+                    fetch_rows(self.dataset, [i])
+                except (OSError, ValueError) as err:
+                    bad.error(i, f"cannot be read: {err}", err)
+                else:
+                    readable.append(i)
+            if len(readable) == len(wanted):
+                raise batch_error
+            return fetch_rows(self.dataset, readable) if readable else {}
+
+    def _features(self, idx: np.ndarray, rows: dict, bad: BadRows) -> np.ndarray:
+        """Features of the readable rows ``idx`` (rows of ``rows``, in order); bad ones are noted in ``bad``."""
+        setup, s = self.setup, self.settings
+        batch = collate_rows(self.inputs.select(rows), s.pad_token_id, s.max_length)
+        batch = {k: v.to(setup.device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        supervised = (labels[:, 1:] != -100).sum(dim=1)
+        for pos, i in enumerate(idx):
+            bad.add(i, NO_SUPERVISED if int(supervised[pos]) == 0 else None)
+        with torch.enable_grad(), setup.capture:
+            losses, _ = supervised_losses(setup.model, batch, labels, self.select_positions)
+            for pos, i in enumerate(idx):
+                bad.add(i, loss_problem(float(losses[pos].detach())))
+            bad.check()
+            valid = torch.tensor([i not in bad for i in idx], device=losses.device)
+            total = torch.where(valid, losses, torch.zeros_like(losses)).sum()
+            out = setup.projector.new_output(len(idx))
+            # Each parameter's per-example gradients are preconditioned and projected as the backward pass reaches
+            # its layer, so no more than one layer's per-example gradients exist at a time.
+            setup.capture.backward(
+                total, len(idx), lambda name, g: setup.projector.accumulate(out, name, setup.precondition(name, g))
+            )
+        out = out.cpu().numpy()
+        # A finite loss can still give an overflowing gradient, and a zero feature has no direction: neither may be
+        # stored as if it were a feature.
+        for i, problem in zip(idx, feature_problems(out)):
+            if i not in bad:
+                bad.add(i, problem)
+        bad.check()
+        return out
+
+
+@contextlib.contextmanager
+def _extraction_mode(model: nn.Module):
+    """Eval mode (dropout off, deterministic features) with gradient checkpointing kept on; restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with extraction_checkpointing(model):
+            yield
+    finally:
+        model.train(was_training)
+
+
+def compute_gradients(
+    model: nn.Module,
+    dataset,
+    *,
+    output_dir: str | os.PathLike,
+    feature: str = "sgd",
+    optimizer_state=None,
+    adam_variant: str | None = None,
+    projection: str | None = None,
+    dim: int | None = None,
+    seed: int | None = None,
+    batch_size: int | None = None,
+    max_tokens_per_batch: int | None = None,
+    dtype: str | None = None,
+    on_bad_row: str | None = None,
+    max_length: int | None = None,
+    learning_rate: float | None = None,
+    checkpoint: str | None = None,
+    shard_size: int | None = None,
+    pad_token_id: int | None = None,
+    preset: str | None = None,
+    settings: FeatureSettings | Mapping | None = None,
+    show_progress: bool = True,
+) -> str:
+    """Compute one gradient feature per row of ``dataset`` and write them to a gradient store; return its path.
+
+    Args:
+        model: a model whose trainable parameters are linear layers (e.g. a peft LoRA model), in any dtype
+            (products are formed in float32). It runs in eval mode (dropout off: deterministic features) with its
+            gradient checkpointing kept on (non-reentrant for the duration); its mode is restored afterwards.
+        dataset: a ``datasets.Dataset`` with ``input_ids`` and ``labels`` (-100 = not supervised, unshifted),
+            optionally ``attention_mask``; further numeric columns the model's forward takes (``pixel_values``)
+            are stacked and passed to it, other columns (``id``, an image path) are left out (logged once). A
+            string column ``record_hash`` (a hash of each row's source record) is kept per row in the store.
+        output_dir: the store folder. The same call again resumes an interrupted run; a rerun with settings that
+            change the features is refused, naming the setting. ``store.json`` records the settings whole.
+        feature: this dataset's feature: ``"sgd"`` (the gradient; validation rows always) or ``"adam"`` (needs
+            ``optimizer_state``). The settings' ``train_feature`` is the pool's
+            (:func:`icons_hf.compute_checkpoint_stores` passes it here for the pool).
+        optimizer_state: a Trainer checkpoint folder (``optimizer.pt``), a live torch optimizer, or a mapping
+            ``parameter name -> {"exp_avg", "exp_avg_sq"[, "step"]}``. Never modified.
+        adam_variant, projection, dim, seed, batch_size, max_tokens_per_batch, dtype, on_bad_row, max_length,
+            shard_size, pad_token_id: as the fields of :class:`icons_hf.settings.FeatureSettings` (their help
+            says what each does), overriding the preset's or ``settings``' value when given (not ``None``).
+            Features never depend on ``batch_size``, ``max_tokens_per_batch`` or ``pad_token_id``.
+        learning_rate: the checkpoint's learning rate (weights checkpoints in influence); read from the Trainer
+            checkpoint's ``trainer_state.json`` when ``optimizer_state`` is a checkpoint folder.
+        checkpoint: a name for the checkpoint (e.g. ``"checkpoint-500"``) stored in the metadata.
+        preset: the ``FeatureSettings`` preset to start from (``"default"``, ``"paper"``).
+        settings: a ``FeatureSettings`` (or a mapping of its fields) to start from instead of a preset.
+        show_progress: show a progress bar on the main process.
+
+    Under ``accelerate launch``/``torchrun``, call it in every process with the same arguments: rows are split by
+    shard between the processes and the result is one store.
+    """
+    settings = FeatureSettings.resolve(
+        settings, preset, adam_variant=adam_variant, projection=projection, dim=dim, seed=seed, batch_size=batch_size,
+        max_tokens_per_batch=max_tokens_per_batch, dtype=dtype, on_bad_row=on_bad_row, max_length=max_length,
+        shard_size=shard_size, pad_token_id=pad_token_id,
+    )
+    check_dataset(dataset)
+    model = unwrap_model(model)
+    setup = _setup(model, dataset, settings, feature, optimizer_state, learning_rate)
+    writer = StoreWriter(
+        output_dir, config=setup.config, num_rows=len(dataset), shard_size=settings.shard_size,
+        dim=setup.projector.dim, dtype=settings.dtype, record_hash="record_hashes" in setup.config,
+        extra={"learning_rate": setup.learning_rate, "checkpoint": checkpoint, "feature": feature,
+               "settings": settings.to_dict()},
+    )
+    todo = writer.open()
+    if todo:
+        _write_shards(writer, _Extraction(setup, dataset, settings), todo, show_progress)
+    path = writer.finalize()
+    if is_main_process() and writer.skipped:
+        logger.warning("%s: %d row(s) skipped as bad rows; their reasons are in store.json.", path, writer.skipped)
+    return path
+
+
+def _write_shards(writer: StoreWriter, extraction: _Extraction, todo: list, show_progress: bool) -> None:
+    progress = tqdm(
+        total=sum(e - s for s, e in todo),
+        desc=f"gradients -> {os.path.basename(writer.path)}",
+        unit="row",
+        disable=not (show_progress and is_main_process()),
+    )
+    try:
+        with _extraction_mode(extraction.setup.model):
+            for start, end in todo:
+                rows, feats, notes = extraction.shard(start, end, progress)
+                writer.write_shard(start, end, rows, feats, notes, record_hash=extraction.record_hashes(rows))
+    finally:
+        progress.close()
+
+
+# Former private names, still imported by icons_hf.variants; use unwrap_model / resolve_optimizer_state.
+_unwrap = unwrap_model
+_resolve_state = resolve_optimizer_state
+
+__all__ = ["BadRowError", "ON_BAD_ROW", "collate_rows", "compute_gradients", "fingerprint_rows", "per_row_loss"]

@@ -135,6 +135,23 @@ def checkpoint_learning_rate(folder: str | os.PathLike) -> float | None:
     return float((at_step or entries)[-1]["learning_rate"])
 
 
+def resolve_optimizer_state(optimizer_state, model: torch.nn.Module) -> AdamState:
+    """An :class:`AdamState` from a Trainer checkpoint folder (``optimizer.pt``), a live torch optimizer, a mapping
+    ``parameter name -> {"exp_avg", "exp_avg_sq"[, "step"]}`` or an ``AdamState``."""
+    if isinstance(optimizer_state, AdamState):
+        return optimizer_state
+    if isinstance(optimizer_state, (str, os.PathLike)):
+        return AdamState.from_checkpoint(optimizer_state, model)
+    if isinstance(optimizer_state, torch.optim.Optimizer) or hasattr(optimizer_state, "param_groups"):
+        return AdamState.from_optimizer(optimizer_state, model)
+    if isinstance(optimizer_state, Mapping):
+        return AdamState(optimizer_state)
+    raise TypeError(
+        f"optimizer_state of type {type(optimizer_state).__name__} is not supported; pass a Trainer checkpoint "
+        "folder, a torch optimizer, or a mapping name -> {'exp_avg', 'exp_avg_sq'}."
+    )
+
+
 class Preconditioner:
     """Maps a batch of per-example gradients of one parameter to features (see the module docstring)."""
 
