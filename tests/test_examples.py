@@ -13,6 +13,9 @@ import sys
 import numpy as np
 import pytest
 
+from icons_hf import load_gradients, recipes
+from icons_hf.settings import FeatureSettings, InfluenceSettings, SelectionSettings
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 LLAVA = os.path.join(EXAMPLES, "llava", "icons_llava.py")
@@ -293,7 +296,10 @@ def test_llava_example_end_to_end_and_push(llava_setup, tmp_path):
     assert "Selected 7 of 30 pool rows" in log
     influence = meta["influence"]
     assert influence["num_validation"] == {"color": {"color": 5}, "shape": {"shape": 4}, "count": {"a": 3, "b": 3}}
-    assert influence["sub_pools"] == {"image": 28, "text": 2}
+    # The text-only rows are a sub-pool of their own at every checkpoint, scored with the image rows as one pool.
+    for checkpoint in influence["checkpoints"]:
+        parts = out / "warmup" / "icons" / checkpoint / "train"
+        assert {p: load_gradients(parts / p).num_rows for p in ("image", "text")} == {"image": 28, "text": 2}
     assert len(influence["checkpoints"]) == 2 and all(lr > 0 for lr in influence["learning_rates"])
     import pyarrow.parquet as pq
 
@@ -347,11 +353,9 @@ def test_text_example_ddp_then_offline_from_checkpoints(text_setup, tmp_path):
     offline_meta, offline_indices = _check_export(offline / "subset", root / "pool.jsonl", 0.3, 40)
     assert offline_indices == indices
     assert offline_meta["influence"]["learning_rates"] == pytest.approx(meta["influence"]["learning_rates"])
-    from icons_hf import load_gradients
-
     for c in ("checkpoint-2", "checkpoint-4"):
-        live = load_gradients(warm / "warmup" / "icons" / "pool" / c / "train").with_format("numpy")[:]
-        saved = load_gradients(offline / "icons" / "pool" / c / "train").with_format("numpy")[:]
+        live = load_gradients(warm / "warmup" / "icons" / c / "train" / "pool").with_format("numpy")[:]
+        saved = load_gradients(offline / "icons" / c / "train" / "pool").with_format("numpy")[:]
         np.testing.assert_array_equal(live["index"], saved["index"])
         np.testing.assert_allclose(saved["features"], live["features"], rtol=1e-3, atol=1e-4)
 
@@ -367,7 +371,9 @@ def _free_port():
 @pytest.mark.parametrize("extra, message", [
     (["--task", "math"], "expected NAME=SOURCE"),
     (["--task", "math=nope.jsonl"], "nope.jsonl does not exist"),
-    (["--task", "math=math.jsonl", "--fraction", "1.5"], "--fraction 1.5 must be in (0, 1]"),
+    (["--task", "math=math.jsonl", "--fraction", "1.5"], "fraction=1.5 must be a number in (0"),
+    (["--task", "math=math.jsonl", "--projection", "gaussian"], "--projection: invalid choice: 'gaussian'"),
+    (["--task", "math=math.jsonl", "--preset", "released"], "--preset: invalid choice: 'released'"),
     (["--task", "math=math.jsonl", "--task", "math/a=chat.jsonl"], "given both with and without a /SUBTASK"),
     (["--task", "math=math.jsonl", "--method", "task"], "--method task needs --select-task"),
 ])
@@ -402,11 +408,32 @@ def test_lora_target_options_replace_the_script_default(text_setup, monkeypatch)
         (TEXT, [], ["q_proj", "k_proj", "v_proj", "o_proj"], None),
         (TEXT, ["--lora-target-regex", r".*\.v_proj"], None, r".*\.v_proj"),
     ):
-        module = _script(script)
-        parser = module.make_parser()
-        args = parser.parse_args([*base, *extra])
-        module.common.check_common_arguments(parser, args)
-        assert (args.lora_target_modules, args.lora_target_regex) == (modules, regex)
+        _, recipe = recipes.parse_recipe_args(_script(script).make_parser(), [*base, *extra])
+        assert (recipe.lora.lora_target_modules, recipe.lora.lora_target_regex) == (modules, regex)
+
+
+@pytest.mark.parametrize("extra, features, influence, selection", [
+    ([], {}, {}, {}),
+    (["--preset", "paper"], FeatureSettings.presets["paper"], InfluenceSettings.presets["paper"],
+     SelectionSettings.presets["paper"]),
+    (["--preset", "paper", "--dim", "64", "--task-floor", "0.5"], {**FeatureSettings.presets["paper"], "dim": 64},
+     InfluenceSettings.presets["paper"], {**SelectionSettings.presets["paper"], "task_floor": 0.5}),
+    (["--train-feature", "adam", "--projection-seed", "3", "--feature-batch-size", "2", "--feature-dtype", "float32",
+      "--specialist", "mean", "--checkpoint-weights", "1", "2", "--influence-batch-size", "64",
+      "--select-task", "math", "--method", "task", "--selection-seed", "5", "--threshold-inclusive"],
+     {"train_feature": "adam", "seed": 3, "batch_size": 2, "dtype": "float32"},
+     {"specialist": "mean", "checkpoint_weights": (1.0, 2.0), "batch_size": 64},
+     {"task": "math", "method": "task", "seed": 5, "threshold_inclusive": True}),
+])
+def test_stage_options_are_the_settings_fields(text_setup, monkeypatch, extra, features, influence, selection):
+    """Every stage option fills its settings field (names shared by two stages carry the stage), unset ones keep
+    the preset's value, and nothing else differs from the settings classes' own defaults."""
+    monkeypatch.chdir(text_setup)
+    base = ["--model", "model", "--data-path", "pool.jsonl", "--output-dir", "x", "--task", "math=math.jsonl"]
+    _, recipe = recipes.parse_recipe_args(_script(TEXT).make_parser(), [*base, *extra])
+    assert recipe.features == FeatureSettings(**features)
+    assert recipe.influence == InfluenceSettings(**influence)
+    assert recipe.selection == SelectionSettings(**selection)
 
 
 # --------------------------------------------------------------------------------------------- the configs
