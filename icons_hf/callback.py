@@ -8,7 +8,14 @@ from collections.abc import Mapping
 
 from transformers import TrainerCallback
 
-from .checkpoints import RUN_FILE, check_inputs, check_model_inputs, compute_checkpoint_stores, load_run, run_stores
+from .checkpoints import (
+    RUN_FILE,
+    check_inputs,
+    check_model_inputs,
+    compute_checkpoint_stores,
+    load_run,
+    run_stores,
+)
 from .gradients.precondition import AdamState
 from .settings import FeatureSettings
 

@@ -144,18 +144,9 @@ def _checkpoint_facts(checkpoint, learning_rate, optimizer_state, step, train_fe
 
 
 def compute_checkpoint_stores(
-    model,
-    pool,
-    tasks: Mapping,
-    output_dir: str | os.PathLike,
-    *,
-    settings: FeatureSettings | Mapping | None = None,
-    preset: str | None = None,
-    optimizer_state=None,
-    learning_rate: float | None = None,
-    checkpoint: str | os.PathLike | None = None,
-    step: int | None = None,
-    show_progress: bool = True,
+    model, pool, tasks: Mapping, output_dir: str | os.PathLike, *, settings: FeatureSettings | Mapping | None = None,
+    preset: str | None = None, optimizer_state=None, learning_rate: float | None = None,
+    checkpoint: str | os.PathLike | None = None, step: int | None = None, show_progress: bool = True,
 ) -> dict:
     """Compute one checkpoint's gradient stores and record them in ``output_dir/icons_run.json``.
 

@@ -29,7 +29,8 @@ def extract(out):
     from icons_hf import compute_gradients
 
     # No process group is set up here: compute_gradients joins the one the launcher describes.
-    compute_gradients(build_model(0), Dataset.from_list(build_rows(37, 1)), output_dir=out, dim=256, shard_size=5,
+    compute_gradients(build_model(0), Dataset.from_list(with_record_hashes(build_rows(37, 1))), output_dir=out, dim=256,
+                      shard_size=5,
                       batch_size=3, show_progress=False)
 
 
@@ -59,17 +60,14 @@ def train(out):
 def offline(out, ckpt):
     from peft import PeftModel
 
-    from icons_hf import compute_gradients
+    from icons_hf import compute_checkpoint_stores
 
+    # The callback's settings; name, learning rate and optimizer.pt come from the checkpoint folder.
     model = PeftModel.from_pretrained(build_base(0), ckpt, is_trainable=True)
-    kw = dict(dim=128, batch_size=3, shard_size=4, show_progress=False, checkpoint=os.path.basename(ckpt))
-    compute_gradients(model, Dataset.from_list(build_rows(23, 4)), output_dir=os.path.join(out, "train"),
-                      feature="adam", optimizer_state=ckpt, **kw)
-    for name, seed, n in (("t1", 5, 9), ("t2", 6, 6)):
-        # Validation stores record the learning rate the callback passed; give the same one.
-        from icons_hf.gradients.precondition import checkpoint_learning_rate
-        compute_gradients(model, Dataset.from_list(build_rows(n, seed)), output_dir=os.path.join(out, name),
-                          learning_rate=checkpoint_learning_rate(ckpt), **kw)
+    tasks = {"t1": Dataset.from_list(build_rows(9, 5)), "t2": Dataset.from_list(build_rows(6, 6))}
+    compute_checkpoint_stores(model, Dataset.from_list(build_rows(23, 4)), tasks, out, checkpoint=ckpt,
+                              settings=dict(dim=128, batch_size=3, shard_size=4, train_feature="adam"),
+                              show_progress=False)
 
 
 if __name__ == "__main__":
@@ -143,6 +141,7 @@ def _tree(root):
 
 def test_two_processes_write_the_single_process_store_bit_for_bit(tmp_path):
     from icons_hf import load_gradients
+    from icons_hf.store import read_record_hashes
 
     worker = _worker(tmp_path)
     with _helpers() as helpers:
@@ -156,6 +155,11 @@ def test_two_processes_write_the_single_process_store_bit_for_bit(tmp_path):
         assert one[rel] == two[rel], f"{rel} differs between the 1-process and the 2-process run"
     store = load_gradients(tmp_path / "two")
     np.testing.assert_array_equal(store["index"], np.arange(37))
+    # The rows' source-record hashes are kept by index whichever process computed them.
+    with _helpers() as helpers:
+        rows = helpers["with_record_hashes"](helpers["build_rows"](37, 1))
+    assert store["record_hash"] == [r["record_hash"] for r in rows]
+    assert read_record_hashes(tmp_path / "two") == {i: r["record_hash"] for i, r in enumerate(rows)}
     assert json.loads(two["store.json"])["complete"] is True
 
 
@@ -175,14 +179,18 @@ def test_trainer_callback_under_ddp_covers_every_row_once_and_matches_offline_ex
     meta = json.load(open(os.path.join(train[0], "store.json")))
     assert meta["complete"] and meta["num_features"] == 23 and meta["checkpoint"] == "checkpoint-2"
 
-    # The same checkpoint extracted afterwards by one process gives the same stores, bit for bit.
+    # The same checkpoint extracted afterwards by one process (the same function, from the checkpoint folder)
+    # gives the same stores, bit for bit, and the same run entry.
     ckpt = str(tmp_path / "run" / "checkpoint-2")
     with _helpers() as helpers:
         helpers["offline"](str(tmp_path / "offline"), ckpt)
     for live, name in ((train[0], "train"), (tasks["t1"][0], "t1"), (tasks["t2"][0], "t2")):
-        a, b = _tree(live), _tree(tmp_path / "offline" / name)
+        a, b = _tree(live), _tree(tmp_path / "offline" / "checkpoint-2" / name)
         assert sorted(a) == sorted(b)
         for rel in sorted(a):
             assert a[rel] == b[rel], f"{name}/{rel} differs between the DDP callback and offline extraction"
+    entries = [json.load(open(tmp_path / d / "icons_run.json"))["checkpoints"] for d in ("icons", "offline")]
+    keys = ("checkpoint", "step", "learning_rate")
+    assert [{k: e[k] for k in keys} for e in entries[0]] == [{k: e[k] for k in keys} for e in entries[1]]
     scores = select(compute_influence(train, tasks), fraction=0.5)
     assert sum(scores["selected"]) == 11 and scores["index"] == list(range(23))

@@ -15,6 +15,7 @@ import torch
 from datasets import Dataset
 
 from icons_hf import compute_gradients, load_gradients
+from icons_hf.store import read_record_hashes
 
 try:
     from .worker_source import TINY_LLAMA
@@ -34,7 +35,7 @@ if __name__ == "__main__":
     model = build_model(0)
     # Slow the forward pass down (without changing any number) so the run is still going when it is killed.
     model.register_forward_pre_hook(lambda module, args: time.sleep(0.25))
-    compute_gradients(model, Dataset.from_list(build_rows(30, 1)), output_dir=sys.argv[1], **CALL)
+    compute_gradients(model, Dataset.from_list(with_record_hashes(build_rows(30, 1))), output_dir=sys.argv[1], **CALL)
 '''
 
 
@@ -54,8 +55,8 @@ def worker(tmp_path):
 
 
 def _same_call(worker, output_dir):
-    return compute_gradients(worker["build_model"](0), Dataset.from_list(worker["build_rows"](30, 1)),
-                             output_dir=output_dir, **worker["CALL"])
+    rows = worker["with_record_hashes"](worker["build_rows"](30, 1))
+    return compute_gradients(worker["build_model"](0), Dataset.from_list(rows), output_dir=output_dir, **worker["CALL"])
 
 
 def _tree(root):
@@ -118,6 +119,10 @@ def test_sigkill_then_rerun_equals_uninterrupted_run_and_computes_only_missing_s
     for rel in a:
         assert a[rel] == b[rel], f"{rel} differs from the uninterrupted run"
     np.testing.assert_array_equal(load_gradients(store)["index"], np.arange(30))
+    # Each row's source-record hash is kept by index, across the kill and the resumption.
+    expected = {i: r["record_hash"] for i, r in enumerate(worker["with_record_hashes"](worker["build_rows"](30, 1)))}
+    assert read_record_hashes(store) == expected
+    assert json.load(open(os.path.join(store, "store.json")))["record_hash"] is True
 
     # Calling again on a complete store computes nothing and changes nothing.
     caplog.clear()
@@ -150,6 +155,8 @@ def test_store_written_with_other_settings_is_refused_naming_the_difference(tmp_
         (dict(dataset=Dataset.from_list(worker["build_rows"](6, 2))), r"rows \(dataset rows\): stored"),
         (dict(shard_size=2), r"shard_size: stored 4, requested 2"),
         (dict(max_length=10), r"max_length: stored null, requested 10"),
+        (dict(dataset=Dataset.from_list(worker["with_record_hashes"](worker["build_rows"](6, 1)))),
+         r"record_hash: stored False, requested True"),
     ]
     for change, message in cases:
         kwargs = dict(call, model=model, dataset=rows)
@@ -158,3 +165,19 @@ def test_store_written_with_other_settings_is_refused_naming_the_difference(tmp_
             compute_gradients(kwargs.pop("model"), kwargs.pop("dataset"), output_dir=store, **kwargs)
         assert "Use another output_dir, or delete the folder" in str(err.value)
         assert _tree(store) == written, f"refusing {change} changed the store"
+
+    # Settings that do not change the features (batching, padding id) may differ on a rerun: it resumes.
+    assert compute_gradients(model, rows, output_dir=store, **dict(call, batch_size=1, pad_token_id=5)) == store
+    assert {k: v for k, v in _tree(store).items() if k.endswith(".arrow")} == {
+        k: v for k, v in written.items() if k.endswith(".arrow")}
+    assert json.load(open(os.path.join(store, "store.json")))["settings"]["batch_size"] == 1  # the latest call's
+
+
+def test_changed_record_hashes_are_refused_on_resume(tmp_path, worker):
+    rows = worker["build_rows"](6, 1)
+    call = dict(dim=16, shard_size=4, show_progress=False)
+    store = compute_gradients(worker["build_model"](0), Dataset.from_list(worker["with_record_hashes"](rows)),
+                              output_dir=tmp_path / "s", **call)
+    other = Dataset.from_list(worker["with_record_hashes"](rows, salt="x"))
+    with pytest.raises(ValueError, match=r"record_hashes: stored"):
+        compute_gradients(worker["build_model"](0), other, output_dir=store, **call)

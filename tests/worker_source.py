@@ -3,6 +3,8 @@ to a temporary folder and run in fresh processes (under accelerate launch / torc
 rebuild the test's model and rows from the same builders and seeds (icons_hf.testing)."""
 
 TINY_LLAMA = r'''
+import hashlib
+
 import numpy as np
 import torch
 from datasets import Dataset
@@ -20,4 +22,10 @@ def build_model(seed=0):
 
 def build_rows(n, seed):
     return token_rows(n, seed, max_len=24)
+
+
+def with_record_hashes(rows, salt=""):
+    # What icons_hf.data adds to a formatted row: a hash of its source record (text; never a model input).
+    return [{**r, "id": f"r{i}", "record_hash": hashlib.sha256(f"{salt}{i}:{r['input_ids']}".encode()).hexdigest()}
+            for i, r in enumerate(rows)]
 '''

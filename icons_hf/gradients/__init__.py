@@ -5,16 +5,22 @@ from .capture import LinearCapture
 from .extractor import compute_gradients
 from .inputs import collate_rows
 from .loss import per_row_loss
-from .precondition import ADAM_VARIANTS, FEATURES, AdamState, Preconditioner, resolve_optimizer_state
+from .precondition import (
+    ADAM_VARIANTS,
+    FEATURES,
+    AdamState,
+    Preconditioner,
+    resolve_optimizer_state,
+)
 from .projection import PROJECTIONS, Projector
 
 __all__ = [
     "ADAM_VARIANTS",
+    "FEATURES",
+    "PROJECTIONS",
     "AdamState",
     "BadRowError",
-    "FEATURES",
     "LinearCapture",
-    "PROJECTIONS",
     "Preconditioner",
     "Projector",
     "collate_rows",

@@ -97,4 +97,4 @@ class BadRows:
         return sorted(self.reasons)
 
 
-__all__ = ["BadRowError", "BadRows", "NO_SUPERVISED", "ON_BAD_ROW", "feature_problems", "length_problem", "loss_problem"]
+__all__ = ["NO_SUPERVISED", "ON_BAD_ROW", "BadRowError", "BadRows", "feature_problems", "length_problem", "loss_problem"]

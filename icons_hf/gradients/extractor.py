@@ -23,12 +23,32 @@ from tqdm.auto import tqdm
 from ..distributed import is_main_process
 from ..settings import FeatureSettings
 from ..store import StoreWriter
-from .badrows import NO_SUPERVISED, ON_BAD_ROW, BadRowError, BadRows, feature_problems, length_problem, loss_problem
+from .badrows import (
+    NO_SUPERVISED,
+    ON_BAD_ROW,
+    BadRowError,
+    BadRows,
+    feature_problems,
+    length_problem,
+    loss_problem,
+)
 from .batching import extraction_checkpointing, fetch_rows, plan_batches, row_lengths
 from .capture import LinearCapture
-from .inputs import ModelInputs, check_dataset, collate_rows, max_positions, model_device, unwrap_model
+from .inputs import (
+    ModelInputs,
+    check_dataset,
+    collate_rows,
+    max_positions,
+    model_device,
+    unwrap_model,
+)
 from .loss import head_selection_supported, per_row_loss, supervised_losses
-from .precondition import FEATURES, Preconditioner, checkpoint_learning_rate, resolve_optimizer_state
+from .precondition import (
+    FEATURES,
+    Preconditioner,
+    checkpoint_learning_rate,
+    resolve_optimizer_state,
+)
 from .projection import Projector
 
 logger = logging.getLogger(__name__)
@@ -67,7 +87,7 @@ def record_hash_column(dataset) -> bool:
     kind = dataset.features[RECORD_HASH]
     if getattr(kind, "dtype", None) not in ("string", "large_string"):
         raise TypeError(
-            f"column {RECORD_HASH!r} holds {kind}; it must hold one string per row (a hash of the row's source "
+            f"column {RECORD_HASH!r} holds {getattr(kind, 'dtype', kind)}; it must hold one string per row (a hash of the row's source "
             "record, as icons_hf.data writes it), or be removed."
         )
     nulls = dataset.with_format("arrow")[RECORD_HASH].null_count
@@ -268,28 +288,12 @@ def _extraction_mode(model: nn.Module):
 
 
 def compute_gradients(
-    model: nn.Module,
-    dataset,
-    *,
-    output_dir: str | os.PathLike,
-    feature: str = "sgd",
-    optimizer_state=None,
-    adam_variant: str | None = None,
-    projection: str | None = None,
-    dim: int | None = None,
-    seed: int | None = None,
-    batch_size: int | None = None,
-    max_tokens_per_batch: int | None = None,
-    dtype: str | None = None,
-    on_bad_row: str | None = None,
-    max_length: int | None = None,
-    learning_rate: float | None = None,
-    checkpoint: str | None = None,
-    shard_size: int | None = None,
-    pad_token_id: int | None = None,
-    preset: str | None = None,
-    settings: FeatureSettings | Mapping | None = None,
-    show_progress: bool = True,
+    model: nn.Module, dataset, *, output_dir: str | os.PathLike, feature: str = "sgd", optimizer_state=None,
+    adam_variant: str | None = None, projection: str | None = None, dim: int | None = None, seed: int | None = None,
+    batch_size: int | None = None, max_tokens_per_batch: int | None = None, dtype: str | None = None,
+    on_bad_row: str | None = None, max_length: int | None = None, learning_rate: float | None = None,
+    checkpoint: str | None = None, shard_size: int | None = None, pad_token_id: int | None = None,
+    preset: str | None = None, settings: FeatureSettings | Mapping | None = None, show_progress: bool = True,
 ) -> str:
     """Compute one gradient feature per row of ``dataset`` and write them to a gradient store; return its path.
 
@@ -319,8 +323,7 @@ def compute_gradients(
         settings: a ``FeatureSettings`` (or a mapping of its fields) to start from instead of a preset.
         show_progress: show a progress bar on the main process.
 
-    Under ``accelerate launch``/``torchrun``, call it in every process with the same arguments: rows are split by
-    shard between the processes and the result is one store.
+    Under ``accelerate launch``/``torchrun``, call it in every process with the same arguments: one store results.
     """
     settings = FeatureSettings.resolve(
         settings, preset, adam_variant=adam_variant, projection=projection, dim=dim, seed=seed, batch_size=batch_size,
@@ -348,7 +351,7 @@ def compute_gradients(
 def _write_shards(writer: StoreWriter, extraction: _Extraction, todo: list, show_progress: bool) -> None:
     progress = tqdm(
         total=sum(e - s for s, e in todo),
-        desc=f"gradients -> {os.path.basename(writer.path)}",
+        desc=f"gradients -> {os.path.join(*os.path.normpath(writer.path).split(os.sep)[-2:])}",
         unit="row",
         disable=not (show_progress and is_main_process()),
     )
@@ -365,4 +368,4 @@ def _write_shards(writer: StoreWriter, extraction: _Extraction, todo: list, show
 _unwrap = unwrap_model
 _resolve_state = resolve_optimizer_state
 
-__all__ = ["BadRowError", "ON_BAD_ROW", "collate_rows", "compute_gradients", "fingerprint_rows", "per_row_loss"]
+__all__ = ["ON_BAD_ROW", "BadRowError", "collate_rows", "compute_gradients", "fingerprint_rows", "per_row_loss"]

@@ -14,11 +14,13 @@ import logging
 from collections.abc import Mapping
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from torch import nn
 
 from ..distributed import is_main_process
-from .batching import collate_extra
+from .batching import collate_extra, fetch_rows
 from .loss import base_model
 
 logger = logging.getLogger(__name__)
@@ -164,9 +166,6 @@ def check_dataset(dataset, name: str = "dataset") -> None:
 
 
 def _check_token_columns(dataset, name: str) -> None:
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     table = dataset.with_format("arrow")
     present = [c for c in TOKEN_COLUMNS if c in dataset.column_names]
     for start in range(0, len(dataset), _CHUNK_ROWS):
@@ -197,8 +196,6 @@ def _check_token_columns(dataset, name: str) -> None:
 def check_model_batch(model: nn.Module, dataset, name: str, *, pad_token_id: int = 0, rows: int = 2) -> list[str]:
     """Collate the first ``rows`` rows of ``dataset`` as extraction will and check every model input is one
     ``model``'s forward takes; return the columns left out. Errors name ``name`` and the column."""
-    from .batching import fetch_rows
-
     inputs = ModelInputs(model)
     try:
         batch = fetch_rows(dataset, range(min(rows, len(dataset))))

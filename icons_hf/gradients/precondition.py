@@ -55,7 +55,7 @@ class AdamState:
                 )
 
     @classmethod
-    def from_optimizer(cls, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> "AdamState":
+    def from_optimizer(cls, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> AdamState:
         """From a live torch optimizer (an accelerate ``AcceleratedOptimizer`` is unwrapped)."""
         optimizer = getattr(optimizer, "optimizer", optimizer)
         names = {id(p): n for n, p in model.named_parameters()}
@@ -77,7 +77,7 @@ class AdamState:
         return cls(moments, betas=betas, eps=eps, source=type(optimizer).__name__)
 
     @classmethod
-    def from_checkpoint(cls, folder: str | os.PathLike, model: torch.nn.Module) -> "AdamState":
+    def from_checkpoint(cls, folder: str | os.PathLike, model: torch.nn.Module) -> AdamState:
         """From a ``transformers.Trainer`` checkpoint folder (``optimizer.pt``).
 
         The optimizer's integer parameter ids are mapped to names the way ``Trainer.create_optimizer`` built its
