@@ -376,6 +376,9 @@ def _free_port():
     (["--task", "math=math.jsonl", "--preset", "released"], "--preset: invalid choice: 'released'"),
     (["--task", "math=math.jsonl", "--task", "math/a=chat.jsonl"], "given both with and without a /SUBTASK"),
     (["--task", "math=math.jsonl", "--method", "task"], "--method task needs --select-task"),
+    (["--task", "math=math.jsonl", "--lora-target-modules", "q_proj", "--lora-target-regex", ".*"], "not both"),
+    (["--task", "math=math.jsonl", "--checkpoints", "nowhere"], "--checkpoints: nowhere is not a folder"),
+    (["--task", "math=math.jsonl", "--dim", "0"], "dim=0 must be an integer >= 1"),
 ])
 def test_bad_arguments_are_reported_by_name(text_setup, tmp_path, capsys, monkeypatch, extra, message):
     monkeypatch.chdir(text_setup)
@@ -399,17 +402,17 @@ def test_no_features_only_warms_up(text_setup, tmp_path):
     assert not os.path.exists(tmp_path / "warmup" / "icons") and not os.path.exists(tmp_path / "subset")
 
 
-def test_lora_target_options_replace_the_script_default(text_setup, monkeypatch):
+@pytest.mark.parametrize("script, extra, modules, regex", [
+    (LLAVA, [], None, r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"),
+    (LLAVA, ["--lora-target-modules", "q_proj"], ["q_proj"], None),
+    (TEXT, [], ["q_proj", "k_proj", "v_proj", "o_proj"], None),
+    (TEXT, ["--lora-target-regex", r".*\.v_proj"], None, r".*\.v_proj"),
+])
+def test_lora_target_options_replace_the_script_default(text_setup, monkeypatch, script, extra, modules, regex):
     monkeypatch.chdir(text_setup)
     base = ["--model", "model", "--data-path", "pool.jsonl", "--output-dir", "x", "--task", "math=math.jsonl"]
-    for script, extra, modules, regex in (
-        (LLAVA, [], None, r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"),
-        (LLAVA, ["--lora-target-modules", "q_proj"], ["q_proj"], None),
-        (TEXT, [], ["q_proj", "k_proj", "v_proj", "o_proj"], None),
-        (TEXT, ["--lora-target-regex", r".*\.v_proj"], None, r".*\.v_proj"),
-    ):
-        _, recipe = recipes.parse_recipe_args(_script(script).make_parser(), [*base, *extra])
-        assert (recipe.lora.lora_target_modules, recipe.lora.lora_target_regex) == (modules, regex)
+    _, recipe = recipes.parse_recipe_args(_script(script).make_parser(), [*base, *extra])
+    assert (recipe.lora.lora_target_modules, recipe.lora.lora_target_regex) == (modules, regex)
 
 
 @pytest.mark.parametrize("extra, features, influence, selection", [
