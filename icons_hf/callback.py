@@ -10,6 +10,7 @@ from transformers import TrainerCallback
 
 from .checkpoints import (
     RUN_FILE,
+    check_bad_rows,
     check_inputs,
     check_model_inputs,
     compute_checkpoint_stores,
@@ -32,8 +33,10 @@ class IconsCallback(TrainerCallback):
     its share of rows.
 
     Every dataset is checked when the callback is built (a ``datasets.Dataset`` with rows, integer
-    ``input_ids``/``labels``) and again when training begins, where its first rows are also batched for the model:
-    a dataset that could only fail at the first checkpoint is refused before the first training step.
+    ``input_ids``/``labels`` of equal lengths and, with ``on_bad_row="error"``, a supervised token in every row)
+    and again when training begins, where row lengths are checked against the model's limit and the first rows
+    are batched for the model: a dataset that could only fail at the first checkpoint is refused before the
+    first training step.
 
     Args:
         pool: the tokenized pool (``input_ids``, ``labels``, model inputs such as ``pixel_values``), or a mapping
@@ -80,6 +83,7 @@ class IconsCallback(TrainerCallback):
             on_bad_row=on_bad_row, max_length=max_length, pad_token_id=pad_token_id, shard_size=shard_size,
         )
         check_inputs(pool, tasks)
+        check_bad_rows(pool, tasks, self.settings)
         self.pool = pool
         self.tasks = tasks
         self.output_dir = None if output_dir is None else os.fspath(output_dir)
@@ -96,6 +100,7 @@ class IconsCallback(TrainerCallback):
             self.output_dir = os.path.join(args.output_dir, "icons")
         check_training_arguments(args)
         check_inputs(self.pool, self.tasks)
+        check_bad_rows(self.pool, self.tasks, self.settings, model)
         if model is not None:
             check_model_inputs(model, self.pool, self.tasks, self.settings.pad_token_id)
         if self.settings.train_feature == "adam" and optimizer is not None:

@@ -23,7 +23,7 @@ from collections.abc import Iterator, Mapping
 
 from .distributed import is_main_process
 from .gradients import compute_gradients
-from .gradients.inputs import check_dataset, check_model_batch
+from .gradients.inputs import check_dataset, check_model_batch, check_rows, max_positions, unwrap_model
 from .gradients.precondition import checkpoint_learning_rate
 from .settings import FeatureSettings
 
@@ -116,6 +116,17 @@ def check_model_inputs(model, pool, tasks, pad_token_id: int = 0) -> None:
                         ", ".join(left_out))
 
 
+def check_bad_rows(pool, tasks: Mapping, settings: FeatureSettings, model=None) -> None:
+    """With ``on_bad_row="error"``, refuse now (naming the dataset and row) a row that extraction would refuse at
+    the first checkpoint and that its tokens show: no supervised token, or, with ``model``, more tokens than its
+    position limit."""
+    if settings.on_bad_row != "error":
+        return
+    limit = None if model is None else max_positions(unwrap_model(model))
+    for label, data in labelled_datasets(pool, tasks):
+        check_rows(data, label, max_length=settings.max_length, limit=limit)
+
+
 def _checkpoint_facts(checkpoint, learning_rate, optimizer_state, step, train_feature: str):
     """``(name, learning rate, optimizer state, step)``: a Trainer checkpoint folder gives its name, its logged
     learning rate, its ``optimizer.pt`` (for Adam features) and its step unless they are given."""
@@ -128,7 +139,9 @@ def _checkpoint_facts(checkpoint, learning_rate, optimizer_state, step, train_fe
             optimizer_state = folder
     elif folder is not None:
         if os.sep in folder or (os.altsep and os.altsep in folder):
-            raise FileNotFoundError(f"checkpoint={folder!r} is not a folder; pass a Trainer checkpoint folder or a name.")
+            raise FileNotFoundError(
+                f"checkpoint={folder!r} is not a folder; pass a Trainer checkpoint folder or a name."
+            )
         name = folder
     elif isinstance(optimizer_state, (str, os.PathLike)) and os.path.isdir(optimizer_state):
         name = os.path.basename(os.path.normpath(os.fspath(optimizer_state)))
@@ -253,6 +266,7 @@ def load_run(output_dir: str | os.PathLike) -> tuple[list, dict]:
 __all__ = [
     "NAME_PATTERN",
     "RUN_FILE",
+    "check_bad_rows",
     "check_inputs",
     "check_model_inputs",
     "compute_checkpoint_stores",

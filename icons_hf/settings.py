@@ -137,16 +137,17 @@ class FeatureSettings(_Settings):
     dim: int = field(default=8192, **_help("projected feature dimension (ignored by 'identity')"))
     seed: int = field(default=0, **_help("projection seed"))
     batch_size: int = field(default=8, **_help("rows per forward/backward; features do not depend on it"))
-    max_tokens_per_batch: Optional[int] = field(default=None, **_help(
+    max_tokens_per_batch: int | None = field(default=None, **_help(
         "cap on padded tokens per batch (rows x longest row); bounds activation memory, features do not change"))
     dtype: str = field(default="float16", **_help("feature storage dtype", choices=("float16", "float32")))
     on_bad_row: str = field(default="error", **_help(
         "a row with no supervised token, a non-finite loss or an over-long input: 'error' (names the row) or 'skip' "
         "(recorded in the store)", choices=("error", "skip")))
-    max_length: Optional[int] = field(default=None, **_help("truncate longer rows to this many tokens (recorded)"))
+    max_length: int | None = field(default=None, **_help("truncate longer rows to this many tokens (recorded)"))
     shard_size: int = field(default=4096, **_help(
         "rows per shard file: the unit of resumption and of work split between processes"))
-    pad_token_id: int = field(default=0, **_help("id used to pad input_ids (its value never matters: padding is masked)"))
+    pad_token_id: int = field(default=0, **_help(
+        "id used to pad input_ids (its value never matters: padding is masked)"))
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "default": {},

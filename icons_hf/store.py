@@ -270,7 +270,9 @@ class StoreWriter:
             have = set(self.existing_shards())
             missing = [r for r in shard_ranges(self.num_rows, self.shard_size) if r not in have]
             if missing:
-                raise RuntimeError(f"{self.path}: shards {missing[:3]} are missing after extraction; run again to finish them.")
+                raise RuntimeError(
+                    f"{self.path}: shards {missing[:3]} are missing after extraction; run again to finish them."
+                )
             skipped, truncated = [], []
             for start, end in sorted(have):
                 notes = _shard_notes(os.path.join(self.shard_dir, _shard_name(start, end)))
@@ -302,7 +304,9 @@ def _complete_shards(path: str) -> tuple[dict, list[str]]:
     return meta, [os.path.join(shard_dir, n) for n in names]
 
 
-def iter_store_batches(path: str | os.PathLike, batch_size: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def iter_store_batches(
+    path: str | os.PathLike, batch_size: int = 4096
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Stream a complete store as ``(index, features, norm)`` NumPy arrays of at most ``batch_size`` rows, in row order.
 
     Each shard file is memory-mapped and read without copying: ``features`` is a read-only ``rows x dim`` view in
@@ -371,7 +375,7 @@ def read_record_hashes(path) -> dict[int, str] | None:
     for file in files:
         with pa.memory_map(file, "r") as source:  # zero-copy: the features are never read
             table = pa.ipc.open_stream(source).read_all().select(["index", "record_hash"])
-        out.update(zip(table.column("index").to_pylist(), table.column("record_hash").to_pylist()))
+        out.update(zip(table.column("index").to_pylist(), table.column("record_hash").to_pylist(), strict=True))
     return out
 
 
@@ -391,6 +395,8 @@ def load_gradients(path: str | os.PathLike):
     parts = [Dataset.from_file(f) for f in files]
     dataset = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     if len(dataset) != meta["num_features"]:
-        raise ValueError(f"{path}: holds {len(dataset)} rows, store.json says {meta['num_features']}; the store is damaged.")
+        raise ValueError(
+            f"{path}: holds {len(dataset)} rows, store.json says {meta['num_features']}; the store is damaged."
+        )
     dataset.info.description = json.dumps({"store": path})
     return dataset

@@ -93,7 +93,8 @@ def _helpers():
 
 
 def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONWARNINGS="ignore")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env
@@ -113,7 +114,8 @@ def _worker(tmp_path):
 
 def _accelerate(script, *args):
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-            "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), script, *args]
+            "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), script,
+            *args]
 
 
 def _torchrun(script, *args):
@@ -148,7 +150,8 @@ def test_two_processes_write_the_single_process_store_bit_for_bit(tmp_path):
         helpers["extract"](str(tmp_path / "one"))
     log = _run(_accelerate(worker, "extract", str(tmp_path / "two")))
     # 37 rows in shards of 5 = 8 shards; each process computed its own half.
-    assert "Process 0 of 2: 4 shard(s) to compute" in log and "Process 1 of 2: 4 shard(s) to compute" in log, log[-3000:]
+    assert "Process 0 of 2: 4 shard(s) to compute" in log, log[-3000:]
+    assert "Process 1 of 2: 4 shard(s) to compute" in log, log[-3000:]
     one, two = _tree(tmp_path / "one"), _tree(tmp_path / "two")
     assert sorted(one) == sorted(two) and len([p for p in one if p.endswith(".arrow")]) == 8
     for rel in sorted(one):

@@ -20,7 +20,6 @@ from icons_hf.gradients.batching import plan_batches
 from icons_hf.gradients.loss import per_row_loss, supervised_losses
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """The models are tiny: one intra-op thread is fastest, and avoids thread oversubscription on a busy machine."""
@@ -39,7 +38,8 @@ TEXT_TOKENS = (1, 56)
 
 def _lora(model, target, seed, **kwargs):
     torch.manual_seed(seed + 1)
-    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=target, init_lora_weights=False, **kwargs))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=target, init_lora_weights=False, **kwargs)
+    return get_peft_model(model, config)
 
 
 def _text_config(**extra):
@@ -48,8 +48,14 @@ def _text_config(**extra):
 
 
 def build_causal(kind, seed=0, **lora_kwargs):
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
                "mistral": (MistralConfig, MistralForCausalLM)}
@@ -82,8 +88,12 @@ def build_qwen2_vl(seed=0):
 
 
 def build_idefics3(seed=0, smolvlm=False):
-    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, SmolVLMConfig,
-                              SmolVLMForConditionalGeneration)
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        SmolVLMConfig,
+        SmolVLMForConditionalGeneration,
+    )
 
     config_cls, model_cls = (SmolVLMConfig, SmolVLMForConditionalGeneration) if smolvlm else (
         Idefics3Config, Idefics3ForConditionalGeneration)
@@ -199,7 +209,7 @@ def features(model, rows, tmp_path, name="store", **kwargs):
 
 def assert_rows_close(got, want, rtol=1e-5):
     assert got.shape == want.shape
-    for i, (a, b) in enumerate(zip(got, want)):
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
         err = np.linalg.norm(a - b) / np.linalg.norm(b)
         assert err <= rtol, f"row {i}: relative error {err:.2e} > {rtol:.0e}"
 
@@ -380,7 +390,7 @@ def test_plan_batches_respects_rows_and_token_budget():
     batches = plan_batches(rows, lengths, batch_size=8, max_tokens=100)
     flat = np.concatenate(batches)
     assert sorted(flat.tolist()) == rows.tolist()
-    size = dict(zip(rows.tolist(), lengths.tolist()))
+    size = dict(zip(rows.tolist(), lengths.tolist(), strict=True))
     seq = [size[r] for r in flat.tolist()]
     assert seq == sorted(seq, reverse=True)
     for batch in batches:
@@ -465,7 +475,7 @@ def test_bf16_model_features_follow_the_float32_model(tmp_path):
     rows = text_rows(5, seed=24)
     want = features(model, rows, tmp_path, name="fp32")
     got = features(copy.deepcopy(model).to(torch.bfloat16), rows, tmp_path, name="bf16")
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         cos = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
         assert cos > 0.995 and np.linalg.norm(a - b) / np.linalg.norm(b) < 0.1
 
@@ -474,7 +484,7 @@ def test_lora_dropout_is_off_during_extraction(tmp_path):
     rows = text_rows(5, seed=25)
     plain = build_causal("llama", seed=26)
     dropped = build_causal("llama", seed=26, lora_dropout=0.5)
-    for (n, a), (_, b) in zip(plain.named_parameters(), dropped.named_parameters()):
+    for (n, a), (_, b) in zip(plain.named_parameters(), dropped.named_parameters(), strict=True):
         assert torch.equal(a, b), n
     dropped.train()
     got = features(dropped, rows, tmp_path, name="dropout")

@@ -39,10 +39,14 @@ def _bad_datasets(token_rows):
                            ValueError, r"tasks\['x'\]: row 1 has \d+ labels but \d+ input_ids"),
         "text ids": (Dataset.from_list([{**r, "input_ids": " ".join(map(str, r["input_ids"]))} for r in rows]),
                      TypeError, r"column 'input_ids' holds string"),
+        "unsupervised row": (Dataset.from_list([{**r, "labels": [-100] * len(r["labels"])} if i == 2 else r
+                                                for i, r in enumerate(rows)]),
+                             ValueError, r"tasks\['x'\]: row 2: no supervised tokens .* on_bad_row='skip'"),
     }
 
 
-@pytest.mark.parametrize("case", ["list of dicts", "no labels", "float ids", "labels shorter", "text ids"])
+@pytest.mark.parametrize(
+    "case", ["list of dicts", "no labels", "float ids", "labels shorter", "text ids", "unsupervised row"])
 def test_bad_validation_set_is_refused_when_the_callback_is_built(token_rows, case):
     data, error, message = _bad_datasets(token_rows)[case]
     with pytest.raises(error, match=message):
@@ -95,6 +99,12 @@ def test_text_and_unknown_columns_are_left_out_of_the_model_call(tmp_path, tiny_
     assert sorted(m.split("'")[1] for m in left_out) == ["id", "length", "record_hash", "source"], left_out
     assert any("'length'" in m and "forward does not take it" in m for m in left_out)
 
+    # A dataset whose format shows the model inputs only still gives its record hashes to the store.
+    shown = extra.with_format(columns=["input_ids", "labels"])
+    formatted = load_gradients(compute_gradients(model, shown, output_dir=tmp_path / "formatted", **kw))
+    assert formatted["record_hash"] == store["record_hash"]
+    np.testing.assert_array_equal(np.asarray(formatted["features"]), np.asarray(ref["features"]))
+
 
 def test_record_hash_column_of_another_type_is_refused(tmp_path, tiny_lora_llama, token_rows):
     data = Dataset.from_list([{**r, "record_hash": i} for i, r in enumerate(token_rows(3))])
@@ -129,6 +139,7 @@ def _trainer(tmp_path, tiny_lora_llama, token_rows, callback, **arguments):
                                r"is missing \(None\)"),
         ("no checkpoints", r"save_strategy='no'\) saves no checkpoint"),
         ("adam feature with sgd", r"train_feature='adam' needs an Adam/AdamW optimizer, but the Trainer's is SGD"),
+        ("row too long", r"pool: row 3: 70 tokens exceed the model's limit of 64; pass max_length <= 64"),
     ],
 )
 def test_setup_that_would_fail_at_the_first_checkpoint_is_refused_before_the_first_step(tmp_path, tiny_lora_llama,
@@ -138,13 +149,15 @@ def test_setup_that_would_fail_at_the_first_checkpoint_is_refused_before_the_fir
     if case == "unbatchable column":
         pool = Dataset.from_list([{**r, "position_ids": list(range(len(r["input_ids"]))) if i else None}
                                   for i, r in enumerate(rows)])
+    elif case == "row too long":
+        pool = Dataset.from_list(rows[:3] + [{"input_ids": [1] * 70, "labels": [1] * 70}])
     elif case == "no checkpoints":
         arguments = dict(save_strategy="no")
     else:
         arguments, kwargs = dict(optim="sgd"), dict(train_feature="adam")
     callback = IconsCallback(pool, {"t": _rows(token_rows, 2)}, str(tmp_path / "icons"), dim=8, **kwargs)
     trainer, steps = _trainer(tmp_path, tiny_lora_llama, token_rows, callback, **arguments)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message):  # BadRowError is a ValueError
         trainer.train()
     assert steps == [] and not os.path.exists(tmp_path / "icons")
 

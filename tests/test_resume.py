@@ -98,7 +98,8 @@ def test_sigkill_then_rerun_equals_uninterrupted_run_and_computes_only_missing_s
     with pytest.raises(ValueError, match="incomplete"):
         load_gradients(store)
     # A shard that a dying process was writing: garbage under the temporary name, never read, removed on resume.
-    missing = next(n for n in (f"rows-{s:010d}-{min(s + 4, 30):010d}.arrow" for s in range(0, 30, 4)) if n not in before)
+    names = (f"rows-{s:010d}-{min(s + 4, 30):010d}.arrow" for s in range(0, 30, 4))
+    missing = next(n for n in names if n not in before)
     partial = os.path.join(store, "shards", f"{missing}.tmp-4242")
     with open(partial, "wb") as handle:
         handle.write(b"\xff" * 100)

@@ -3,7 +3,7 @@
 from .badrows import BadRowError
 from .capture import LinearCapture
 from .extractor import compute_gradients
-from .inputs import collate_rows
+from .inputs import collate_rows, unwrap_model
 from .loss import per_row_loss
 from .precondition import (
     ADAM_VARIANTS,
@@ -27,4 +27,5 @@ __all__ = [
     "compute_gradients",
     "per_row_loss",
     "resolve_optimizer_state",
+    "unwrap_model",
 ]

@@ -52,7 +52,7 @@ def feature_problems(features: np.ndarray) -> list[str | None]:
     nonzero = (features != 0).any(axis=1)
     return [
         None if f and z else ("its gradient feature is not finite" if not f else "its gradient feature is exactly zero")
-        for f, z in zip(finite, nonzero)
+        for f, z in zip(finite, nonzero, strict=True)
     ]
 
 
@@ -97,4 +97,12 @@ class BadRows:
         return sorted(self.reasons)
 
 
-__all__ = ["NO_SUPERVISED", "ON_BAD_ROW", "BadRowError", "BadRows", "feature_problems", "length_problem", "loss_problem"]
+__all__ = [
+    "NO_SUPERVISED",
+    "ON_BAD_ROW",
+    "BadRowError",
+    "BadRows",
+    "feature_problems",
+    "length_problem",
+    "loss_problem",
+]

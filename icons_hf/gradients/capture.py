@@ -173,7 +173,8 @@ class LinearCapture:
         self._active = False
         # A layer the batch never ran (e.g. a trainable image projector on text-only rows) has a zero gradient;
         # a layer that ran without autograd, or no layer at all, means features would be wrong.
-        unused = [site for site in self.sites if site.calls == 0 and (site.seen > 0 or not any(s.seen for s in self.sites))]
+        none_seen = not any(s.seen for s in self.sites)
+        unused = [site for site in self.sites if site.calls == 0 and (site.seen > 0 or none_seen)]
         if unused:
             raise RuntimeError(
                 f"layer owning {unused[0].weight or unused[0].bias!r} (and {len(unused) - 1} more) was not captured "

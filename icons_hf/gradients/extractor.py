@@ -87,8 +87,8 @@ def record_hash_column(dataset) -> bool:
     kind = dataset.features[RECORD_HASH]
     if getattr(kind, "dtype", None) not in ("string", "large_string"):
         raise TypeError(
-            f"column {RECORD_HASH!r} holds {getattr(kind, 'dtype', kind)}; it must hold one string per row (a hash of the row's source "
-            "record, as icons_hf.data writes it), or be removed."
+            f"column {RECORD_HASH!r} holds {getattr(kind, 'dtype', kind)}; it must hold one string per row (a hash of "
+            "the row's source record, as icons_hf.data writes it), or be removed."
         )
     nulls = dataset.with_format("arrow")[RECORD_HASH].null_count
     if nulls:
@@ -142,7 +142,9 @@ def _setup(model: nn.Module, dataset, settings: FeatureSettings, feature: str, o
     state = None
     if feature == "adam":
         if optimizer_state is None:
-            raise ValueError("feature='adam' needs optimizer_state (a Trainer checkpoint folder, optimizer or mapping).")
+            raise ValueError(
+                "feature='adam' needs optimizer_state (a Trainer checkpoint folder, optimizer or mapping)."
+            )
         state = resolve_optimizer_state(optimizer_state, model)
         state.check_covers(capture.shapes)
         if learning_rate is None and isinstance(optimizer_state, (str, os.PathLike)):
@@ -268,7 +270,7 @@ class _Extraction:
         out = out.cpu().numpy()
         # A finite loss can still give an overflowing gradient, and a zero feature has no direction: neither may be
         # stored as if it were a feature.
-        for i, problem in zip(idx, feature_problems(out)):
+        for i, problem in zip(idx, feature_problems(out), strict=True):
             if i not in bad:
                 bad.add(i, problem)
         bad.check()
@@ -288,7 +290,7 @@ def _extraction_mode(model: nn.Module):
 
 
 def compute_gradients(
-    model: nn.Module, dataset, *, output_dir: str | os.PathLike, feature: str = "sgd", optimizer_state=None,
+    model: nn.Module, dataset, *, output_dir: str | os.PathLike, feature: str | None = "sgd", optimizer_state=None,
     adam_variant: str | None = None, projection: str | None = None, dim: int | None = None, seed: int | None = None,
     batch_size: int | None = None, max_tokens_per_batch: int | None = None, dtype: str | None = None,
     on_bad_row: str | None = None, max_length: int | None = None, learning_rate: float | None = None,
@@ -308,8 +310,8 @@ def compute_gradients(
         output_dir: the store folder. The same call again resumes an interrupted run; a rerun with settings that
             change the features is refused, naming the setting. ``store.json`` records the settings whole.
         feature: this dataset's feature: ``"sgd"`` (the gradient; validation rows always) or ``"adam"`` (needs
-            ``optimizer_state``). The settings' ``train_feature`` is the pool's
-            (:func:`icons_hf.compute_checkpoint_stores` passes it here for the pool).
+            ``optimizer_state``); ``None``: the settings' ``train_feature``, the pool's feature
+            (:func:`icons_hf.compute_checkpoint_stores` passes it for the pool).
         optimizer_state: a Trainer checkpoint folder (``optimizer.pt``), a live torch optimizer, or a mapping
             ``parameter name -> {"exp_avg", "exp_avg_sq"[, "step"]}``. Never modified.
         adam_variant, projection, dim, seed, batch_size, max_tokens_per_batch, dtype, on_bad_row, max_length,
@@ -332,6 +334,7 @@ def compute_gradients(
     )
     check_dataset(dataset)
     model = unwrap_model(model)
+    feature = settings.train_feature if feature is None else feature
     setup = _setup(model, dataset, settings, feature, optimizer_state, learning_rate)
     writer = StoreWriter(
         output_dir, config=setup.config, num_rows=len(dataset), shard_size=settings.shard_size,
@@ -364,7 +367,8 @@ def _write_shards(writer: StoreWriter, extraction: _Extraction, todo: list, show
         progress.close()
 
 
-# Former private names, still imported by icons_hf.variants; use unwrap_model / resolve_optimizer_state.
+# Former private names, still imported by icons_hf.variants; the public ones are icons_hf.gradients.unwrap_model
+# and icons_hf.gradients.resolve_optimizer_state.
 _unwrap = unwrap_model
 _resolve_state = resolve_optimizer_state
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..distributed import is_main_process
+from .badrows import NO_SUPERVISED, BadRowError, length_problem
 from .batching import collate_extra, fetch_rows
 from .loss import base_model
 
@@ -193,6 +194,41 @@ def _check_token_columns(dataset, name: str) -> None:
                 )
 
 
+def _supervised_counts(labels: pa.ListArray, max_length: int | None) -> np.ndarray:
+    """Per row: labels other than -100 after the first position (and before ``max_length``), i.e. the tokens the
+    next-token loss is taken on."""
+    lengths = pc.list_value_length(labels).to_numpy(zero_copy_only=False).astype(np.int64)
+    values = pc.list_flatten(labels).to_numpy(zero_copy_only=False)
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    position = np.arange(len(values)) - np.repeat(starts[:-1], lengths)
+    counted = (values != -100) & (position >= 1)
+    if max_length is not None:
+        counted &= position < max_length
+    total = np.concatenate([[0], np.cumsum(counted)])
+    return total[starts[1:]] - total[starts[:-1]]
+
+
+def check_rows(dataset, name: str, *, max_length: int | None = None, limit: int | None = None) -> None:
+    """Refuse, naming ``name`` and the row, a row that extraction with ``on_bad_row="error"`` would refuse and
+    that can be seen from its tokens: no supervised token (after truncation to ``max_length``), or more tokens
+    than the model's position ``limit``."""
+    table = dataset.with_format("arrow")
+    for start in range(0, len(dataset), _CHUNK_ROWS):
+        chunk = table[start : start + _CHUNK_ROWS]
+        counts = _supervised_counts(chunk.column("labels").combine_chunks(), max_length)
+        lengths = pc.list_value_length(chunk.column("input_ids").combine_chunks()).to_numpy(zero_copy_only=False)
+        problems = {int(i): NO_SUPERVISED for i in np.flatnonzero(counts == 0)}
+        for i in np.flatnonzero(lengths > (limit or np.inf)):
+            problems.setdefault(int(i), length_problem(int(lengths[i]), max_length, limit))
+        problems = {i: p for i, p in problems.items() if p}
+        if problems:
+            first = min(problems)
+            raise BadRowError(
+                f"{name}: row {start + first}: {problems[first]}. Fix the row, or pass on_bad_row='skip' to record "
+                "and skip it."
+            )
+
+
 def check_model_batch(model: nn.Module, dataset, name: str, *, pad_token_id: int = 0, rows: int = 2) -> list[str]:
     """Collate the first ``rows`` rows of ``dataset`` as extraction will and check every model input is one
     ``model``'s forward takes; return the columns left out. Errors name ``name`` and the column."""
@@ -212,6 +248,7 @@ __all__ = [
     "ModelInputs",
     "check_dataset",
     "check_model_batch",
+    "check_rows",
     "collate_rows",
     "is_numeric",
     "max_positions",

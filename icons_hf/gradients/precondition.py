@@ -26,7 +26,9 @@ ADAM_VARIANTS = ("less", "torch")
 class AdamState:
     """Read-only Adam moments for the trainable parameters, keyed by parameter name."""
 
-    def __init__(self, moments: Mapping[str, Mapping[str, torch.Tensor]], betas=(0.9, 0.999), eps=1e-8, source="mapping"):
+    def __init__(
+        self, moments: Mapping[str, Mapping[str, torch.Tensor]], betas=(0.9, 0.999), eps=1e-8, source="mapping"
+    ):
         self.moments = {name: dict(state) for name, state in moments.items()}
         self.betas = (float(betas[0]), float(betas[1]))
         self.eps = float(eps)
@@ -104,7 +106,7 @@ class AdamState:
             )
         group = saved["param_groups"][0]
         moments = {}
-        for name, pid in zip(ordered, group_ids):
+        for name, pid in zip(ordered, group_ids, strict=True):
             state = saved["state"].get(pid)
             if state is None:
                 continue
