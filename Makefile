@@ -1,6 +1,6 @@
 # Two commands on a fresh machine with Python 3.11 and pip:
 #   make demo   creates .venv, installs icons_hf, runs the embedded easy-VQA demo (CPU, offline)
-#   make test   creates .venv, installs icons_hf with test extras, runs the test suite (offline)
+#   make test   creates .venv, installs icons_hf with test extras, runs the linter (ruff) and the test suite (offline)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test clean
+.PHONY: install demo lint test clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,11 @@ install: $(BIN)/.installed
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/icons-hf demo --output-dir icons_demo
 
-test: install $(BIN)/.smollm2
+# ruff's settings are in pyproject.toml; it checks the whole tree in about a second.
+lint: install
+	$(BIN)/ruff check .
+
+test: lint $(BIN)/.smollm2
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 clean:

@@ -5,7 +5,7 @@ Models (LoRA r=8, alpha 16, dropout 0.05 on q,k,v,o of the language model):
 
 * ``llama``: a 4-layer, 256-wide Llama (4 heads, MLP 1024, vocabulary 4096) on real English text: docstrings of
   the Python standard library, BPE-tokenized in code, rows of 16-128 tokens whose last 60% are supervised.
-* ``llava``: the demo's tiny ``LlavaForConditionalGeneration`` (:func:`icons_hf.demo.build_tiny_llava`, with
+* ``llava``: the demo's tiny ``LlavaForConditionalGeneration`` (:func:`icons_hf.testing.build_tiny_llava`, with
   the demo's trainable projector) on easy-VQA rows (16 image tokens + question + answer), ``pixel_values``
   computed once and stored in the dataset.
 
@@ -180,7 +180,7 @@ def llava_rows(n: int):
     from peft import LoraConfig, get_peft_model
 
     from icons_hf.data import prepare_llava_dataset
-    from icons_hf.demo import build_tiny_llava, build_tokenizer, easy_vqa_records, image_processor
+    from icons_hf.testing import build_tiny_llava, build_tokenizer, easy_vqa_records, image_processor
 
     records, folder = easy_vqa_records("train")
     records = records[:n]

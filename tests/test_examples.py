@@ -13,6 +13,9 @@ import sys
 import numpy as np
 import pytest
 
+from icons_hf import load_gradients, recipes
+from icons_hf.settings import FeatureSettings, InfluenceSettings, SelectionSettings
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 LLAVA = os.path.join(EXAMPLES, "llava", "icons_llava.py")
@@ -37,7 +40,9 @@ def _env() -> dict:
 def _run(cmd: list[str], timeout: int = 240, env: dict | None = None) -> str:
     proc = subprocess.run(cmd, cwd=ROOT, env=env or _env(), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc.stdout + proc.stderr
 
 
@@ -109,8 +114,8 @@ def test_format_chat_errors_name_the_row():
     with pytest.raises(ValueError, match="row 3: the chat has no assistant message"):
         format_chat([{"role": "user", "content": "what is one"}], tokenizer, row=3)
     with pytest.raises(ValueError, match="row 1: message 0 has no text 'content'"):
-        prepare_chat_dataset([{"messages": [{"role": "user", "content": "one"}, {"role": "assistant", "content": "two"}]},
-                              {"messages": [{"role": "user"}]}], tokenizer)
+        good = {"messages": [{"role": "user", "content": "one"}, {"role": "assistant", "content": "two"}]}
+        prepare_chat_dataset([good, {"messages": [{"role": "user"}]}], tokenizer)
     with pytest.raises(ValueError, match="row 0 has no 'messages'"):
         prepare_chat_dataset([{"chat": []}], tokenizer)
     # A template that renders the last turn differently rewrites earlier turns as the chat grows.
@@ -134,7 +139,13 @@ def llava_setup(tmp_path_factory):
     """A tiny LlavaForConditionalGeneration + tokenizer + CLIPImageProcessorPil saved to disk, a LLaVA JSON pool
     (with two text-only rows, as LLaVA-665K has) and two validation files with PNG images."""
     import torch
-    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
     root = tmp_path_factory.mktemp("llava")
     rng = np.random.default_rng(0)
@@ -181,7 +192,8 @@ def llava_setup(tmp_path_factory):
     (root / "shape.jsonl").write_text("\n".join(json.dumps(r) for r in records("shape", 4)))
     (root / "count_a.json").write_text(json.dumps(records("count_a", 3)))
     # A task held in a datasets folder with an Image column, as a Hub dataset would be.
-    from datasets import Dataset, Image as ImageFeature
+    from datasets import Dataset
+    from datasets import Image as ImageFeature
     from PIL import Image
 
     held = records("count_b", 3)
@@ -268,7 +280,8 @@ def test_llava_example_end_to_end_and_push(llava_setup, tmp_path):
             "--image-folder", str(root / "images"), "--task", f"color={root / 'color.json'}",
             "--task", f"shape={root / 'shape.jsonl'}:{root / 'images'}", "--task", f"count/a={root / 'count_a.json'}",
             "--task", f"count/b={root / 'count_b'}", "--output-dir", str(out),
-            "--lora-r", "4", "--warmup-fraction", "0.3", "--num-train-epochs", "2", "--per-device-train-batch-size", "4",
+            "--lora-r", "4", "--warmup-fraction", "0.3", "--num-train-epochs", "2",
+            "--per-device-train-batch-size", "4",
             "--num-checkpoints", "2", "--dim", "64", "--feature-batch-size", "4", "--fraction", "0.25",
             "--learning-rate", "1e-3", "--push-to-hub", "tester/llava-icons",
         ], env=env)
@@ -283,13 +296,16 @@ def test_llava_example_end_to_end_and_push(llava_setup, tmp_path):
     assert "Selected 7 of 30 pool rows" in log
     influence = meta["influence"]
     assert influence["num_validation"] == {"color": {"color": 5}, "shape": {"shape": 4}, "count": {"a": 3, "b": 3}}
-    assert influence["sub_pools"] == {"image": 28, "text": 2}
+    # The text-only rows are a sub-pool of their own at every checkpoint, scored with the image rows as one pool.
+    for checkpoint in influence["checkpoints"]:
+        parts = out / "warmup" / "icons" / checkpoint / "train"
+        assert {p: load_gradients(parts / p).num_rows for p in ("image", "text")} == {"image": 28, "text": 2}
     assert len(influence["checkpoints"]) == 2 and all(lr > 0 for lr in influence["learning_rates"])
     import pyarrow.parquet as pq
 
     scores = pq.read_table(out / "subset" / "scores.parquet").to_pydict()
     assert sorted(scores["index"]) == list(range(30))  # both sub-pools scored, mapped to pool positions
-    assert [i for i, s in zip(scores["index"], scores["selected"]) if s] == indices
+    assert [i for i, s in zip(scores["index"], scores["selected"], strict=True) if s] == indices
     assert len(os.listdir(out / "task_images" / "count" / "b")) == 3  # the held images, written for the loader
     for task in ("color", "shape", "count"):
         assert np.isfinite(scores[f"influence_{task}"]).all() and np.std(scores[f"influence_{task}"]) > 0
@@ -337,11 +353,9 @@ def test_text_example_ddp_then_offline_from_checkpoints(text_setup, tmp_path):
     offline_meta, offline_indices = _check_export(offline / "subset", root / "pool.jsonl", 0.3, 40)
     assert offline_indices == indices
     assert offline_meta["influence"]["learning_rates"] == pytest.approx(meta["influence"]["learning_rates"])
-    from icons_hf import load_gradients
-
     for c in ("checkpoint-2", "checkpoint-4"):
-        live = load_gradients(warm / "warmup" / "icons" / "pool" / c / "train").with_format("numpy")[:]
-        saved = load_gradients(offline / "icons" / "pool" / c / "train").with_format("numpy")[:]
+        live = load_gradients(warm / "warmup" / "icons" / c / "train" / "pool").with_format("numpy")[:]
+        saved = load_gradients(offline / "icons" / c / "train" / "pool").with_format("numpy")[:]
         np.testing.assert_array_equal(live["index"], saved["index"])
         np.testing.assert_allclose(saved["features"], live["features"], rtol=1e-3, atol=1e-4)
 
@@ -357,9 +371,14 @@ def _free_port():
 @pytest.mark.parametrize("extra, message", [
     (["--task", "math"], "expected NAME=SOURCE"),
     (["--task", "math=nope.jsonl"], "nope.jsonl does not exist"),
-    (["--task", "math=math.jsonl", "--fraction", "1.5"], "--fraction 1.5 must be in (0, 1]"),
+    (["--task", "math=math.jsonl", "--fraction", "1.5"], "fraction=1.5 must be a number in (0"),
+    (["--task", "math=math.jsonl", "--projection", "gaussian"], "--projection: invalid choice: 'gaussian'"),
+    (["--task", "math=math.jsonl", "--preset", "released"], "--preset: invalid choice: 'released'"),
     (["--task", "math=math.jsonl", "--task", "math/a=chat.jsonl"], "given both with and without a /SUBTASK"),
     (["--task", "math=math.jsonl", "--method", "task"], "--method task needs --select-task"),
+    (["--task", "math=math.jsonl", "--lora-target-modules", "q_proj", "--lora-target-regex", ".*"], "not both"),
+    (["--task", "math=math.jsonl", "--checkpoints", "nowhere"], "--checkpoints: nowhere is not a folder"),
+    (["--task", "math=math.jsonl", "--dim", "0"], "dim=0 must be an integer >= 1"),
 ])
 def test_bad_arguments_are_reported_by_name(text_setup, tmp_path, capsys, monkeypatch, extra, message):
     monkeypatch.chdir(text_setup)
@@ -373,9 +392,9 @@ def test_no_features_only_warms_up(text_setup, tmp_path):
     """--no-features (the first step of a ZeRO-3/FSDP run) saves the checkpoints and computes no feature."""
     root = text_setup
     result = _script(TEXT).main([
-        "--model", str(root / "model"), "--data-path", str(root / "pool.jsonl"), "--task", f"math={root / 'math.jsonl'}",
-        "--output-dir", str(tmp_path), "--lora-r", "4", "--max-steps", "2", "--num-checkpoints", "2",
-        "--warmup-fraction", "0.2", "--no-features",
+        "--model", str(root / "model"), "--data-path", str(root / "pool.jsonl"),
+        "--task", f"math={root / 'math.jsonl'}", "--output-dir", str(tmp_path), "--lora-r", "4", "--max-steps", "2",
+        "--num-checkpoints", "2", "--warmup-fraction", "0.2", "--no-features",
     ])
     assert result is None
     assert sorted(os.listdir(tmp_path / "warmup")) == ["checkpoint-1", "checkpoint-2"]
@@ -383,20 +402,41 @@ def test_no_features_only_warms_up(text_setup, tmp_path):
     assert not os.path.exists(tmp_path / "warmup" / "icons") and not os.path.exists(tmp_path / "subset")
 
 
-def test_lora_target_options_replace_the_script_default(text_setup, monkeypatch):
+@pytest.mark.parametrize("script, extra, modules, regex", [
+    (LLAVA, [], None, r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"),
+    (LLAVA, ["--lora-target-modules", "q_proj"], ["q_proj"], None),
+    (TEXT, [], ["q_proj", "k_proj", "v_proj", "o_proj"], None),
+    (TEXT, ["--lora-target-regex", r".*\.v_proj"], None, r".*\.v_proj"),
+])
+def test_lora_target_options_replace_the_script_default(text_setup, monkeypatch, script, extra, modules, regex):
     monkeypatch.chdir(text_setup)
     base = ["--model", "model", "--data-path", "pool.jsonl", "--output-dir", "x", "--task", "math=math.jsonl"]
-    for script, extra, modules, regex in (
-        (LLAVA, [], None, r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"),
-        (LLAVA, ["--lora-target-modules", "q_proj"], ["q_proj"], None),
-        (TEXT, [], ["q_proj", "k_proj", "v_proj", "o_proj"], None),
-        (TEXT, ["--lora-target-regex", r".*\.v_proj"], None, r".*\.v_proj"),
-    ):
-        module = _script(script)
-        parser = module.make_parser()
-        args = parser.parse_args([*base, *extra])
-        module.common.check_common_arguments(parser, args)
-        assert (args.lora_target_modules, args.lora_target_regex) == (modules, regex)
+    _, recipe = recipes.parse_recipe_args(_script(script).make_parser(), [*base, *extra])
+    assert (recipe.lora.lora_target_modules, recipe.lora.lora_target_regex) == (modules, regex)
+
+
+@pytest.mark.parametrize("extra, features, influence, selection", [
+    ([], {}, {}, {}),
+    (["--preset", "paper"], FeatureSettings.presets["paper"], InfluenceSettings.presets["paper"],
+     SelectionSettings.presets["paper"]),
+    (["--preset", "paper", "--dim", "64", "--task-floor", "0.5"], {**FeatureSettings.presets["paper"], "dim": 64},
+     InfluenceSettings.presets["paper"], {**SelectionSettings.presets["paper"], "task_floor": 0.5}),
+    (["--train-feature", "adam", "--projection-seed", "3", "--feature-batch-size", "2", "--feature-dtype", "float32",
+      "--specialist", "mean", "--checkpoint-weights", "1", "2", "--influence-batch-size", "64",
+      "--select-task", "math", "--method", "task", "--selection-seed", "5", "--threshold-inclusive"],
+     {"train_feature": "adam", "seed": 3, "batch_size": 2, "dtype": "float32"},
+     {"specialist": "mean", "checkpoint_weights": (1.0, 2.0), "batch_size": 64},
+     {"task": "math", "method": "task", "seed": 5, "threshold_inclusive": True}),
+])
+def test_stage_options_are_the_settings_fields(text_setup, monkeypatch, extra, features, influence, selection):
+    """Every stage option fills its settings field (names shared by two stages carry the stage), unset ones keep
+    the preset's value, and nothing else differs from the settings classes' own defaults."""
+    monkeypatch.chdir(text_setup)
+    base = ["--model", "model", "--data-path", "pool.jsonl", "--output-dir", "x", "--task", "math=math.jsonl"]
+    _, recipe = recipes.parse_recipe_args(_script(TEXT).make_parser(), [*base, *extra])
+    assert recipe.features == FeatureSettings(**features)
+    assert recipe.influence == InfluenceSettings(**influence)
+    assert recipe.selection == SelectionSettings(**selection)
 
 
 # --------------------------------------------------------------------------------------------- the configs

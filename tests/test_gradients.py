@@ -67,7 +67,7 @@ def build_causal(kind, seed=0, **lora_kwargs):
 
 
 def build_llava(seed=0):
-    from icons_hf.demo import build_tiny_llava
+    from icons_hf.testing import build_tiny_llava
 
     model = build_tiny_llava(VOCAB, IMAGE, 0, seed=seed)
     return _lora(model, r".*language_model.*\.(q_proj|v_proj)", seed, modules_to_save=["multi_modal_projector"])
@@ -365,11 +365,22 @@ def test_projected_feature_does_not_depend_on_neighbours_or_batch_size(projectio
 
 
 def test_token_budget_changes_batches_not_features(tmp_path):
+    from icons_hf.testing import record_forward_calls
+
     model = build_causal("mistral", seed=15)
     rows = text_rows(9, seed=16)
-    plain = features(model, rows, tmp_path, name="plain", batch_size=4)
-    budget = features(model, rows, tmp_path, name="budget", batch_size=4, max_tokens_per_batch=30)
+    with record_forward_calls(model) as plain_calls:
+        plain = features(model, rows, tmp_path, name="plain", batch_size=4)
+    with record_forward_calls(model) as budget_calls:
+        budget = features(model, rows, tmp_path, name="budget", batch_size=4, max_tokens_per_batch=30)
     assert_rows_close(budget, plain)
+    plain_shapes = [c["input_shape"] for c in plain_calls]
+    budget_shapes = [c["input_shape"] for c in budget_calls]
+    # The budget did change the batches: more of them, each within 30 padded tokens unless it holds one row.
+    assert sum(n for n, _ in plain_shapes) == sum(n for n, _ in budget_shapes) == len(rows)
+    assert max(n * width for n, width in plain_shapes) > 30
+    assert len(budget_shapes) > len(plain_shapes)
+    assert all(n == 1 or n * width <= 30 for n, width in budget_shapes)
 
 
 def test_plan_batches_respects_rows_and_token_budget():
@@ -405,9 +416,20 @@ def test_loss_on_selected_positions_equals_full_logits():
 
 
 def test_lora_on_the_head_falls_back_to_full_logits(tmp_path):
-    model = build_causal("llama", seed=19, target_modules=["q_proj", "lm_head"])
+    from icons_hf.testing import record_forward_calls
+
     rows = text_rows(4, seed=20)
-    assert_rows_close(features(model, rows, tmp_path), reference_gradients(model, rows))
+    # Without LoRA on the head, extraction asks for the supervised positions' logits only (logits_to_keep)...
+    body_only = build_causal("llama", seed=19, target_modules=["q_proj"])
+    with record_forward_calls(body_only) as calls:
+        features(body_only, rows, tmp_path, name="body")
+    assert calls and all("logits_to_keep" in c["kwargs"] for c in calls)
+    # ...with LoRA on the head it takes the full-logits path, and the features are still exact.
+    model = build_causal("llama", seed=19, target_modules=["q_proj", "lm_head"])
+    with record_forward_calls(model) as calls:
+        got = features(model, rows, tmp_path, name="head")
+    assert calls and not any("logits_to_keep" in c["kwargs"] for c in calls)
+    assert_rows_close(got, reference_gradients(model, rows))
 
 
 # ------------------------------------------------------------------- checkpointing, dtypes, dropout, modes

@@ -40,7 +40,7 @@ def _records(n, *, ids=None, image=None):
 
 
 def _tokenizer(records):
-    from icons_hf.demo import build_tokenizer
+    from icons_hf.testing import build_tokenizer
 
     return build_tokenizer([t["value"] for r in records for t in r["conversations"]])
 
@@ -64,7 +64,7 @@ def test_missing_image_is_an_error_naming_the_row_and_path(tmp_path):
     from PIL import Image
 
     from icons_hf.data import prepare_llava_dataset
-    from icons_hf.demo import image_processor
+    from icons_hf.testing import image_processor
 
     Image.new("RGB", (32, 32), "red").save(tmp_path / "0.png")
     records = _records(2, image=lambda i: f"{i}.png")
@@ -80,7 +80,7 @@ def test_unreadable_image_is_an_error_naming_the_row_or_a_recorded_skip(tmp_path
     from PIL import Image
 
     from icons_hf.data import prepare_llava_dataset
-    from icons_hf.demo import build_tiny_llava, image_processor
+    from icons_hf.testing import build_tiny_llava, image_processor
 
     for i in range(4):
         Image.new("RGB", (32, 32), ("red", "blue", "green", "white")[i]).save(tmp_path / f"{i}.png")

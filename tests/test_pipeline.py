@@ -10,22 +10,7 @@ import pytest
 from datasets import Dataset
 
 from icons_hf import IconsCallback, compute_gradients, compute_influence, export_selection, load_gradients, select
-from icons_hf.store import StoreWriter
-
-CONFIG = {"projection": {"kind": "identity", "dim": 6, "seed": 0}, "parameters": {"w": [6]}, "model_config": "m",
-          "weights": "w0", "preconditioner": {"feature": "sgd"}}
-
-
-def write_store(path, features, *, lr=None, checkpoint=None, weights="w0", indices=None):
-    features = np.asarray(features, dtype=np.float32)
-    n, dim = features.shape
-    indices = np.arange(n) if indices is None else np.asarray(indices)
-    config = dict(CONFIG, weights=weights, projection={"kind": "identity", "dim": dim, "seed": 0})
-    writer = StoreWriter(path, config=config, num_rows=n, shard_size=max(1, n), dim=dim, dtype="float32",
-                         extra={"learning_rate": lr, "checkpoint": checkpoint})
-    for start, end in writer.open():
-        writer.write_shard(start, end, indices[start:end], features[start:end])
-    return writer.finalize()
+from icons_hf.testing import write_store
 
 
 def brute_force_influence(train, val, weights):
@@ -46,7 +31,7 @@ def test_influence_matches_brute_force_with_checkpoints_and_subtasks(tmp_path):
     n, dim = 23, 6
     train = [rng.normal(size=(n, dim)) for _ in range(2)]
     lrs = [3e-4, 1e-4]
-    paths = [write_store(tmp_path / f"train{c}", train[c], lr=lrs[c], checkpoint=f"ckpt-{c}", weights=f"w{c}") for c in range(2)]
+    paths = [write_store(tmp_path / f"train{c}", train[c], learning_rate=lrs[c], checkpoint=f"ckpt-{c}", weights=f"w{c}") for c in range(2)]
     val = {name: [rng.normal(size=(k, dim)) for _ in range(2)] for name, k in (("a", 5), ("b1", 3), ("b2", 4))}
     vpaths = {name: [write_store(tmp_path / f"{name}{c}", val[name][c], weights=f"w{c}") for c in range(2)] for name in val}
     scores = compute_influence(paths, {"a": vpaths["a"], "b": {"b1": vpaths["b1"], "b2": vpaths["b2"]}}, specialist="mean")
@@ -279,17 +264,18 @@ def test_cli_influence_select_export(tmp_path, capsys):
     train = write_store(tmp_path / "train", rng.normal(size=(12, 6)))
     a = write_store(tmp_path / "a", rng.normal(size=(3, 6)))
     b = write_store(tmp_path / "b", rng.normal(size=(4, 6)))
-    assert main(["influence", "--train", train, "--task", f"a={a}", "--task", f"b={b}", "--output", str(tmp_path / "scores")]) == 0
+    scores_dir, out = str(tmp_path / "scores"), str(tmp_path / "out")
+    assert main(["influence", "--train", train, "--task", f"a={a}", "--task", f"b={b}", "--output", scores_dir]) == 0
     assert main(["select", str(tmp_path / "scores"), "--fraction", "0.25", "--output", str(tmp_path / "selected")]) == 0
     pool = tmp_path / "pool.json"
     pool.write_text(json.dumps([{"id": str(i), "conversations": []} for i in range(12)]))
-    assert main(["export", "--pool", str(pool), "--scores", str(tmp_path / "selected"), "--output-dir", str(tmp_path / "out")]) == 0
+    assert main(["export", "--pool", str(pool), "--scores", str(tmp_path / "selected"), "--output-dir", out]) == 0
     assert len(json.load(open(tmp_path / "out" / "pool_icons.json"))) == 3
     # Same result as the Python API.
     api = select(compute_influence(train, {"a": a, "b": b}), fraction=0.25)
     assert [i for i, s in enumerate(api["selected"]) if s] == json.load(open(tmp_path / "out" / "indices.json"))
     # Bad input gives an error message, not a traceback.
-    assert main(["select", str(tmp_path / "scores"), "--method", "task", "--task", "zzz", "--output", str(tmp_path / "x")]) == 2
+    assert main(["select", scores_dir, "--method", "task", "--task", "zzz", "--output", str(tmp_path / "x")]) == 2
     assert "task= one of: a, b" in capsys.readouterr().err
 
 
@@ -311,7 +297,7 @@ def test_demo_pipeline_on_reduced_size(tmp_path):
 
 def test_text_only_llava_pool_has_only_model_inputs(tmp_path, tiny_lora_llama):
     from icons_hf.data import prepare_llava_dataset
-    from icons_hf.demo import build_tokenizer
+    from icons_hf.testing import build_tokenizer
 
     records = [{"id": str(i), "conversations": [{"from": "human", "value": f"what is {i}?"},
                                                 {"from": "gpt", "value": "a number"}]} for i in range(5)]

@@ -57,7 +57,8 @@ def test_pool_rows_are_corrupted_as_specified(replica, tmp_path):
     for task in ("shape", "color", "yesno"):
         val_ids = {r["id"] for r in split.validation[task]}
         assert len(val_ids) == 6 and not val_ids & {r["id"] for r in split.test[task]}
-        assert max(Counter(r["conversations"][1]["value"] for r in split.test[task]).values()) <= math.ceil(30 / len(harness.ANSWERS[task]))
+        answers = Counter(r["conversations"][1]["value"] for r in split.test[task])
+        assert max(answers.values()) <= math.ceil(30 / len(harness.ANSWERS[task]))
     spec = harness.POOLS["B"]
     records, kinds = harness.build_pool(material, split, spec, size=200, seed=0, image_dir=str(tmp_path / "img"))
     assert Counter(kinds) == Counter({k: n for k, n in spec.counts(200).items() if n})
@@ -65,7 +66,7 @@ def test_pool_rows_are_corrupted_as_specified(replica, tmp_path):
     for r in material.train_records:
         originals.setdefault((r["conversations"][0]["value"], r["image"]), []).append(r["conversations"][1]["value"])
     stage1 = set(split.stage1_images)
-    for record, kind in zip(records, kinds):
+    for record, kind in zip(records, kinds, strict=True):
         question, answer = (t["value"] for t in record["conversations"])
         image = record["image"]
         assert os.path.isfile(image)
@@ -89,10 +90,13 @@ def test_reduced_run_end_to_end(replica, tmp_path):
     out, reports = tmp_path / "runs", tmp_path / "report"
     argv = [
         "--output_dir", str(out), "--report_dir", str(reports), "--seeds", "0", "--pools", "A", "B",
-        "--pool_size", "120", "--fractions", "0.1", "0.25", "--sweep_rules", "icons", "random", "icons-sgd-balanced-floor",
-        "--compare_rules", "icons-floor", "icons-balanced", "less-shape", "icons-sgd", "--other_pool_rules", "icons-floor",
+        "--pool_size", "120", "--fractions", "0.1", "0.25",
+        "--sweep_rules", "icons", "random", "icons-sgd-balanced-floor",
+        "--compare_rules", "icons-floor", "icons-balanced", "less-shape", "icons-sgd",
+        "--other_pool_rules", "icons-floor",
         "--validation_per_task", "6", "--test_per_task", "24", "--vision_steps", "3", "--stage1_steps", "3",
-        "--stage1_questions", "20", "--warmup_epochs", "1", "--warmup_fraction", "0.1", "--warmup_batch_size", "4", "--checkpoints", "1",
+        "--stage1_questions", "20", "--warmup_epochs", "1", "--warmup_fraction", "0.1", "--warmup_batch_size", "4",
+        "--checkpoints", "1",
         "--dim", "64", "--diagnostic_rows", "6", "--train_steps", "3", "--workers", "1",
     ]
     results = script.main(argv)
@@ -107,7 +111,8 @@ def test_reduced_run_end_to_end(replica, tmp_path):
     train, tasks = load_run(str(out / "seed0" / "poolA" / "features-sgd"))
     default = select(compute_influence(train, tasks), fraction=0.25)
     selections = json.loads((out / "seed0" / "poolA" / "selections.json").read_text())
-    assert sorted(default.filter(lambda r: r["selected"])["index"]) == selections["icons-sgd-balanced-floor@0.25"]["rows"]
+    chosen = sorted(default.filter(lambda r: r["selected"])["index"])
+    assert chosen == selections["icons-sgd-balanced-floor@0.25"]["rows"]
     for run in results["runs"]:
         assert set(run["accuracy"]) == {"shape", "color", "yesno"}
         assert all(0.0 <= a <= 1.0 for a in run["accuracy"].values())
@@ -115,7 +120,7 @@ def test_reduced_run_end_to_end(replica, tmp_path):
         assert run["rows"] == expected_rows
     for pool in ("A", "B"):
         selections = json.loads((out / "seed0" / f"pool{pool}" / "selections.json").read_text())
-        for key, sel in selections.items():
+        for sel in selections.values():
             rows = sel["rows"]
             assert len(rows) == len(set(rows)) == sel["composition"]["rows"]
             assert sum(sel["composition"]["kind"].values()) == len(rows)
@@ -129,13 +134,16 @@ def test_reduced_run_end_to_end(replica, tmp_path):
     feats = results["features"]
     assert 0.0 <= feats["momentum_share"][0] <= 1.5 and feats["measurements"] == 2
     targets = results["targets"]["A"]
-    assert set(targets) == {"icons", "icons-floor", "icons-balanced", "less-shape", "icons-sgd", "icons-sgd-balanced-floor"}
+    assert set(targets) == {
+        "icons", "icons-floor", "icons-balanced", "less-shape", "icons-sgd", "icons-sgd-balanced-floor",
+    }
     assert targets["icons-sgd-balanced-floor"]["is_default"] and targets["icons"]["is_paper"]
     # The report: one JSON, one page, two figures.
     for name in ("replica.json", "replica.md", "replica.png", "replica_composition.png"):
         assert (reports / name).stat().st_size > 0
     page = (reports / "replica.md").read_text()
-    assert "python examples/replica/replica.py" in page and "## Targets at 25%" not in page and "## Targets at 20%" in page
+    assert "python examples/replica/replica.py" in page
+    assert "## Targets at 25%" not in page and "## Targets at 20%" in page
     assert json.loads((reports / "replica.json").read_text())["summary"]["A"]["icons@0.1"]["seeds"] == 1
 
     # A rerun resumes from the finished jobs (same numbers); other arguments are refused.
@@ -159,8 +167,8 @@ def test_reduced_run_under_accelerate_launch_with_two_processes(tmp_path):
 
     out, reports = tmp_path / "runs", tmp_path / "report"
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(REPLICA, "replica.py"),
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(REPLICA, "replica.py"),
         "--output_dir", str(out), "--report_dir", str(reports), "--seeds", "0", "--pools", "A", "--pool_size", "80",
         "--fractions", "0.25", "--sweep_rules", "icons", "random", "--compare_rules", "icons-floor",
         "--validation_per_task", "4", "--test_per_task", "12", "--vision_steps", "2", "--stage1_steps", "2",
@@ -178,5 +186,6 @@ def test_reduced_run_under_accelerate_launch_with_two_processes(tmp_path):
     # One store per checkpoint and feature kind, complete, with every pool row.
     for kind in ("adam", "sgd"):
         run = json.loads((out / "seed0" / "poolA" / f"features-{kind}" / "icons_run.json").read_text())
-        train = json.loads((out / "seed0" / "poolA" / f"features-{kind}" / run["checkpoints"][0]["checkpoint"] / "train" / "store.json").read_text())
+        checkpoint = out / "seed0" / "poolA" / f"features-{kind}" / run["checkpoints"][0]["checkpoint"]
+        train = json.loads((checkpoint / "train" / "store.json").read_text())
         assert train["num_features"] == 80

@@ -5,7 +5,7 @@ an image folder. The script warms up a LoRA adapter on a random share of the poo
 and ``icons_hf.IconsCallback`` (gradient features of the pool and of each target task at every checkpoint),
 scores the pool for every task, selects by consensus and exports the subset (the original records) with its
 scores and dataset card; ``--push-to-hub`` publishes it. Text-only rows of the pool (LLaVA-665K has about 40K)
-are scored as a second sub-pool and compete with the image rows on the same scale.
+are a second sub-pool, scored with the image rows as one pool.
 
 Single process::
 
@@ -21,61 +21,46 @@ See examples/README.md for the configs, the costs and the offline (``--checkpoin
 from __future__ import annotations
 
 import argparse
-import logging
+import io
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
-import numpy as np  # noqa: E402
-
-import recipe_common as common  # noqa: E402
-
-DEFAULT_LORA_REGEX = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
+from icons_hf import recipes
+from icons_hf.data import DEFAULT_SYSTEM, prepare_llava_dataset
+from icons_hf.export import load_llava_records
 
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="ICONS selection of a LLaVA-format instruction pool for a LLaVA-style model.",
-        formatter_class=common.HelpFormatter,
-    )
+        description="ICONS selection of a LLaVA-format instruction pool for a LLaVA-style model.")
     model = parser.add_argument_group("model")
     model.add_argument("--model", required=True, help="model folder or Hub id (an image-text-to-text model, e.g. "
                        "llava-hf/llava-1.5-7b-hf)")
-    model.add_argument("--processor", default=None, help="folder or Hub id of the tokenizer and image processor "
-                       "(default: --model)")
+    model.add_argument("--processor", help="folder or Hub id of the tokenizer and image processor (default: --model)")
     model.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                       help="dtype the model is loaded in (bfloat16 on GPUs)")
-    model.add_argument("--attn-implementation", default=None, help="e.g. sdpa or flash_attention_2")
-    model.add_argument("--num-image-tokens", type=int, default=None,
+                       help="dtype the model is loaded in (bfloat16 on GPUs; default: %(default)s)")
+    model.add_argument("--attn-implementation", help="e.g. sdpa or flash_attention_2")
+    model.add_argument("--num-image-tokens", type=int,
                        help="image tokens per image (default: the model config's image_seq_length, 576 for LLaVA-1.5)")
     data = parser.add_argument_group("pool")
     data.add_argument("--data-path", required=True, help="the pool: a LLaVA .json/.jsonl file")
-    data.add_argument("--image-folder", default=None,
-                      help="folder the pool's image paths are relative to (also the default for --task files)")
-    data.add_argument("--system", default=None, help="system prompt (default: LLaVA-1.5's Vicuna v1 prompt)")
-    common.add_common_arguments(parser, lora_targets=None, lora_regex=DEFAULT_LORA_REGEX, learning_rate=2e-4)
+    data.add_argument("--image-folder", help="folder the pool's image paths are relative to (also the default for "
+                      "--task files)")
+    data.add_argument("--system", default=DEFAULT_SYSTEM, help="system prompt (default: LLaVA-1.5's Vicuna v1 prompt)")
+    recipes.add_recipe_arguments(parser, learning_rate=2e-4,
+                                 lora_target_regex=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)")
     return parser
-
-
-def load_model(args):
-    import torch
-    from transformers import AutoModelForImageTextToText
-
-    kwargs = {"dtype": getattr(torch, args.dtype)}
-    if args.attn_implementation:
-        kwargs["attn_implementation"] = args.attn_implementation
-    return AutoModelForImageTextToText.from_pretrained(args.model, **kwargs)
 
 
 def image_settings(args) -> tuple[int, int]:
     """(image token id, image tokens per image) from the model config."""
-    from transformers import AutoConfig
-
     config = AutoConfig.from_pretrained(args.model)
     token = getattr(config, "image_token_id", None)
-    if token is None:
-        token = getattr(config, "image_token_index", None)
+    token = getattr(config, "image_token_index", None) if token is None else token
     count = args.num_image_tokens or getattr(config, "image_seq_length", None)
     if token is None or not count:
         raise ValueError(f"{args.model}: the config names no image token id / image_seq_length; is it a LLaVA-style "
@@ -83,20 +68,15 @@ def image_settings(args) -> tuple[int, int]:
     return int(token), int(count)
 
 
-def task_records(rows, spec: common.TaskSpec, image_dir: str) -> list[dict]:
+def task_records(rows, spec: recipes.TaskSpec, image_dir: str) -> list[dict]:
     """LLaVA records of a task's rows; images held in a dataset (Hub / save_to_disk) are written to ``image_dir``."""
-    from PIL import Image
-
     records = []
     for i, row in enumerate(rows):
-        conversations = row.get("conversations")
-        if not conversations:
+        if not row.get("conversations"):
             raise ValueError(f"task {spec.task}: row {i} of {spec.source} has no 'conversations' (LLaVA format).")
-        record = {"id": row.get("id", f"{spec.task}-{i}"), "conversations": list(conversations)}
+        record = {"id": row.get("id", f"{spec.task}-{i}"), "conversations": list(row["conversations"])}
         image = row.get("image")
         if isinstance(image, dict) and image.get("bytes") is not None:
-            import io
-
             image = Image.open(io.BytesIO(image["bytes"]))
         if isinstance(image, Image.Image):
             os.makedirs(image_dir, exist_ok=True)
@@ -113,53 +93,41 @@ def task_records(rows, spec: common.TaskSpec, image_dir: str) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> str | None:
-    args, state = common.start(make_parser(), argv)
-    from transformers import AutoImageProcessor, AutoTokenizer
-
-    from icons_hf.data import DEFAULT_SYSTEM, prepare_llava_dataset
-    from icons_hf.export import load_llava_records
-
-    specs = args.task_specs
-    processor_path = args.processor or args.model
-    tokenizer = AutoTokenizer.from_pretrained(processor_path)
-    image_processor = AutoImageProcessor.from_pretrained(processor_path)
+    args, recipe = recipes.parse_recipe_args(make_parser(), argv)
+    state = recipes.process_state(recipe)
+    tokenizer = AutoTokenizer.from_pretrained(args.processor or args.model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    recipe = recipes.with_pad_token(recipe, tokenizer.pad_token_id)
     image_token_id, num_image_tokens = image_settings(args)
-    fmt = dict(tokenizer=tokenizer, image_processor=image_processor, image_token_id=image_token_id,
-               num_image_tokens=num_image_tokens, system=args.system or DEFAULT_SYSTEM)
+    fmt = dict(tokenizer=tokenizer, image_processor=AutoImageProcessor.from_pretrained(args.processor or args.model),
+               image_token_id=image_token_id, num_image_tokens=num_image_tokens, system=args.system)
 
     records = load_llava_records(args.data_path)
     if not records:
         raise ValueError(f"{args.data_path} holds no rows.")
     has_image = np.asarray([r.get("image") is not None for r in records])
-    subpools = []
-    for name, mask in (("image", has_image), ("text", ~has_image)):
-        positions = np.flatnonzero(mask)
-        if len(positions):
-            rows = [records[i] for i in positions]
-            dataset = prepare_llava_dataset(rows, image_folder=args.image_folder,
-                                            **(fmt if name == "image" else dict(fmt, image_processor=None)))
-            subpools.append(common.SubPool(name, dataset, positions))
-    logging.getLogger("icons_example").info(
-        "Pool: %d rows (%s)", len(records), ", ".join(f"{p.name}: {len(p.positions)}" for p in subpools))
-
-    task_sets = []
+    subpools = [
+        recipes.SubPool(name, prepare_llava_dataset([records[i] for i in positions], image_folder=args.image_folder,
+                                                    **(fmt if name == "image" else dict(fmt, image_processor=None))),
+                        positions)
+        for name, positions in (("image", np.flatnonzero(has_image)), ("text", np.flatnonzero(~has_image)))
+        if len(positions)
+    ]
     with state.main_process_first():  # images of dataset-held tasks are written once
-        for spec in specs:
-            rows = common.subsample(common.load_rows(spec.source, what=f"--task {spec.task}"),
-                                    args.max_validation_rows, args.seed)
-            folder = os.path.join(args.output_dir, "task_images", spec.task, spec.subtask or "")
-            task_sets.append(prepare_llava_dataset(task_records(rows, spec, folder),
-                                                   image_folder=spec.image_folder or args.image_folder, **fmt))
-    tasks = common.nest_tasks(specs, task_sets)
+        tasks = recipes.task_datasets(recipe, lambda rows, spec: prepare_llava_dataset(
+            task_records(rows, spec, os.path.join(args.output_dir, "task_images", spec.task, spec.subtask or "")),
+            image_folder=spec.image_folder or args.image_folder, **fmt))
 
-    scores = common.pool_scores(args, lambda: load_model(args), subpools, tasks, tokenizer.pad_token_id, len(records))
-    if scores is None:
+    def load_model():
+        kwargs = {"dtype": getattr(torch, args.dtype), "attn_implementation": args.attn_implementation}
+        return AutoModelForImageTextToText.from_pretrained(args.model, **{k: v for k, v in kwargs.items() if v})
+
+    stores = recipes.pool_stores(recipe, load_model, subpools, tasks, state)
+    if stores is None or not state.is_main_process:
         return None
-    subset_dir = common.select_and_export(args, scores, args.data_path, tags=["llava"])
-    print(common.summarize(subset_dir))
-    return subset_dir
+    scores = recipes.pool_scores(recipe, stores, subpools)
+    return recipes.select_and_export(recipe, scores, args.data_path, tags=["llava"])
 
 
 if __name__ == "__main__":

@@ -30,14 +30,9 @@ import json
 import logging
 import os
 import resource
-import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
 
 logger = logging.getLogger("replica")
 
@@ -60,7 +55,8 @@ class ReplicaArguments:
     output_dir: str = field(default="replica_runs", metadata={"help": "Work folder (stores, models, per-run results)."})
     report_dir: str = field(default="benchmarks/results", metadata={"help": "Where the report files are written."})
     report_name: str = field(default="replica", metadata={"help": "Base name of the report files."})
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5], metadata={"help": "One full replica per seed."})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5],
+                             metadata={"help": "One full replica per seed."})
     holdout_seeds: list[int] = field(default_factory=lambda: [3, 4, 5], metadata={
         "help": "Seeds that played no part in choosing the library's default rule; the report shows them apart."})
     pools: list[str] = field(default_factory=lambda: ["A", "B"], metadata={
@@ -68,13 +64,15 @@ class ReplicaArguments:
                 "others get full, random, the default and paper rules and --other_pool_rules at --compare_fraction."})
     fractions: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.4, 0.6],
                                    metadata={"help": "Fractions of the pool for --sweep_rules."})
-    sweep_rules: list[str] = field(default_factory=lambda: [PAPER_RULE, "random", DEFAULT_RULE],
-                                   metadata={"help": "Rules run at every fraction (see replica_harness.Rule for names)."})
+    sweep_rules: list[str] = field(
+        default_factory=lambda: [PAPER_RULE, "random", DEFAULT_RULE],
+        metadata={"help": "Rules run at every fraction (see replica_harness.Rule for names)."})
     compare_fraction: float = field(default=0.2, metadata={"help": "Fraction for the rule comparison."})
     compare_rules: list[str] = field(default_factory=lambda: list(COMPARE_RULES),
                                      metadata={"help": "Further rules run at --compare_fraction on the first pool."})
-    other_pool_rules: list[str] = field(default_factory=lambda: list(OTHER_POOL_RULES),
-                                        metadata={"help": "Further rules run at --compare_fraction on the other pools."})
+    other_pool_rules: list[str] = field(
+        default_factory=lambda: list(OTHER_POOL_RULES),
+        metadata={"help": "Further rules run at --compare_fraction on the other pools."})
     default_rule: str = field(default=DEFAULT_RULE, metadata={
         "help": "The rule that the library's defaults give (IconsCallback's features, compute_influence's "
                 "specialist, select()'s floor); the report checks the targets for it."})

