@@ -331,7 +331,7 @@ def _influence(args) -> None:
 
 def _select(args) -> None:
     from .consensus import select
-    from .influence import provenance
+    from .provenance import provenance
 
     if args.num_rows is not None and args.fraction is not None:
         raise UsageError("pass either --fraction or --num-rows (the subset's size), not both")

@@ -21,10 +21,11 @@ from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments
 
 from .callback import IconsCallback
-from .consensus import column_arrays, select, vote_histogram
+from .consensus import select, vote_histogram
 from .data import IconsCollator, prepare_llava_dataset
 from .export import export_selection
 from .influence import compute_influence
+from .ranks import column_arrays
 from .report import write_report
 from .testing import (
     TASKS,

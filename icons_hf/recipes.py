@@ -39,10 +39,12 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from .callback import IconsCallback
 from .checkpoints import compute_checkpoint_stores, run_stores
 from .consensus import select
-from .export import export_selection, load_llava_records
+from .export import export_selection
 from .gradients.inputs import collate_rows
 from .hub import push_selection
-from .influence import compute_influence, provenance
+from .influence import compute_influence
+from .pools import load_llava_records
+from .provenance import Provenance
 from .settings import PRESETS, FeatureSettings, InfluenceSettings, SelectionSettings
 
 logger = logging.getLogger(__name__)
@@ -537,27 +539,23 @@ def pool_scores(recipe: Recipe, stores, subpools: Sequence[SubPool]):
     The sub-pools' stores are scored together as the parts of one pool (percentile ranks and z-scores of the
     balanced specialists are taken over the whole pool); the parts' row numbers are then mapped to pool positions.
     """
-    s = recipe.influence
-    scores = compute_influence(*stores, specialist=s.specialist, checkpoint_weights=s.checkpoint_weights,
-                               batch_size=s.batch_size)
+    scores = compute_influence(*stores, settings=recipe.influence)
     positions = np.concatenate([p.positions for p in subpools]).astype(np.int64)
     if np.array_equal(positions, np.arange(len(positions))):
         return scores
-    info = provenance(scores)
+    info = Provenance.of(scores)
     scores = scores.map(lambda batch: {"index": positions[np.asarray(batch["index"], dtype=np.int64)]},
                         batched=True, keep_in_memory=True, desc="pool positions").sort("index")
-    skipped = info.get("influence", {}).get("skipped", [])
-    if skipped:
-        info["influence"]["skipped"] = [{**row, "index": int(positions[row["index"]])} for row in skipped]
-    scores.info.description = json.dumps(info)
-    return scores
+    influence = dict(info.influence or {})
+    if influence.get("skipped"):
+        influence["skipped"] = [{**row, "index": int(positions[row["index"]])} for row in influence["skipped"]]
+    return dataclasses.replace(info, influence=influence).attach(scores)
 
 
 def select_and_export(recipe: Recipe, scores, pool, *, pool_name: str | None = None, tags=()) -> str:
     """``select`` -> ``export_selection`` (-> ``push_selection``); returns the subset folder."""
-    s, r = recipe.selection, recipe.recipe
-    selected = select(scores, fraction=s.fraction, threshold_percentile=s.threshold_percentile, method=s.method,
-                      task=s.task, seed=s.seed, num_rows=s.num_rows, task_floor=s.task_floor)
+    r = recipe.recipe
+    selected = select(scores, settings=recipe.selection)
     subset_dir = export_selection(pool, selected, os.path.join(r.output_dir, "subset"), pool_name=pool_name,
                                   license=r.license, pretty_name=r.pretty_name, tags=[*tags, *r.tag])
     if r.push_to_hub:

@@ -29,9 +29,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .consensus import column_arrays, percentile_ranks, task_columns, task_overlap, vote_histogram
+from .consensus import task_overlap, vote_histogram
 from .export import ExportFolder, markdown_table, read_export
 from .pools import column_values, is_records_format, load_pool
+from .ranks import column_arrays, percentile_ranks, task_columns
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import json
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 from .rules import RULES as RULE_REGISTRY
 from .specialists import SPECIALISTS as SPECIALIST_REGISTRY
@@ -183,11 +183,11 @@ class InfluenceSettings(_Settings):
         "equal quota of top rows), 'zscore', 'mean' (the ICONS paper's mean cosine, the paper preset), or "
         "'mean_released' (as 'mean', but a task given as subtasks averages its raw validation gradients, as the "
         "released ICONS scripts do for MME)", choices=SPECIALIST_REGISTRY))
-    checkpoint_weights: Optional[list[float]] = field(default=None, **_help(
+    checkpoint_weights: list[float] | None = field(default=None, **_help(
         "explicit per-checkpoint weights (normalised to sum to one; kept as a tuple); default: the checkpoints' learning "
         "rates"))
     batch_size: int = field(default=4096, **_help("train rows scored per step (one Dataset.map batch)"))
-    num_proc: Optional[int] = field(default=None, **_help(
+    num_proc: int | None = field(default=None, **_help(
         "processes for the Dataset.map that scores the pool (None: this process); scores do not depend on it"))
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
@@ -221,17 +221,17 @@ class SelectionSettings(_Settings):
         "consensus rule (icons_hf.rules): vote (ICONS), mean, max, rank, norm, task (one task's score), random",
         choices=RULE_REGISTRY))
     fraction: float = field(default=0.2, **_help("share of the pool to select: int(fraction x rows) rows"))
-    num_rows: Optional[int] = field(default=None, **_help("select exactly this many rows instead of a fraction"))
-    threshold_percentile: Optional[float] = field(default=80.0, **_help(
+    num_rows: int | None = field(default=None, **_help("select exactly this many rows instead of a fraction"))
+    threshold_percentile: float | None = field(default=80.0, **_help(
         "vote: per-task threshold at this percentile of the task's scores; None ties it to the size, "
         "100 - 100 x fraction (or 100 - 100 x num_rows / rows), as the released ICONS code does"))
     threshold_inclusive: bool = field(default=False, **_help(
         "vote: a task votes for a row whose score equals its threshold too (>=, the released code) instead of only "
         "above it (>, the paper's formula)"))
-    task_floor: Optional[float] = field(default=None, **_help(
+    task_floor: float | None = field(default=None, **_help(
         "share of the subset reserved as equal per-task floors of each task's own top rows (default: 1.0 for vote, "
         "0 otherwise; 0 with vote is the ICONS paper's rule)"))
-    task: Optional[str] = field(default=None, **_help("the task whose score ranks rows, for method 'task'"))
+    task: str | None = field(default=None, **_help("the task whose score ranks rows, for method 'task'"))
     seed: int = field(default=0, **_help("seed of method 'random'"))
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {

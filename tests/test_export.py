@@ -213,7 +213,7 @@ def test_record_hash_is_canonical(tmp_path):
 
 def test_prepare_datasets_add_the_record_hash_column():
     from icons_hf.data import prepare_chat_dataset, prepare_llava_dataset
-    from icons_hf.demo import build_tokenizer
+    from icons_hf.testing import build_tokenizer
 
     llava = [r for r in _records() if "image" not in r]
     tok = build_tokenizer([t["value"] for r in llava for t in r["conversations"]])

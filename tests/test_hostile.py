@@ -312,7 +312,7 @@ def _conv(q="what?", a="red"):
 
 def _prepare(records):
     from icons_hf.data import prepare_llava_dataset
-    from icons_hf.demo import image_processor
+    from icons_hf.testing import image_processor
 
     tok = _tokenizer([{"conversations": _conv()}])
     return prepare_llava_dataset(records, tok, image_processor=image_processor(),

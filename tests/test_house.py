@@ -1,8 +1,6 @@
 """Registries, settings wiring, datasets caching, provenance and row identity of influence and selection."""
 
 import ast
-import json
-import os
 from pathlib import Path
 
 import numpy as np

@@ -11,7 +11,7 @@ import pytest
 from datasets import Dataset
 
 from icons_hf import compute_influence, load_gradients, select
-from icons_hf.consensus import percentile_ranks
+from icons_hf.ranks import percentile_ranks
 from icons_hf.store import StoreWriter, iter_store_batches
 
 CONFIG = {"projection": {"kind": "identity", "dim": 0, "seed": 0}, "parameters": {"w": [0]}, "model_config": "m",

@@ -9,7 +9,7 @@ import torch
 from datasets import Dataset
 
 from icons_hf import compute_influence, select
-from icons_hf.influence import provenance
+from icons_hf.provenance import provenance
 from icons_hf.store import StoreWriter
 from icons_hf.variants import adam_feature_diagnostics, balanced_influence, pairwise_cosine
 

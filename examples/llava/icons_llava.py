@@ -31,7 +31,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextTo
 
 from icons_hf import recipes
 from icons_hf.data import DEFAULT_SYSTEM, prepare_llava_dataset
-from icons_hf.export import load_llava_records
+from icons_hf.pools import load_llava_records
 
 
 def make_parser() -> argparse.ArgumentParser:

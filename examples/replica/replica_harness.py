@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from icons_hf.ranks import column_arrays
 from icons_hf.testing import (
     COLORS,
     SHAPES,
@@ -558,7 +559,6 @@ def select_rows(rule: Rule, scores: dict, n_rows: int, fraction: float, *, seed:
                 threshold_percentile: float = 80.0) -> np.ndarray:
     """Boolean mask of the rows ``rule`` keeps at ``fraction`` of the pool."""
     from icons_hf import select
-    from icons_hf.consensus import column_arrays
 
     if rule.base == "full":
         return np.ones(n_rows, dtype=bool)

@@ -10,7 +10,6 @@ import string
 import datasets
 import evaluate
 
-
 _DESCRIPTION = """\
 Exact match rate of predictions against one or several references per example, with optional case,
 punctuation and whitespace normalisation.

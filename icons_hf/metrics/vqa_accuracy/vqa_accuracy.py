@@ -16,7 +16,6 @@ import re
 import datasets
 import evaluate
 
-
 _CITATION = """\
 @inproceedings{antol2015vqa,
   title     = {{VQA}: Visual Question Answering},
