@@ -7,10 +7,10 @@ Five lines with a Trainer::
     scores = select(compute_influence(*callback.stores()), fraction=0.2)
     export_selection("llava_v1_5_mix665k.json", scores, "llava-icons")
 
-The defaults are the rule measured best in the easy-VQA replica (README): plain-gradient train features, the
-balanced specialist and equal per-task floors. The ICONS paper's rule, one argument per stage:
-``IconsCallback(..., train_feature="adam")``, ``compute_influence(..., specialist="mean")``,
-``select(..., task_floor=0.0)``.
+The defaults are the rule measured best in the replicas (README): plain-gradient train features, the balanced
+specialist and equal per-task floors. The released ICONS rule is ``preset="paper"`` on every stage
+(``IconsCallback``, ``compute_gradients``, ``compute_influence``, ``select``). Each stage's settings are one
+dataclass in :mod:`icons_hf.settings` (``FeatureSettings``, ``InfluenceSettings``, ``SelectionSettings``).
 
 Names are imported on first use, so ``import icons_hf`` (and the CLI's ``--help``) stays fast.
 """
@@ -28,6 +28,10 @@ _EXPORTS = {
     "export_selection": "export",
     "compute_gradients": "gradients",
     "push_selection": "hub",
+    "FeatureSettings": "settings",
+    "InfluenceSettings": "settings",
+    "SelectionSettings": "settings",
+    "record_hash": "pools",
     "compute_influence": "influence",
     "load_gradients": "store",
     "write_report": "report",
