@@ -235,6 +235,39 @@ def export_selection(
     if isinstance(task_categories, str):  # one category, not its letters
         task_categories = [task_categories]
     tags = [tags] if isinstance(tags, str) else list(tags)
+    matched = _match_pool(pool, scores, pool_name)
+    _prepare_output_dir(output_dir, matched.subset_file)
+    has_images = _write_subset(matched.pool, matched.positions, output_dir, matched.subset_file)
+    metadata = _write_tables(output_dir, matched)
+    card = render_card(
+        metadata,
+        matched.scores,
+        license=license or "other",
+        pretty_name=pretty_name,
+        task_categories=list(task_categories or (["visual-question-answering"] if has_images else ["text-generation"])),
+        tags=list(tags),
+    )
+    with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as handle:
+        handle.write(card)
+    logger.info("Exported %d of %d rows to %s (row identity %s)", len(matched.positions), len(matched.pool), output_dir,
+                matched.identity.split(":")[0])
+    return output_dir
+
+
+@dataclass(frozen=True)
+class _MatchedSelection:
+    """A score table checked against its pool: what :func:`export_selection` writes, row by row."""
+
+    pool: Pool
+    scores: Any  # the score table, a datasets.Dataset
+    info: dict[str, Any]  # its provenance
+    identity: str  # how the row identity was established (see _verify_identity)
+    positions: np.ndarray  # the selected rows' positions in the pool, ascending
+    subset_file: str | None  # name of the subset's records file; None for a pool written as Parquet shards
+
+
+def _match_pool(pool, scores, pool_name: str | None) -> _MatchedSelection:
+    """Load the score table and the pool; refuse a table without a selection or a pool that is not the scored one."""
     scores = _score_table(scores)
     info = provenance(scores)
     if "selection" not in info:
@@ -249,35 +282,26 @@ def export_selection(
     if pool.records is not None:
         stem, ext = os.path.splitext(os.path.basename(pool.path))
         subset_file = f"{stem}_icons{ext}"
-    _prepare_output_dir(output_dir, subset_file)
-    has_images = _write_subset(pool, positions, output_dir, subset_file)
+    return _MatchedSelection(pool, scores, info, identity, positions, subset_file)
+
+
+def _write_tables(output_dir: str, matched: _MatchedSelection) -> dict[str, Any]:
+    """Write indices.json, scores.parquet and selection.json; returns the metadata written to selection.json."""
+    pool, positions = matched.pool, matched.positions
     with open(os.path.join(output_dir, "indices.json"), "w") as handle:
         json.dump(positions.tolist(), handle)
-    scores.to_parquet(os.path.join(output_dir, "scores.parquet"))
+    matched.scores.to_parquet(os.path.join(output_dir, "scores.parquet"))
     metadata = {
         "library": {"name": "icons_hf", "version": __version__},
         "pool": {"name": pool.name, "format": pool.format, "num_rows": len(pool), "path": pool.path},
-        "subset_file": subset_file,
+        "subset_file": matched.subset_file,
         "num_selected": int(len(positions)),
-        "row_identity": identity,
-        **info,
+        "row_identity": matched.identity,
+        **matched.info,
     }
     with open(os.path.join(output_dir, "selection.json"), "w") as handle:
         json.dump(metadata, handle, indent=2)
-    card = render_card(
-        metadata,
-        scores,
-        license=license or "other",
-        pretty_name=pretty_name,
-        task_categories=list(task_categories or (["visual-question-answering"] if has_images else ["text-generation"])),
-        tags=list(tags),
-    )
-    with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as handle:
-        handle.write(card)
-    logger.info(
-        "Exported %d of %d rows to %s (row identity %s)", len(positions), len(pool), output_dir, identity.split(":")[0]
-    )
-    return output_dir
+    return metadata
 
 
 # -------------------------------------------------------------------------------------------- reading back
