@@ -72,17 +72,34 @@ def adam_feature_diagnostics(
     """
     if len(dataset) < 2:
         raise ValueError("adam_feature_diagnostics needs at least two rows (it compares rows with each other).")
-    base = unwrap_model(model)
-    state = resolve_optimizer_state(optimizer_state, base)
-    zero_momentum = AdamState(
+    state = resolve_optimizer_state(optimizer_state, unwrap_model(model))
+    feats = _diagnostic_features(model, dataset, state, adam_variant=adam_variant, batch_size=batch_size,
+                                 pad_token_id=pad_token_id, work_dir=work_dir)
+    return {"rows": int(len(feats["adam"])), "adam_variant": adam_variant, **_momentum_summary(feats)}
+
+
+def _without_momentum(state: AdamState) -> AdamState:
+    """The same optimizer state with ``exp_avg`` set to zero: its Adam feature is the gradient term alone."""
+    return AdamState(
         {
-            name: {"exp_avg": torch.zeros_like(st["exp_avg"]), "exp_avg_sq": st["exp_avg_sq"], "step": st.get("step", 0)}
+            name: {
+                "exp_avg": torch.zeros_like(st["exp_avg"]),
+                "exp_avg_sq": st["exp_avg_sq"],
+                "step": st.get("step", 0),
+            }
             for name, st in state.moments.items()
         },
         betas=state.betas,
         eps=state.eps,
         source=f"{state.source} with exp_avg set to zero",
     )
+
+
+def _diagnostic_features(model, dataset, state: AdamState, *, adam_variant: str, batch_size: int, pad_token_id: int,
+                         work_dir: str | os.PathLike | None) -> dict[str, np.ndarray]:
+    """Full-size float64 features ``adam`` (real moments), ``gradient_term`` (``m = 0``) and ``sgd``, one row each.
+
+    They are written under ``work_dir``; without one, under a temporary folder removed afterwards."""
     owned = work_dir is None
     root = tempfile.mkdtemp(prefix="icons_adam_diag_") if owned else os.fspath(work_dir)
     try:
@@ -92,25 +109,27 @@ def adam_feature_diagnostics(
             "adam": compute_gradients(model, dataset, output_dir=os.path.join(root, "adam"), feature="adam",
                                       optimizer_state=state, adam_variant=adam_variant, **common),
             "gradient_term": compute_gradients(model, dataset, output_dir=os.path.join(root, "gradient_term"),
-                                               feature="adam", optimizer_state=zero_momentum,
+                                               feature="adam", optimizer_state=_without_momentum(state),
                                                adam_variant=adam_variant, **common),
             "sgd": compute_gradients(model, dataset, output_dir=os.path.join(root, "sgd"), feature="sgd", **common),
         }
-        feats = {
+        return {
             k: np.asarray(load_gradients(p).with_format("numpy", columns=["features"], dtype=np.float64)[:]["features"])
             for k, p in paths.items()
         }
     finally:
         if owned:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _momentum_summary(feats: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """The float entries of :func:`adam_feature_diagnostics` from the features of :func:`_diagnostic_features`."""
     full, momentum = feats["adam"], feats["adam"] - feats["gradient_term"]
     full_norm = np.linalg.norm(full, axis=1)
     mom_norm = np.linalg.norm(momentum, axis=1)
     safe = np.where(full_norm > 0, full_norm, 1.0)
     cos_mom = np.einsum("ij,ij->i", full, momentum) / (safe * np.where(mom_norm > 0, mom_norm, 1.0))
     return {
-        "rows": int(len(full)),
-        "adam_variant": adam_variant,
         "momentum_share": float(np.mean(mom_norm / safe)),
         "momentum_cosine": float(np.mean(cos_mom)),
         "pairwise_cosine_adam": _mean_pairwise_cosine(full),
