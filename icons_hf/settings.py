@@ -52,7 +52,9 @@ def _number_in(name: str, value, low: float, high: float, *, low_open: bool = Fa
     ok = ok and (low < value if low_open else low <= value) and value <= high
     if not ok:
         bracket = "(" if low_open else "["
-        raise ValueError(f"{name}={value!r} must be a number in {bracket}{low}, {high}]{' or None' if allow_none else ''}.")
+        raise ValueError(
+            f"{name}={value!r} must be a number in {bracket}{low}, {high}]{' or None' if allow_none else ''}."
+        )
 
 
 def _help(text: str, **extra) -> dict:
@@ -85,7 +87,9 @@ class _Settings:
         if isinstance(settings, Mapping):
             settings = cls.from_dict(settings)
         if not isinstance(settings, cls):
-            raise TypeError(f"settings must be a {cls.__name__} (or a mapping of its fields), got {type(settings).__name__}.")
+            raise TypeError(
+                f"settings must be a {cls.__name__} (or a mapping of its fields), got {type(settings).__name__}."
+            )
         explicit = cls._explicit(overrides)
         return dataclasses.replace(settings, **explicit) if explicit else settings
 
@@ -184,8 +188,8 @@ class InfluenceSettings(_Settings):
         "'mean_released' (as 'mean', but a task given as subtasks averages its raw validation gradients, as the "
         "released ICONS scripts do for MME)", choices=SPECIALIST_REGISTRY))
     checkpoint_weights: list[float] | None = field(default=None, **_help(
-        "explicit per-checkpoint weights (normalised to sum to one; kept as a tuple); default: the checkpoints' learning "
-        "rates"))
+        "explicit per-checkpoint weights (normalised to sum to one; kept as a tuple); default: the checkpoints' "
+        "learning rates"))
     batch_size: int = field(default=4096, **_help("train rows scored per step (one Dataset.map batch)"))
     num_proc: int | None = field(default=None, **_help(
         "processes for the Dataset.map that scores the pool (None: this process); scores do not depend on it"))

@@ -76,7 +76,9 @@ def adam_feature_diagnostics(
     state = resolve_optimizer_state(optimizer_state, base)
     zero_momentum = AdamState(
         {
-            name: {"exp_avg": torch.zeros_like(st["exp_avg"]), "exp_avg_sq": st["exp_avg_sq"], "step": st.get("step", 0)}
+            name: {
+                "exp_avg": torch.zeros_like(st["exp_avg"]), "exp_avg_sq": st["exp_avg_sq"], "step": st.get("step", 0)
+            }
             for name, st in state.moments.items()
         },
         betas=state.betas,
