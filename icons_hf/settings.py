@@ -33,7 +33,7 @@ from .specialists import SPECIALISTS as SPECIALIST_REGISTRY
 PRESETS = ("default", "paper")
 
 
-def _choice(name: str, value, choices: Sequence) -> None:
+def validate_choice(name: str, value, choices: Sequence) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not supported; choose one of: {', '.join(map(str, choices))}.")
 
@@ -164,7 +164,7 @@ class FeatureSettings(_Settings):
 
     def __post_init__(self):
         for name in ("train_feature", "adam_variant", "projection", "dtype", "on_bad_row"):
-            _choice(name, getattr(self, name), dataclasses.fields(self)[self._index(name)].metadata["choices"])
+            validate_choice(name, getattr(self, name), dataclasses.fields(self)[self._index(name)].metadata["choices"])
         _positive_int("dim", self.dim, minimum=0 if self.projection == "identity" else 1)
         _positive_int("seed", self.seed, minimum=0)
         _positive_int("batch_size", self.batch_size)
@@ -202,7 +202,7 @@ class InfluenceSettings(_Settings):
     }
 
     def __post_init__(self):
-        _choice("specialist", self.specialist, tuple(SPECIALIST_REGISTRY))
+        validate_choice("specialist", self.specialist, tuple(SPECIALIST_REGISTRY))
         _positive_int("batch_size", self.batch_size)
         _positive_int("num_proc", self.num_proc, allow_none=True)
         if self.checkpoint_weights is not None:
@@ -245,7 +245,7 @@ class SelectionSettings(_Settings):
     }
 
     def __post_init__(self):
-        _choice("method", self.method, tuple(RULE_REGISTRY))
+        validate_choice("method", self.method, tuple(RULE_REGISTRY))
         if self.num_rows is None:
             _number_in("fraction", self.fraction, 0.0, 1.0, low_open=True)
         else:
@@ -289,4 +289,4 @@ class SelectionSettings(_Settings):
         return DEFAULT_VOTE_FLOOR if self.method == "vote" else 0.0
 
 
-__all__ = ["DEFAULT_VOTE_FLOOR", "PRESETS", "FeatureSettings", "InfluenceSettings", "SelectionSettings"]
+__all__ = ["DEFAULT_VOTE_FLOOR", "PRESETS", "FeatureSettings", "InfluenceSettings", "SelectionSettings", "validate_choice"]
