@@ -289,4 +289,6 @@ class SelectionSettings(_Settings):
         return DEFAULT_VOTE_FLOOR if self.method == "vote" else 0.0
 
 
-__all__ = ["DEFAULT_VOTE_FLOOR", "PRESETS", "FeatureSettings", "InfluenceSettings", "SelectionSettings", "validate_choice"]
+__all__ = [
+    "DEFAULT_VOTE_FLOOR", "PRESETS", "FeatureSettings", "InfluenceSettings", "SelectionSettings", "validate_choice",
+]
