@@ -24,11 +24,13 @@ pool rows and the same batch size:
   from their seeds on every call (as TRAK's CPU projector does); timed on ``--reference-rows`` rows.
 
 Methods are timed in ``--rounds`` rounds (training, then extraction, in the same order each round; rademacher
-and the reference in the last round only) and each method's best round is kept, which tames the noise of a shared machine.
+and the reference in the last round only) and each method's best round is kept, which tames the noise of a shared
+machine.
 
 Both wall-clock examples/s and examples per process CPU-second are printed; the ratios use CPU time by
 default (``--clock``), which a busy shared machine disturbs far less than wall time (with one intra-op thread
-the two agree on an idle machine). Peak memory is the largest RSS seen by a 5 ms sampler thread during the phase, minus the RSS at its start.
+the two agree on an idle machine). Peak memory is the largest RSS seen by a 5 ms sampler thread during the phase,
+minus the RSS at its start.
 Projection accuracy (llama): Spearman rank correlation between projected and exact (``identity``) cosine
 similarities over all pairs of the pool rows, for Adam-LESS and SGD features.
 
@@ -322,7 +324,7 @@ def run_model(name, dataset, model, pad_token_id, args, workdir) -> dict:
                                 batch_size=args.batch_size, pad_token_id=pad_token_id, optimizer=optimizer)
                 full = extract(model, pool, out, projection=projection, dim=args.dim, batch_size=args.batch_size,
                                pad_token_id=pad_token_id, optimizer=optimizer)
-            marginal = [(f - s) / (len(pool) - len(head)) for f, s in zip(full, small)]
+            marginal = [(f - s) / (len(pool) - len(head)) for f, s in zip(full, small, strict=True)]
             record(f"icons/{projection}", [m * len(pool) for m in marginal], len(pool), mem.mib,
                    setup=max(0.0, small[0] - marginal[0] * len(head)))
         if round_no == args.rounds - 1 and args.reference_rows:

@@ -16,7 +16,8 @@ the measurement alone:
 Each is run ``--repeats`` times, alternating, and the best time is kept (the store is in the page cache after the
 first pass). The ratio that matters is ``icons / stream`` (target: at most 1.25), in wall time and in process CPU
 time (on a shared machine wall time swings between identical runs, CPU time far less).
-Peak RSS is the child's high-water mark (``VmHWM``); ``import RSS`` is the child's RSS right after importing its libraries.
+Peak RSS is the child's high-water mark (``VmHWM``); ``import RSS`` is the child's RSS right after importing its
+libraries.
 
     python benchmarks/influence.py                      # 100K rows x 8192 x 10 tasks (1.6 GB on disk)
     python benchmarks/influence.py --large              # and 1M rows (16 GB on disk; checks free space first)
@@ -151,8 +152,8 @@ def validation_matrix(tasks: dict, specialist: str) -> np.ndarray:
 
 
 def run_child(kind: str, train: str, tasks: dict, specialist: str) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--train", train, "--tasks-json", json.dumps(tasks),
-           "--specialist", specialist]
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--train", train,
+           "--tasks-json", json.dumps(tasks), "--specialist", specialist]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} child failed:\n{proc.stderr[-4000:]}")
@@ -177,7 +178,9 @@ def bench_size(rows: int, args, workdir: str) -> dict:
             "dim": args.dim,
             "tasks": args.tasks,
             "val_rows": args.val_rows,
-            "store_gib": sum(os.path.getsize(os.path.join(train, "shards", f)) for f in os.listdir(os.path.join(train, "shards"))) / GiB,
+            "store_gib": sum(
+                os.path.getsize(os.path.join(train, "shards", f)) for f in os.listdir(os.path.join(train, "shards"))
+            ) / GiB,
             "write_seconds": write_s,
             "specialists": {},
         }
@@ -257,7 +260,8 @@ def main(argv=None) -> int:
                 f"    compute_influence   : {r['icons_rows_per_s']:>10,.0f} rows/s  {r['icons_seconds']:7.2f} s  "
                 f"peak RSS {r['icons_peak_rss_gib']:.2f} GiB (after imports {r['icons_import_rss_gib']:.2f})\n"
                 f"    cached rerun        : {r['cached_rows_per_s']:>10,.0f} rows/s  {r['cached_seconds']:7.2f} s\n"
-                f"    CPU time (best) stream {r['cpu_seconds']['stream']:.2f} s, icons {r['cpu_seconds']['icons']:.2f} s: "
+                f"    CPU time (best) stream {r['cpu_seconds']['stream']:.2f} s, "
+                f"icons {r['cpu_seconds']['icons']:.2f} s: "
                 f"ratio icons/stream {r['icons_over_stream_cpu']:.2f}\n"
                 f"    time ratio icons/stream: {r['icons_over_stream_time']:.2f}  icons/numpy: "
                 f"{r['icons_over_numpy_time']:.2f}  same scores: {r['same_scores']}   all runs (s): {r['all_seconds']}"

@@ -58,8 +58,12 @@ def measure(kind: str, rows: int, tasks: int, fraction: float, seeds: int) -> di
     for seed in range(seeds):
         scores, cols = table(kind, rows, tasks, np.random.default_rng(seed))
         paper = select(scores, fraction=fraction, preset="paper")["selected"]
-        out["threshold 80"].append(changed(paper, select(scores, fraction=fraction, preset="paper", threshold_percentile=80)["selected"]))
-        out["votes >"].append(changed(paper, select(scores, fraction=fraction, preset="paper", threshold_inclusive=False)["selected"]))
+        out["threshold 80"].append(
+            changed(paper, select(scores, fraction=fraction, preset="paper", threshold_percentile=80)["selected"])
+        )
+        out["votes >"].append(
+            changed(paper, select(scores, fraction=fraction, preset="paper", threshold_inclusive=False)["selected"])
+        )
         out["released sort"].append(changed(paper, released_sort(cols, fraction)))
         out["default rule"].append(changed(paper, select(scores, fraction=fraction)["selected"]))
     return {k: float(np.mean(v)) for k, v in out.items()}
@@ -108,7 +112,8 @@ def main(argv=None) -> int:
 
     disable_progress_bar()
     print(f"share of the paper preset's selected rows that change ({args.rows} rows, mean of {args.seeds} tables)")
-    print(f"{'table':<11} {'tasks':>5} {'fraction':>8} {'threshold 80':>12} {'votes >':>8} {'released sort':>13} {'default rule':>12}")
+    print(f"{'table':<11} {'tasks':>5} {'fraction':>8} {'threshold 80':>12} {'votes >':>8} {'released sort':>13} "
+          f"{'default rule':>12}")
     for kind in ("continuous", "tie-heavy"):
         for tasks in (3, 10):
             for fraction in (0.05, 0.2, 0.6):

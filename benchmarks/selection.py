@@ -75,8 +75,9 @@ def main(argv=None) -> int:
                              task_floor=task_floor)
                 times.append(time.perf_counter() - start)
             n_sel = int(np.asarray(out.data.column("selected")).sum())
-            print(f"select(method={method!r}, fraction={args.fraction}, task_floor={floor}): best {min(times):.2f} s of "
-                  f"{[round(t, 2) for t in times]}; {n_sel:,} selected; {min(times) / argsort_s:.1f}x the argsort floor")
+            print(f"select(method={method!r}, fraction={args.fraction}, task_floor={floor}): "
+                  f"best {min(times):.2f} s of {[round(t, 2) for t in times]}; {n_sel:,} selected; "
+                  f"{min(times) / argsort_s:.1f}x the argsort floor")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2:.2f} GiB")
     return 0
 

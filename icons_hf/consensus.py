@@ -95,7 +95,8 @@ def select(
     n_keep = config.rows_to_keep(n_total)
     inputs = RuleInput(
         matrix=score_matrix(scores, columns), columns=list(column_arrays(scores, columns).values()),
-        task_names=[c[len(TASK_PREFIX):] for c in columns], index=column_arrays(scores, ["index"])["index"].astype(np.int64),
+        task_names=[c[len(TASK_PREFIX):] for c in columns],
+        index=column_arrays(scores, ["index"])["index"].astype(np.int64),
         percentile=config.percentile(n_total), inclusive=config.threshold_inclusive, task=config.task, seed=config.seed)
     ranking = RULES[config.method](inputs)
     selected, floor_rows = _choose(inputs, ranking, n_keep, config)
@@ -103,9 +104,11 @@ def select(
                                 "tiebreak": ranking.tiebreak.astype(np.float32), "selected": selected},
                        fingerprint=_selection_fingerprint(scores, config))
     info = {
-        "settings": config.to_dict(), "method": config.method, "fraction": None if config.num_rows is not None else config.fraction,
+        "settings": config.to_dict(), "method": config.method,
+        "fraction": None if config.num_rows is not None else config.fraction,
         "num_rows": config.num_rows, "threshold_percentile": None, "thresholds": None,
-        "task": config.task if config.method == "task" else None, "seed": config.seed if config.method == "random" else None,
+        "task": config.task if config.method == "task" else None,
+        "seed": config.seed if config.method == "random" else None,
         "num_selected": int(n_keep), "num_candidates": int(n_total), "tiebreak": ranking.tiebreak_text,
         "task_floor": config.floor_share(), **ranking.info,
     }
@@ -136,7 +139,8 @@ def _choose(inputs: RuleInput, ranking: Ranking, n_keep: int, config: SelectionS
         if (ranking.primary_key[~selected] == cut_value).any():
             logger.info("%d rows share the cut-off score %.6g; tie broken by %s.",
                         int((ranking.primary_key == cut_value).sum()),
-                        float(ranking.primary[np.flatnonzero(ranking.primary_key == cut_value)[0]]), ranking.tiebreak_text)
+                        float(ranking.primary[np.flatnonzero(ranking.primary_key == cut_value)[0]]),
+                        ranking.tiebreak_text)
     return selected, floor_rows
 
 
@@ -176,10 +180,14 @@ def selected_rows(scores):
     """The selected rows of a table returned by :func:`select`, in table order (``Dataset.filter``)."""
     if "selected" not in scores.column_names:
         raise ValueError("the table has no 'selected' column; call icons_hf.select(scores) first.")
-    return scores.filter(lambda flags: flags, input_columns="selected", batched=True, batch_size=1 << 16, desc="selected")
+    return scores.filter(
+        lambda flags: flags, input_columns="selected", batched=True, batch_size=1 << 16, desc="selected"
+    )
 
 
-def _reserve_task_floors(mat: np.ndarray, index: np.ndarray, n_keep: int, task_floor: float, selected: np.ndarray) -> int:
+def _reserve_task_floors(
+    mat: np.ndarray, index: np.ndarray, n_keep: int, task_floor: float, selected: np.ndarray
+) -> int:
     """Marks every task's reserved rows in ``selected`` (in place): ``floor(task_floor * n_keep / K)`` per task,
     its best rows by its own score (then ascending index), tasks taking turns. Returns the rows per task."""
     n_tasks = mat.shape[1]

@@ -96,7 +96,8 @@ def _normalise_tasks(tasks: Mapping, n_ckpt: int) -> dict[str, dict[str, list[st
             if len(paths) != n_ckpt:
                 raise ValueError(
                     f"task {task!r}{'' if sub == task else f' subtask {sub!r}'} has {len(paths)} validation store(s) "
-                    f"but there are {n_ckpt} train store(s); give one validation store per checkpoint, in the same order."
+                    f"but there are {n_ckpt} train store(s); give one validation store per checkpoint, "
+                    "in the same order."
                 )
             out[task][sub] = paths
     return out
@@ -139,13 +140,15 @@ def checkpoint_weights_from_stores(train: Sequence[str]) -> list[float]:
     if all(r is None for r in rates):
         return [1.0 / len(train)] * len(train)
     if any(r is None for r in rates):
-        missing = [p for p, r in zip(train, rates) if r is None]
+        missing = [p for p, r in zip(train, rates, strict=True) if r is None]
         raise ValueError(
             f"{missing[0]} recorded no learning rate while other train stores did; pass checkpoint_weights= explicitly."
         )
     total = float(sum(rates))
     if total <= 0:
-        raise ValueError(f"the checkpoints' learning rates {rates} sum to {total}; pass checkpoint_weights= explicitly.")
+        raise ValueError(
+            f"the checkpoints' learning rates {rates} sum to {total}; pass checkpoint_weights= explicitly."
+        )
     return [float(r) / total for r in rates]
 
 
@@ -177,7 +180,7 @@ def _merged_metadata(parts: Sequence[str]) -> dict:
     if len(metas) == 1:
         return first
     merged = dict(first, num_rows=0, num_features=0, skipped=[], parts=list(parts))
-    for path, meta in zip(parts, metas):
+    for path, meta in zip(parts, metas, strict=True):
         for key in _PART_KEYS:
             if meta["config"].get(key) != first["config"].get(key):
                 raise ValueError(
@@ -205,9 +208,14 @@ def resolve_inputs(train, tasks: Mapping, checkpoint_weights: Sequence[float] | 
     if checkpoint_weights is None:
         weights = checkpoint_weights_from_stores([parts[0] for parts in train])
     else:
-        if len(checkpoint_weights) != len(train) or any(w < 0 for w in checkpoint_weights) or sum(checkpoint_weights) <= 0:
+        if (
+            len(checkpoint_weights) != len(train)
+            or any(w < 0 for w in checkpoint_weights)
+            or sum(checkpoint_weights) <= 0
+        ):
             raise ValueError(
-                f"checkpoint_weights={list(checkpoint_weights)} must hold {len(train)} non-negative numbers with a positive sum."
+                f"checkpoint_weights={list(checkpoint_weights)} must hold {len(train)} non-negative numbers "
+                "with a positive sum."
             )
         weights = [float(w) / float(sum(checkpoint_weights)) for w in checkpoint_weights]
     return train, tasks, metas, weights
@@ -362,7 +370,8 @@ def validation_matrices(train, tasks, metas, spec: Specialist) -> tuple[list[np.
             block = spec.reduce_validation(features, norms, subtask=sub != task or len(tasks[task]) > 1)
             if spec.per_example and not np.array_equal(first_rows.setdefault((task, sub), rows), rows):
                 raise ValueError(
-                    f"validation stores {tasks[task][sub][0]} and {path} ({task}{'' if sub == task else '/' + str(sub)}) "
+                    f"validation stores {tasks[task][sub][0]} and {path} "
+                    f"({task}{'' if sub == task else '/' + str(sub)}) "
                     "hold other rows (some were skipped at one checkpoint only); every checkpoint needs the same "
                     "validation examples: recompute them with the same rows, or use specialist='mean'."
                 )
@@ -453,7 +462,9 @@ def weighted_products(batch: pa.Table, positions: np.ndarray, pools: Sequence[Po
         if index is None:
             index = rows
         elif not np.array_equal(rows, index):
-            raise ValueError(f"{pool.name} and {pools[0].name} list different row indices; compute them on the same pool.")
+            raise ValueError(
+                f"{pool.name} and {pools[0].name} list different row indices; compute them on the same pool."
+            )
         scores = unit_products(features, norms, matrices[c]).astype(np.float64)
         total = weights[c] * scores if total is None else total + weights[c] * scores
         if view and pool.data.cache_files:  # pages of the memory-mapped store file, not of a copy
@@ -499,7 +510,9 @@ def _score_per_example(plan: InfluencePlan, pools: Sequence[PoolDataset], target
         rows = _map_pool(plan, pools, {"cache_file_name": os.path.join(temp, "rows.arrow")}, cosine_file)
         columns = combine_examples(cosine_file, plan)
         keep = rows.with_format("arrow")[:]
-        identity = {"index": keep.column("index").cast(pa.int64())} if len(keep) else {"index": pa.array([], pa.int64())}
+        identity = (
+            {"index": keep.column("index").cast(pa.int64())} if len(keep) else {"index": pa.array([], pa.int64())}
+        )
         if "record_hash" in keep.column_names:
             identity["record_hash"] = keep.column("record_hash")
         table = pa.table({**identity, **{f"influence_{t}": pa.array(col, pa.float32()) for t, col in columns.items()}})
@@ -645,7 +658,9 @@ def _cosine_folder(work_dir, cache_file_name, nbytes: int) -> str:
     return folder
 
 
-def influence_provenance(train: Sequence[str], tasks: Mapping, weights: Sequence[float], metas: Sequence[Mapping], **extra) -> dict:
+def influence_provenance(
+    train: Sequence[str], tasks: Mapping, weights: Sequence[float], metas: Sequence[Mapping], **extra
+) -> dict:
     """The provenance a score table carries (stores, tasks and validation sizes, checkpoint weights, features)."""
     return {
         **extra,

@@ -89,13 +89,13 @@ def vote(inputs: RuleInput) -> Ranking:
     """ICONS: ``votes(z) = sum_k 1[I_k(z) > tau_k]`` (``>=`` when ``inclusive``), ``tau_k`` the ``percentile`` of
     task ``k``'s scores; rows ranked by votes, ties by the mean within-task percentile rank, then by index."""
     thresholds = vote_thresholds(inputs)
-    hits = [(col >= t) if inputs.inclusive else (col > t) for col, t in zip(inputs.columns, thresholds)]
+    hits = [(col >= t) if inputs.inclusive else (col > t) for col, t in zip(inputs.columns, thresholds, strict=True)]
     votes = np.sum(hits, axis=0, dtype=np.int64) if hits else np.zeros(len(inputs.index), dtype=np.int64)
     rank, rank_key = mean_rank(inputs.matrix)
     return Ranking(
         primary=votes.astype(np.float64), primary_key=votes, tiebreak=rank, tiebreak_key=rank_key,
         extra_columns={"votes": votes.astype(np.int32)},
-        info={"thresholds": {t: float(v) for t, v in zip(inputs.task_names, thresholds)},
+        info={"thresholds": {t: float(v) for t, v in zip(inputs.task_names, thresholds, strict=True)},
               "threshold_percentile": float(inputs.percentile), "threshold_inclusive": bool(inputs.inclusive)},
         tiebreak_text="mean within-task percentile rank, then ascending index",
     )

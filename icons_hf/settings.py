@@ -33,7 +33,7 @@ from .specialists import SPECIALISTS as SPECIALIST_REGISTRY
 PRESETS = ("default", "paper")
 
 
-def _choice(name: str, value, choices: Sequence) -> None:
+def validate_choice(name: str, value, choices: Sequence) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not supported; choose one of: {', '.join(map(str, choices))}.")
 
@@ -52,7 +52,9 @@ def _number_in(name: str, value, low: float, high: float, *, low_open: bool = Fa
     ok = ok and (low < value if low_open else low <= value) and value <= high
     if not ok:
         bracket = "(" if low_open else "["
-        raise ValueError(f"{name}={value!r} must be a number in {bracket}{low}, {high}]{' or None' if allow_none else ''}.")
+        raise ValueError(
+            f"{name}={value!r} must be a number in {bracket}{low}, {high}]{' or None' if allow_none else ''}."
+        )
 
 
 def _help(text: str, **extra) -> dict:
@@ -85,7 +87,9 @@ class _Settings:
         if isinstance(settings, Mapping):
             settings = cls.from_dict(settings)
         if not isinstance(settings, cls):
-            raise TypeError(f"settings must be a {cls.__name__} (or a mapping of its fields), got {type(settings).__name__}.")
+            raise TypeError(
+                f"settings must be a {cls.__name__} (or a mapping of its fields), got {type(settings).__name__}."
+            )
         explicit = cls._explicit(overrides)
         return dataclasses.replace(settings, **explicit) if explicit else settings
 
@@ -160,7 +164,7 @@ class FeatureSettings(_Settings):
 
     def __post_init__(self):
         for name in ("train_feature", "adam_variant", "projection", "dtype", "on_bad_row"):
-            _choice(name, getattr(self, name), dataclasses.fields(self)[self._index(name)].metadata["choices"])
+            validate_choice(name, getattr(self, name), dataclasses.fields(self)[self._index(name)].metadata["choices"])
         _positive_int("dim", self.dim, minimum=0 if self.projection == "identity" else 1)
         _positive_int("seed", self.seed, minimum=0)
         _positive_int("batch_size", self.batch_size)
@@ -184,8 +188,8 @@ class InfluenceSettings(_Settings):
         "'mean_released' (as 'mean', but a task given as subtasks averages its raw validation gradients, as the "
         "released ICONS scripts do for MME)", choices=SPECIALIST_REGISTRY))
     checkpoint_weights: list[float] | None = field(default=None, **_help(
-        "explicit per-checkpoint weights (normalised to sum to one; kept as a tuple); default: the checkpoints' learning "
-        "rates"))
+        "explicit per-checkpoint weights (normalised to sum to one; kept as a tuple); default: the checkpoints' "
+        "learning rates"))
     batch_size: int = field(default=4096, **_help("train rows scored per step (one Dataset.map batch)"))
     num_proc: int | None = field(default=None, **_help(
         "processes for the Dataset.map that scores the pool (None: this process); scores do not depend on it"))
@@ -198,7 +202,7 @@ class InfluenceSettings(_Settings):
     }
 
     def __post_init__(self):
-        _choice("specialist", self.specialist, tuple(SPECIALIST_REGISTRY))
+        validate_choice("specialist", self.specialist, tuple(SPECIALIST_REGISTRY))
         _positive_int("batch_size", self.batch_size)
         _positive_int("num_proc", self.num_proc, allow_none=True)
         if self.checkpoint_weights is not None:
@@ -241,7 +245,7 @@ class SelectionSettings(_Settings):
     }
 
     def __post_init__(self):
-        _choice("method", self.method, tuple(RULE_REGISTRY))
+        validate_choice("method", self.method, tuple(RULE_REGISTRY))
         if self.num_rows is None:
             _number_in("fraction", self.fraction, 0.0, 1.0, low_open=True)
         else:
@@ -285,4 +289,6 @@ class SelectionSettings(_Settings):
         return DEFAULT_VOTE_FLOOR if self.method == "vote" else 0.0
 
 
-__all__ = ["DEFAULT_VOTE_FLOOR", "PRESETS", "FeatureSettings", "InfluenceSettings", "SelectionSettings"]
+__all__ = [
+    "DEFAULT_VOTE_FLOOR", "PRESETS", "FeatureSettings", "InfluenceSettings", "SelectionSettings", "validate_choice",
+]

@@ -21,10 +21,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from .config import validate_choice
 from .gradients import compute_gradients, resolve_optimizer_state, unwrap_model
 from .gradients.precondition import AdamState
 from .influence import compute_influence
+from .settings import validate_choice
 from .store import load_gradients
 
 logger = logging.getLogger(__name__)

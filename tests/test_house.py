@@ -33,7 +33,9 @@ def write_store(path, features, *, shard_size=None, hashes=None):
     if hashes is not None:
         for shard in sorted((Path(path) / "shards").glob("rows-*.arrow")):
             table = pa.ipc.open_stream(shard.read_bytes()).read_all()  # in memory: the file is rewritten below
-            table = table.append_column("record_hash", pa.array([hashes[int(i)] for i in table.column("index").to_pylist()]))
+            table = table.append_column(
+                "record_hash", pa.array([hashes[int(i)] for i in table.column("index").to_pylist()])
+            )
             with pa.OSFile(str(shard), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as out:
                 out.write_table(table)
     return path
@@ -43,7 +45,10 @@ def write_store(path, features, *, shard_size=None, hashes=None):
 def stores(tmp_path):
     rng = np.random.default_rng(21)
     train = write_store(tmp_path / "train", rng.normal(size=(40, 6)), shard_size=16)
-    tasks = {"a": write_store(tmp_path / "a", rng.normal(size=(3, 6))), "b": write_store(tmp_path / "b", rng.normal(size=(4, 6)))}
+    tasks = {
+        "a": write_store(tmp_path / "a", rng.normal(size=(3, 6))),
+        "b": write_store(tmp_path / "b", rng.normal(size=(4, 6))),
+    }
     return train, tasks
 
 
@@ -159,7 +164,8 @@ def test_a_registered_rule_and_specialist_are_one_function_each(stores):
         scores = compute_influence(train, tasks, specialist="best")
         out = select(scores, fraction=0.25, method="min")
         mat = np.stack([np.asarray(scores["influence_a"]), np.asarray(scores["influence_b"])], axis=1)
-        assert np.flatnonzero(out["selected"]).tolist() == sorted(np.argsort(-mat.min(axis=1), kind="stable")[:10].tolist())
+        expected = sorted(np.argsort(-mat.min(axis=1), kind="stable")[:10].tolist())
+        assert np.flatnonzero(out["selected"]).tolist() == expected
     finally:
         RULES.pop("min", None)
         SPECIALISTS.pop("best", None)
@@ -256,7 +262,8 @@ def test_a_pool_with_every_row_skipped_scores_to_an_empty_table(tmp_path, specia
 @pytest.mark.parametrize("cls,argv,expected", [
     (InfluenceSettings, ["--specialist", "mean_released", "--checkpoint_weights", "0.5", "1.5", "--num_proc", "2"],
      {"specialist": "mean_released", "checkpoint_weights": (0.5, 1.5), "num_proc": 2}),
-    (SelectionSettings, ["--method", "rank", "--fraction", "0.05", "--threshold_inclusive", "true", "--task_floor", "0"],
+    (SelectionSettings,
+     ["--method", "rank", "--fraction", "0.05", "--threshold_inclusive", "true", "--task_floor", "0"],
      {"method": "rank", "fraction": 0.05, "threshold_inclusive": True, "task_floor": 0.0}),
 ])
 def test_settings_parse_from_the_command_line_with_registry_choices(cls, argv, expected):

@@ -29,7 +29,9 @@ def module_of(metric):
 
 def test_modules_are_package_data():
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    shipped = sorted(os.path.relpath(p, here) for p in glob.glob(os.path.join(here, "icons_hf", "metrics", "*", "*.py")))
+    shipped = sorted(
+        os.path.relpath(p, here) for p in glob.glob(os.path.join(here, "icons_hf", "metrics", "*", "*.py"))
+    )
     assert shipped == sorted(os.path.join("icons_hf", "metrics", m, f"{m}.py") for m in METRICS)
     with pytest.raises(ValueError, match="icons_hf ships: exact_match, vqa_accuracy"):
         metric_path("bleu")
@@ -101,12 +103,13 @@ def test_vqa_accuracy_random_against_brute_force(vqa):
     for _ in range(200):
         predictions.append(str(rng.choice(vocab)))
         references.append([str(a) for a in rng.choice(vocab[:4], size=int(rng.integers(2, 11)))])
-    plain = np.mean([min(sum(r == p for r in refs) / 3, 1) for p, refs in zip(predictions, references)])
+    plain = np.mean([min(sum(r == p for r in refs) / 3, 1) for p, refs in zip(predictions, references, strict=True)])
     loo = np.mean([
         np.mean([min(sum(r == p for r in subset) / 3, 1) for subset in itertools.combinations(refs, len(refs) - 1)])
-        for p, refs in zip(predictions, references)
+        for p, refs in zip(predictions, references, strict=True)
     ])
-    assert vqa.compute(predictions=predictions, references=references)["vqa_accuracy"] == pytest.approx(plain, abs=1e-12)
+    got = vqa.compute(predictions=predictions, references=references)["vqa_accuracy"]
+    assert got == pytest.approx(plain, abs=1e-12)
     got = vqa.compute(predictions=predictions, references=references, leave_one_out=True)["vqa_accuracy"]
     assert got == pytest.approx(loo, abs=1e-12)
     # Incremental batches give the same result as one call.

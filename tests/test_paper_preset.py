@@ -175,7 +175,9 @@ def test_paper_specialist_and_released_subtasks_match_loops(tmp_path, checkpoint
     weights = [lr / sum(lrs) for lr in lrs]  # several checkpoints: the learning-rate-weighted sum, as LESS
     paper = compute_influence(tpaths, tasks, preset="paper")
     assert json.loads(paper.info.description)["influence"]["settings"]["specialist"] == "mean"
-    np.testing.assert_allclose(paper["influence_whole"], brute_force_mean(train, val["whole"], weights), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        paper["influence_whole"], brute_force_mean(train, val["whole"], weights), rtol=1e-5, atol=1e-6
+    )
     expected = np.maximum(brute_force_mean(train, val["s1"], weights), brute_force_mean(train, val["s2"], weights))
     np.testing.assert_allclose(paper["influence_mme"], expected, rtol=1e-5, atol=1e-6)
     released = compute_influence(tpaths, tasks, specialist="mean_released")

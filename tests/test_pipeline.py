@@ -31,20 +31,31 @@ def test_influence_matches_brute_force_with_checkpoints_and_subtasks(tmp_path):
     n, dim = 23, 6
     train = [rng.normal(size=(n, dim)) for _ in range(2)]
     lrs = [3e-4, 1e-4]
-    paths = [write_store(tmp_path / f"train{c}", train[c], learning_rate=lrs[c], checkpoint=f"ckpt-{c}", weights=f"w{c}") for c in range(2)]
+    paths = [
+        write_store(tmp_path / f"train{c}", train[c], learning_rate=lrs[c], checkpoint=f"ckpt-{c}", weights=f"w{c}")
+        for c in range(2)
+    ]
     val = {name: [rng.normal(size=(k, dim)) for _ in range(2)] for name, k in (("a", 5), ("b1", 3), ("b2", 4))}
-    vpaths = {name: [write_store(tmp_path / f"{name}{c}", val[name][c], weights=f"w{c}") for c in range(2)] for name in val}
-    scores = compute_influence(paths, {"a": vpaths["a"], "b": {"b1": vpaths["b1"], "b2": vpaths["b2"]}}, specialist="mean")
+    vpaths = {
+        name: [write_store(tmp_path / f"{name}{c}", val[name][c], weights=f"w{c}") for c in range(2)] for name in val
+    }
+    scores = compute_influence(
+        paths, {"a": vpaths["a"], "b": {"b1": vpaths["b1"], "b2": vpaths["b2"]}}, specialist="mean"
+    )
     weights = [lr / sum(lrs) for lr in lrs]
     expected_a = brute_force_influence(train, val["a"], weights)
-    expected_b = np.maximum(brute_force_influence(train, val["b1"], weights), brute_force_influence(train, val["b2"], weights))
+    expected_b = np.maximum(
+        brute_force_influence(train, val["b1"], weights), brute_force_influence(train, val["b2"], weights)
+    )
     assert scores.column_names == ["index", "influence_a", "influence_b"]
     np.testing.assert_array_equal(scores["index"], np.arange(n))
     np.testing.assert_allclose(scores["influence_a"], expected_a, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(scores["influence_b"], expected_b, rtol=1e-5, atol=1e-6)
     # Explicit weights override the recorded learning rates.
     equal = compute_influence(paths, {"a": vpaths["a"]}, checkpoint_weights=[1, 1], specialist="mean")
-    np.testing.assert_allclose(equal["influence_a"], brute_force_influence(train, val["a"], [0.5, 0.5]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        equal["influence_a"], brute_force_influence(train, val["a"], [0.5, 0.5]), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_influence_refuses_mismatched_stores(tmp_path):
@@ -66,7 +77,8 @@ def table(**columns):
 
 
 def test_vote_selection_worked_by_hand():
-    # The paper's rule (no per-task floor). tau = 60th percentile of [1..5] = 3.4 for both tasks; votes = [1, 2, 1, 0, 0].
+    # The paper's rule (no per-task floor). tau = 60th percentile of [1..5] = 3.4 for both tasks;
+    # votes = [1, 2, 1, 0, 0].
     scores = select(table(a=[5, 4, 3, 2, 1], b=[1, 5, 4, 3, 2]), fraction=0.4, threshold_percentile=60, task_floor=0.0)
     assert scores["votes"] == [1, 2, 1, 0, 0]
     # Row 1 has two votes; rows 0 and 2 tie at one vote. Mean percentile rank: row 0 (1.0 + 0.0) / 2 = 0.5,
@@ -100,7 +112,8 @@ def test_default_vote_gives_every_task_its_floor_worked_by_hand(caplog):
         few = select(table(a=[5, 4, 3], b=[3, 4, 5], c=[1, 5, 2]), num_rows=2)
     assert "reserves no row" in caplog.text
     assert json.loads(few.info.description)["selection"]["floor_rows_per_task"] == 0
-    assert few["selected"] == select(table(a=[5, 4, 3], b=[3, 4, 5], c=[1, 5, 2]), num_rows=2, task_floor=0.0)["selected"]
+    no_floor = select(table(a=[5, 4, 3], b=[3, 4, 5], c=[1, 5, 2]), num_rows=2, task_floor=0.0)
+    assert few["selected"] == no_floor["selected"]
     # Other methods keep no floor unless asked.
     assert json.loads(select(t, num_rows=3, method="mean").info.description)["selection"]["task_floor"] == 0.0
 
@@ -136,7 +149,8 @@ def test_other_aggregations_worked_by_hand():
     assert select(t, fraction=0.25, method="max")["selected"] == [False, True, False, False]
     # percentile ranks a = [0, 1, 1/3, 2/3], b = [1, 0, 2/3, 1/3]; mean = [.5, .5, .5, .5] -> tie -> row 0
     assert select(t, fraction=0.25, method="rank")["selected"] == [True, False, False, False]
-    # z-scores: a mean 3.5 std ~3.905; b mean -1 std ~5.612; mean z = [0.0, 0.0, 0.0, 0.0] up to rounding -> check values
+    # z-scores: a mean 3.5 std ~3.905; b mean -1 std ~5.612; mean z = [0.0, 0.0, 0.0, 0.0] up to rounding
+    # -> check values
     norm = select(t, fraction=0.5, method="norm")
     za = (np.array([0, 10, 1, 3]) - 3.5) / np.std([0, 10, 1, 3])
     zb = (np.array([4, -10, 2, 0]) + 1) / np.std([4, -10, 2, 0])

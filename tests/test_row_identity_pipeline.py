@@ -19,8 +19,9 @@ FAST = dict(dim=64, batch_size=4, show_progress=False)
 
 def _records(n):
     words = ["red", "blue", "green", "circle", "square", "yes", "no"]
-    return [{"id": f"r{i % 4}", "conversations": [{"from": "human", "value": f"what colour is shape {words[i % 3]} ?"},
-                                                 {"from": "gpt", "value": f"{words[(i * 5) % 7]} {words[(i + 3) % 7]}"}]}
+    return [{"id": f"r{i % 4}",
+             "conversations": [{"from": "human", "value": f"what colour is shape {words[i % 3]} ?"},
+                               {"from": "gpt", "value": f"{words[(i * 5) % 7]} {words[(i + 3) % 7]}"}]}
             for i in range(n)]
 
 

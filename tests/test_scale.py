@@ -71,7 +71,9 @@ def test_streaming_keeps_resident_memory_to_about_one_batch(tmp_path):
         peak = max(peak, rss_file_kib())
     store_kib = 4000 * 4096 * 2 / 1024
     assert math.isfinite(total)
-    assert peak - before < 0.25 * store_kib, f"resident file pages grew by {peak - before} KiB over a {store_kib} KiB store"
+    assert peak - before < 0.25 * store_kib, (
+        f"resident file pages grew by {peak - before} KiB over a {store_kib} KiB store"
+    )
 
 
 def float16_checkpoints(tmp_path, seed, rows, val_rows, shard_sizes):
@@ -119,8 +121,9 @@ def brute_force_balanced(train, val, weights):
     for v in range(len(val[0])):
         col = []
         for z in range(n):
-            col.append(sum(w * float(np.dot(train[c][z], val[c][v]) / (np.linalg.norm(train[c][z]) * np.linalg.norm(val[c][v])))
-                           for c, w in enumerate(weights)))
+            col.append(sum(
+                w * float(np.dot(train[c][z], val[c][v]) / (np.linalg.norm(train[c][z]) * np.linalg.norm(val[c][v])))
+                for c, w in enumerate(weights)))
         cols.append(col)
     return [max((sum(x < col[z] for x in col) + (sum(x == col[z] for x in col) - 1) / 2) / (n - 1) for col in cols)
             for z in range(n)]
@@ -140,7 +143,9 @@ def test_balanced_influence_streams_and_leaves_no_temporary_file(tmp_path, monke
     np.testing.assert_array_equal(scores["index"], np.arange(29))
     np.testing.assert_allclose(scores["influence_task"], brute_force_balanced(stored, val, [0.25, 0.75]), atol=1e-6)
     cache = str(tmp_path / "scores.arrow")
-    on_disk = compute_influence(tpaths, {"task": vpaths}, checkpoint_weights=[1, 3], batch_size=4, cache_file_name=cache)
+    on_disk = compute_influence(
+        tpaths, {"task": vpaths}, checkpoint_weights=[1, 3], batch_size=4, cache_file_name=cache
+    )
     assert on_disk.to_dict() == scores.to_dict()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("icons_cosines_")] == []
 
@@ -151,7 +156,9 @@ def test_balanced_influence_streams_and_leaves_no_temporary_file(tmp_path, monke
 
     monkeypatch.setattr(influence, "combine_examples", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        compute_influence(tpaths, {"task": vpaths}, batch_size=4, work_dir=work, cache_file_name=tmp_path / "other.arrow")
+        compute_influence(
+            tpaths, {"task": vpaths}, batch_size=4, work_dir=work, cache_file_name=tmp_path / "other.arrow"
+        )
     assert list(work.iterdir()) == []
 
 
@@ -172,7 +179,10 @@ def test_pool_in_parts_scores_as_one_store(tmp_path, specialist):
     """Parts of a pool (e.g. image and text-only rows) given together score exactly as one store of all rows."""
     rng = np.random.default_rng(11)
     feats = [rng.normal(size=(19, 5)) for _ in range(2)]
-    val = {t: [write_store(tmp_path / f"{t}{c}", rng.normal(size=(3, 5)), weights=f"w{c}") for c in range(2)] for t in "ab"}
+    val = {
+        t: [write_store(tmp_path / f"{t}{c}", rng.normal(size=(3, 5)), weights=f"w{c}") for c in range(2)]
+        for t in "ab"
+    }
     whole = [write_part(tmp_path / f"whole{c}", feats[c], 19, skip={3, 12}, weights=f"w{c}") for c in range(2)]
     parts = [[write_part(tmp_path / f"p{c}a", feats[c][:8], 8, skip={3}, weights=f"w{c}"),
               write_part(tmp_path / f"p{c}b", feats[c][8:], 11, skip={4}, weights=f"w{c}")] for c in range(2)]
@@ -212,7 +222,10 @@ def test_balanced_specialist_matches_validation_examples_across_checkpoints(tmp_
 def test_influence_cache_file_and_default_cache_agree(tmp_path):
     rng = np.random.default_rng(3)
     train = write_store(tmp_path / "train", rng.normal(size=(50, 8)), shard_size=16)
-    tasks = {"a": write_store(tmp_path / "a", rng.normal(size=(3, 8))), "b": write_store(tmp_path / "b", rng.normal(size=(5, 8)))}
+    tasks = {
+        "a": write_store(tmp_path / "a", rng.normal(size=(3, 8))),
+        "b": write_store(tmp_path / "b", rng.normal(size=(5, 8))),
+    }
     default = compute_influence(train, tasks, batch_size=7)
     # datasets' convention for map results: cache-<fingerprint>.arrow beside the input's files.
     assert [os.path.dirname(f["filename"]) for f in default.cache_files] == [os.path.join(train, "shards")]
@@ -275,7 +288,9 @@ def test_selection_matches_brute_force_with_ties(seed):
         if seed % 2:
             mat[:, 0] = rng.normal(size=n)  # one continuous task among tied ones
         index = rng.permutation(3 * n)[:n]  # row order is not index order
-        table = Dataset.from_dict({"index": index.tolist(), **{f"influence_t{j}": mat[:, j].tolist() for j in range(k)}})
+        table = Dataset.from_dict(
+            {"index": index.tolist(), **{f"influence_t{j}": mat[:, j].tolist() for j in range(k)}}
+        )
         # vote with no floor is the paper's rule; vote with the default floor (1.0) and with half of it.
         for method, floor in (("vote", 0.0), ("vote", None), ("vote", 0.5), ("rank", None), ("mean", None),
                               ("max", None), ("task", None)):

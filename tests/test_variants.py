@@ -39,7 +39,9 @@ def test_balanced_influence_matches_loops(tmp_path):
     train = [rng.normal(size=(n, dim)) for _ in lrs]
     train_paths = [write_store(tmp_path / f"train{c}", train[c], lr=lrs[c], weights=f"w{c}") for c in range(2)]
     val = {name: [rng.normal(size=(k, dim)) for _ in lrs] for name, k in (("a", 4), ("b1", 2), ("b2", 3))}
-    paths = {name: [write_store(tmp_path / f"{name}{c}", val[name][c], weights=f"w{c}") for c in range(2)] for name in val}
+    paths = {
+        name: [write_store(tmp_path / f"{name}{c}", val[name][c], weights=f"w{c}") for c in range(2)] for name in val
+    }
     tasks = {"a": paths["a"], "b": {"b1": paths["b1"], "b2": paths["b2"]}}
     weights = [lr / sum(lrs) for lr in lrs]
 
@@ -50,7 +52,9 @@ def test_balanced_influence_matches_loops(tmp_path):
         out = []
         for name in names:
             for v in range(len(val[name][0])):
-                out.append([sum(w * cos(train[c][z], val[name][c][v]) for c, w in enumerate(weights)) for z in range(n)])
+                out.append(
+                    [sum(w * cos(train[c][z], val[name][c][v]) for c, w in enumerate(weights)) for z in range(n)]
+                )
         return out
 
     def quota(names):
@@ -60,7 +64,9 @@ def test_balanced_influence_matches_loops(tmp_path):
     def zscore(names):
         cols = columns(names)
         stats = [(sum(col) / n, math.sqrt(sum((x - sum(col) / n) ** 2 for x in col) / n)) for col in cols]
-        return [sum((col[z] - mu) / sd for col, (mu, sd) in zip(cols, stats)) / len(cols) for z in range(n)]
+        return [
+            sum((col[z] - mu) / sd for col, (mu, sd) in zip(cols, stats, strict=True)) / len(cols) for z in range(n)
+        ]
 
     for mode, expected in (("quota", quota), ("zscore", zscore)):
         scores = balanced_influence(train_paths, tasks, mode=mode)
@@ -169,11 +175,16 @@ def test_adam_feature_diagnostics_matches_per_example_autograd(tiny_lora_llama, 
         feats.append(torch.cat(f))
         moms.append(torch.cat(m))
         grads.append(torch.cat(g))
-    share = np.mean([float(m.norm() / f.norm()) for f, m in zip(feats, moms)])
-    mom_cos = np.mean([float(torch.dot(f, m) / (f.norm() * m.norm())) for f, m in zip(feats, moms)])
+    share = np.mean([float(m.norm() / f.norm()) for f, m in zip(feats, moms, strict=True)])
+    mom_cos = np.mean([float(torch.dot(f, m) / (f.norm() * m.norm())) for f, m in zip(feats, moms, strict=True)])
 
     def mean_pairwise(vectors):
-        vals = [float(torch.dot(x, y) / (x.norm() * y.norm())) for i, x in enumerate(vectors) for j, y in enumerate(vectors) if i != j]
+        vals = [
+            float(torch.dot(x, y) / (x.norm() * y.norm()))
+            for i, x in enumerate(vectors)
+            for j, y in enumerate(vectors)
+            if i != j
+        ]
         return np.mean(vals)
 
     assert out["rows"] == 6

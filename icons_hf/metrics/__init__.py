@@ -24,7 +24,9 @@ def metric_path(name: str) -> str:
         raise ValueError(f"unknown metric {name!r}; icons_hf ships: {', '.join(METRICS)}.")
     path = os.path.join(_HERE, name)
     if not os.path.isfile(os.path.join(path, f"{name}.py")):
-        raise FileNotFoundError(f"{path}/{name}.py is missing; reinstall icons_hf (the metric modules are package data).")
+        raise FileNotFoundError(
+            f"{path}/{name}.py is missing; reinstall icons_hf (the metric modules are package data)."
+        )
     return path
 
 

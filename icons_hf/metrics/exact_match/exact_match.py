@@ -64,7 +64,13 @@ class ExactMatch(evaluate.Metric):
         )
 
     def _compute(
-        self, predictions, references, ignore_case=False, ignore_punctuation=False, strip=True, normalize_whitespace=False
+        self,
+        predictions,
+        references,
+        ignore_case=False,
+        ignore_punctuation=False,
+        strip=True,
+        normalize_whitespace=False,
     ):
         if len(predictions) != len(references):
             raise ValueError(f"got {len(predictions)} predictions but {len(references)} references; give one each.")
@@ -72,7 +78,7 @@ class ExactMatch(evaluate.Metric):
             raise ValueError("no predictions were given; add_batch() or pass predictions= and references=.")
         options = (ignore_case, ignore_punctuation, strip, normalize_whitespace)
         hits = 0
-        for i, (prediction, refs) in enumerate(zip(predictions, references)):
+        for i, (prediction, refs) in enumerate(zip(predictions, references, strict=True)):
             refs = [refs] if isinstance(refs, str) else list(refs)
             if not refs:
                 raise ValueError(f"example {i} has no reference; give at least one.")

@@ -102,7 +102,7 @@ class VqaAccuracy(evaluate.Metric):
         if not predictions:
             raise ValueError("no predictions were given; add_batch() or pass predictions= and references=.")
         scores = []
-        for i, (prediction, refs) in enumerate(zip(predictions, references)):
+        for i, (prediction, refs) in enumerate(zip(predictions, references, strict=True)):
             refs = [refs] if isinstance(refs, str) else list(refs)
             if not refs:
                 raise ValueError(f"question {i} has no reference answer; give at least one.")
