@@ -36,7 +36,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from rules import RULE_NAMES  # noqa: E402  (the folder is put on the path first)
+from many_rules import RULE_NAMES  # noqa: E402  (the folder is put on the path first)
 
 logger = logging.getLogger("replica_many")
 
@@ -58,11 +58,14 @@ class ManyTaskArguments:
         "help": "Seeds the default was chosen on; the others are reported apart as held out."})
     pools: list[str] = field(default_factory=lambda: ["M1", "M2"], metadata={"help": "Pools (tasks.POOLS)."})
     rules: list[str] = field(default_factory=lambda: list(RULE_NAMES), metadata={"help": "Selection rules."})
-    fractions: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.4], metadata={"help": "Fractions."})
+    fractions: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.4], metadata={
+        "help": "Fractions of the first pool."})
+    other_pool_fractions: list[float] = field(default_factory=lambda: [0.2], metadata={
+        "help": "Fractions of the other pools (the fraction the default is chosen at)."})
     workers: int = field(default=0, metadata={"help": "Worker processes (0: one per CPU core)."})
     pool_size: int = field(default=3000, metadata={"help": "Pool rows."})
     validation_per_task: int = field(default=16, metadata={"help": "Validation rows per task (split over subtasks)."})
-    test_per_leaf: int = field(default=200, metadata={"help": "Test questions per task or subtask."})
+    test_per_leaf: int = field(default=100, metadata={"help": "Test questions per task or subtask."})
     hidden: int = field(default=64, metadata={"help": "Model width."})
     base_rows: int = field(default=2000, metadata={"help": "Rows of the base model's corpus."})
     base_steps: int = field(default=150, metadata={"help": "Base model training steps (batch 64)."})
@@ -72,7 +75,7 @@ class ManyTaskArguments:
     warmup_batch_size: int = field(default=16, metadata={"help": "Warmup batch size."})
     checkpoints: int = field(default=2, metadata={"help": "Warmup checkpoints with features."})
     dim: int = field(default=2048, metadata={"help": "Projected feature dimension."})
-    train_steps: int = field(default=300, metadata={"help": "Stage-two steps, the same for every rule."})
+    train_steps: int = field(default=200, metadata={"help": "Stage-two steps, the same for every rule."})
     batch_size: int = field(default=32, metadata={"help": "Stage-two batch size."})
     learning_rate: float = field(default=5e-3, metadata={"help": "Warmup and stage-two learning rate."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
@@ -107,11 +110,15 @@ def check_output_dir(args: ManyTaskArguments) -> None:
         json.dump(current, handle, indent=1)
 
 
-def plan_runs(args: ManyTaskArguments) -> list[tuple[str, float]]:
+def plan_runs(args: ManyTaskArguments) -> dict[str, list[tuple[str, float]]]:
+    """Per pool, its (rule, fraction) runs: every fraction on the first pool, ``other_pool_fractions`` on the
+    others; ``full`` at 1.0 everywhere."""
     unknown = [r for r in args.rules if r not in RULE_NAMES]
     if unknown:
         raise ValueError(f"--rules: unknown rule {unknown[0]!r}; known: {', '.join(RULE_NAMES)}.")
-    return [("full", 1.0)] + [(r, f) for r in args.rules for f in args.fractions]
+    return {pool: [("full", 1.0)] + [(r, f) for r in args.rules
+                                     for f in (args.fractions if i == 0 else args.other_pool_fractions)]
+            for i, pool in enumerate(args.pools)}
 
 
 def run_jobs(args: ManyTaskArguments, plan, workers: int) -> dict:
@@ -119,7 +126,7 @@ def run_jobs(args: ManyTaskArguments, plan, workers: int) -> dict:
     The largest jobs of a seed go first so the two workers finish together."""
     import multiprocessing
 
-    import harness
+    import many_harness as harness
 
     counts = {"run": 0, "cached": 0}
     context = multiprocessing.get_context("spawn")
@@ -137,10 +144,10 @@ def run_jobs(args: ManyTaskArguments, plan, workers: int) -> dict:
                 logger.info("done %s %s (%.1fs)%s", job["kind"], what, result["job_wall_s"],
                             " cached" if result.get("cached") else "")
                 if job["kind"] == "base":
-                    nxt = [{"kind": "prep", "seed": job["seed"], "pool": p, "runs": plan} for p in args.pools]
+                    nxt = [{"kind": "prep", "seed": job["seed"], "pool": p, "runs": plan[p]} for p in args.pools]
                 elif job["kind"] == "prep":
                     nxt = [{"kind": "train", "seed": job["seed"], "pool": job["pool"], "rule": r, "fraction": f}
-                           for r, f in sorted(plan, key=lambda run: -run[1])]
+                           for r, f in sorted(plan[job["pool"]], key=lambda run: -run[1])]
                 else:
                     nxt = []
                 for n in nxt:
@@ -173,7 +180,7 @@ def main(argv=None) -> dict:
     invocations.append(timing)
     with open(log_path, "w") as handle:
         json.dump(invocations, handle, indent=1)
-    import report
+    import many_report as report
 
     results = report.collect(args, plan, invocations)
     paths = report.write(results, args.report_dir, args.report_name)

@@ -8,9 +8,9 @@ import os
 
 import numpy as np
 
-from harness import KINDS, read_json, run_key
-from rules import RULES
-from tasks import POOLS, TARGETS
+from many_harness import KINDS, read_json, run_key
+from many_rules import RULES
+from many_tasks import POOLS, TARGETS
 
 DEFAULT = "default"
 # The easy-VQA replica's rules that are the same rules as this replica's (benchmarks/results/replica.json).
@@ -36,7 +36,7 @@ def collect(args, plan, invocations) -> dict:
         runs[pool], composition[pool] = {}, {}
         seeds = [s for s in args.seeds if _run(args, s, pool, "full", 1.0)]
         seeds_done[pool] = seeds
-        for rule, fraction in plan:
+        for rule, fraction in plan[pool]:
             key = run_key(rule, fraction)
             per_seed = {}
             for s in seeds:
@@ -110,7 +110,7 @@ def figure(results, path, rules, fractions) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pools = list(results["runs"])
+    pools = list(results["runs"])[:1]
     fig, axes = plt.subplots(1, len(pools), figsize=(6 * len(pools), 4), squeeze=False)
     for ax, pool in zip(axes[0], pools):
         for rule in rules:
@@ -283,13 +283,14 @@ def markdown(results, name) -> list[str]:
               "mean over the 8 tasks of accuracy / full-pool accuracy (same seed), mean ± sample std over seeds.", "",
               "Rules:", ""]
     lines += [f"- `{r}`: {h}" for r, h in results["rules"].items() if r in rules]
-    for pool in results["runs"]:
-        lines += ["", f"## Pool {pool}: relative performance by fraction (seeds {results['seeds_done'][pool]})", "",
-                  f"![relative performance]({name}.png)", ""]
-        lines += fraction_table(results, pool, rules, fractions)
+    for i, pool in enumerate(results["runs"]):
+        pool_fractions = fractions if i == 0 else args["other_pool_fractions"]
+        lines += ["", f"## Pool {pool}: relative performance by fraction (seeds {results['seeds_done'][pool]})", ""]
+        lines += [f"![relative performance]({name}.png)", ""] if i == 0 else []
+        lines += fraction_table(results, pool, rules, pool_fractions)
         if held:
             lines += ["", f"Held-out seeds {held} alone:", ""]
-            lines += fraction_table(results, pool, rules, fractions, set(held))
+            lines += fraction_table(results, pool, rules, pool_fractions, set(held))
         lines += ["", f"### Pool {pool} at 20%: accuracy % by task, paired difference against random, what is kept", ""]
         lines += rule_table(results, pool, [r for r in rules], 0.2)
     lines += ["", "## Choosing the default across both regimes (20%)", ""] + _decision_lines(results)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tasks import ALL_ANSWERS, PAD_ID, TARGETS, TOKEN, VOCAB, encode, leaf_tasks
+from many_tasks import ALL_ANSWERS, PAD_ID, TARGETS, TOKEN, VOCAB, encode, leaf_tasks
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -13,9 +13,9 @@ import time
 import numpy as np
 import torch
 
-from model import add_lora, as_dataset, evaluate, new_model, tensorize, test_sets, train_fixed_steps
-from rules import RULE_NAMES, select_rows
-from tasks import (OFF_TASK, POOLS, SUBTASKS, TARGETS, balanced_questions, build_pool, fact_table, leaf_tasks,
+from many_model import add_lora, as_dataset, evaluate, new_model, tensorize, test_sets, train_fixed_steps
+from many_rules import RULE_NAMES, select_rows
+from many_tasks import (OFF_TASK, POOLS, SUBTASKS, TARGETS, balanced_questions, build_pool, fact_table, leaf_tasks,
                    question)
 
 logger = logging.getLogger("replica_many")
