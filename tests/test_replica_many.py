@@ -59,8 +59,11 @@ def test_pool_kinds_shares_and_answers(many, pool, seed):
         segs = row["segments"]
         if row["kind"] == "generalist":
             assert 2 <= len(segs) <= 3 and len({tasks_of(q) for q, _ in segs}) == len(segs)
+        elif row["kind"] == "near_duplicate":
+            assert row["prefix"] == "." and any(o["segments"] == segs and o["kind"] in ("single", "generalist")
+                                                for o in rows)
         else:
-            assert len(segs) == 1
+            assert len(segs) == 1 and row["prefix"] == ""
         for q, a in segs:
             if row["kind"] == "wrong":
                 assert a != solve(q, facts) and a in tasks.ANSWERS[row["task"]]

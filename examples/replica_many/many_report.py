@@ -13,6 +13,21 @@ from many_rules import RULES
 from many_tasks import POOLS, TARGETS
 
 DEFAULT = "default"
+# Written and committed before the held-out seeds were run; the report prints it as is.
+DECISION_RULE = (
+    "Fixed before the held-out seeds (3, 4, 5) were run, after one exploratory seed of a longer-trained "
+    "configuration. At 20%, on every pool of both families (easy-VQA A and B over their 6 seeds; M1 and M2 over "
+    "the many-task seeds), a rule must (i) beat random: the difference of the means exceeds the larger of the two "
+    "standard deviations, and (ii) lose to no other measured rule by more than the larger of the two standard "
+    "deviations. Candidates are the rules measured on all four pools: `default` (floor 1), `floor50`, `floor0` and "
+    "`paper` (on easy-VQA: `icons-sgd-balanced-floor`, `-floor50`, `icons-sgd-balanced`, `icons-sgd`). Of the "
+    "candidates that pass (i) and (ii) everywhere, the one with the best worst case (the smallest paired "
+    "difference against random over the pools) becomes the default; if none passes, the best worst case, said as "
+    "such. The choice is made on seeds 0-2 of the many-task pools and then checked, unchanged, on the held-out "
+    "seeds. A rule measured on the many-task pools only (`floor25`, `floor-vote`, `kmeans`) is recommended only "
+    "if it passes there and beats the chosen rule's worst case on M1 and M2; it would then need the easy-VQA "
+    "replica rerun before it can become the library default."
+)
 # The easy-VQA replica's rules that are the same rules as this replica's (benchmarks/results/replica.json).
 EASY_VQA_NAMES = {"default": "icons-sgd-balanced-floor", "floor50": "icons-sgd-balanced-floor50",
                   "floor0": "icons-sgd-balanced", "paper": "icons-sgd", "random": "random"}
@@ -293,7 +308,8 @@ def markdown(results, name) -> list[str]:
             lines += fraction_table(results, pool, rules, pool_fractions, set(held))
         lines += ["", f"### Pool {pool} at 20%: accuracy % by task, paired difference against random, what is kept", ""]
         lines += rule_table(results, pool, [r for r in rules], 0.2)
-    lines += ["", "## Choosing the default across both regimes (20%)", ""] + _decision_lines(results)
+    lines += ["", "## Choosing the default across both regimes (20%)", "", "The rule: " + DECISION_RULE, ""]
+    lines += _decision_lines(results)
     lines += ["## Base model (no stage two)", "", "| seed | " + " | ".join(TARGETS) + " |", "|---" * (len(TARGETS) + 1) + "|"]
     lines += [f"| {s} | " + " | ".join(f"{acc[t]:.0f}" for t in TARGETS) + " |" for s, acc in results["base"].items()]
     lines += ["", "## Cost", ""]
