@@ -49,7 +49,8 @@ def collect(args, plan, invocations) -> dict:
     runs, composition, seeds_done = {}, {}, {}
     for pool in args.pools:
         runs[pool], composition[pool] = {}, {}
-        seeds = [s for s in args.seeds if _run(args, s, pool, "full", 1.0)]
+        # Only seeds whose every run finished: a partly run seed would compare rules on different seeds.
+        seeds = [s for s in args.seeds if all(_run(args, s, pool, r, f) for r, f in plan[pool])]
         seeds_done[pool] = seeds
         for rule, fraction in plan[pool]:
             key = run_key(rule, fraction)
