@@ -138,6 +138,7 @@ def figure(results, path, rules, fractions) -> None:
                             marker="o", linewidth=2.5 if rule == DEFAULT else 1)
         ax.axhline(100, color="gray", linestyle=":")
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks([100 * f for f in fractions], [f"{f:.0%}" for f in fractions])
         ax.set_title(f"pool {pool}")
         ax.set_xlabel("fraction of the pool")
@@ -274,6 +275,24 @@ def _decision_lines(results) -> list[str]:
     return lines
 
 
+def _summary_lines(results) -> list[str]:
+    args = results["arguments"]
+    held = [s for s in args["seeds"] if s not in args["choice_seeds"]]
+    lines = []
+    for pool in results["runs"]:
+        for rule in ("default", "paper", "floor50", "floor0"):
+            st, sh = stats(results, pool, rule, 0.2), stats(results, pool, rule, 0.2, set(held))
+            if st and "difference" in st:
+                lines.append(f"- Pool {pool}, 20%: `{rule}` {_fmt(st['relative'])}% of full vs random "
+                             f"{_fmt(st['random'])}%; paired difference {_fmt(st['difference'])} points"
+                             + (f" (held-out seeds {held}: {_fmt(sh['difference'])})" if sh and "difference" in sh else "") + ".")
+    d = results["decision"]
+    lines.append(f"- Choice across both regimes (rule below): on the choice seeds `{d['choice']['best']}`; "
+                 f"rules passing on every pool: {', '.join(d['choice']['passing']) or 'none'} (no rule beats random by "
+                 "more than one std on easy-VQA pool A), so the best worst case decides.")
+    return lines
+
+
 def markdown(results, name) -> list[str]:
     args = results["arguments"]
     rules, fractions = args["rules"], args["fractions"]
@@ -281,6 +300,7 @@ def markdown(results, name) -> list[str]:
     lines = ["# Many-task replica: does consensus pay with eight target tasks?", "",
              "Regenerate everything on this page with one command (resumable from `--output_dir`):", "",
              "```", "python examples/replica_many/replica_many.py", "```", "",
+             "## Summary", "", *_summary_lines(results), "",
              "## Setup", "", (__import__("replica_many").__doc__ or "").split("\n\n")[1].replace("\n", " "), "",
              "| target task | questions |", "|---|---|"]
     lines += [f"| `{t}` | {h} |" for t, h in TASK_HELP.items()]
