@@ -7,9 +7,15 @@ the measurement alone:
 * ``numpy``: the bare reference: every shard's feature block opened with ``np.memmap`` and multiplied by the
   ``dim x tasks`` matrix of mean validation vectors (float32), shard by shard; for the balanced specialists by the
   ``dim x (tasks x val_rows)`` matrix of every validation example's unit vector (the product they need);
-* ``icons``: ``icons_hf.compute_influence(train, tasks, specialist=...)`` for each ``--specialist``.
+* ``stream``: the streaming path that scoring used before it became a ``Dataset.map`` (``streaming_baseline.py``:
+  ``iter_store_batches`` batch by batch, the balanced specialists' cosines through a temporary column file);
+* ``icons``: ``icons_hf.compute_influence(train, tasks, specialist=...)`` for each ``--specialist`` (the
+  ``Dataset.map`` path), computing from scratch (its cache file is removed before every run);
+* ``cached``: the same call again, unchanged: served from the cache file the previous ``icons`` run wrote.
 
-Each is run twice, alternating, and the best time is kept (the store is in the page cache after the first pass).
+Each is run ``--repeats`` times, alternating, and the best time is kept (the store is in the page cache after the
+first pass). The ratio that matters is ``icons / stream`` (target: at most 1.25), in wall time and in process CPU
+time (on a shared machine wall time swings between identical runs, CPU time far less).
 Peak RSS is the child's high-water mark (``VmHWM``); ``import RSS`` is the child's RSS right after importing its libraries.
 
     python benchmarks/influence.py                      # 100K rows x 8192 x 10 tasks (1.6 GB on disk)
@@ -33,6 +39,7 @@ import time
 import numpy as np
 
 GiB = 1024**3
+KINDS = ("numpy", "stream", "icons", "cached")
 SHARD = 4096
 
 
@@ -104,18 +111,30 @@ def child_numpy(train: str, means: np.ndarray) -> dict:
     return {"seconds": seconds, "rows": rows, "checksum": checksum, "import_rss_kib": import_rss}
 
 
-def child_icons(train: str, tasks: dict, specialist: str) -> dict:
+def child_icons(train: str, tasks: dict, specialist: str, kind: str) -> dict:
     from datasets.utils.logging import disable_progress_bar
 
     from icons_hf import compute_influence
 
     disable_progress_bar()
+    cache = os.path.join(os.path.dirname(train), f"scores-{specialist}.arrow")
+    if kind == "icons":
+        for name in (cache, f"{cache}.icons.json"):
+            if os.path.exists(name):
+                os.remove(name)
     import_rss = _rss_now_kib()
-    start = time.perf_counter()
-    scores = compute_influence(train, tasks, specialist=specialist, work_dir=os.path.dirname(train))
+    start, cpu = time.perf_counter(), time.process_time()
+    if kind == "stream":
+        from streaming_baseline import stream_influence
+
+        scores = stream_influence(train, tasks, specialist=specialist, work_dir=os.path.dirname(train))
+    else:
+        scores = compute_influence(train, tasks, specialist=specialist, work_dir=os.path.dirname(train),
+                                   cache_file_name=cache)
     first = scores.data.column(f"influence_{next(iter(tasks))}").to_numpy()
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "rows": len(scores), "checksum": float(first.sum()), "import_rss_kib": import_rss}
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return {"seconds": seconds, "cpu_seconds": cpu, "rows": len(scores), "checksum": float(first.sum()),
+            "import_rss_kib": import_rss}
 
 
 def validation_matrix(tasks: dict, specialist: str) -> np.ndarray:
@@ -163,19 +182,24 @@ def bench_size(rows: int, args, workdir: str) -> dict:
             "specialists": {},
         }
         for specialist in args.specialist:
-            results = {"numpy": [], "icons": []}
+            results = {kind: [] for kind in KINDS}
             for _ in range(args.repeats):
-                results["numpy"].append(run_child("numpy", train, tasks, specialist))
-                results["icons"].append(run_child("icons", train, tasks, specialist))
+                for kind in KINDS:
+                    results[kind].append(run_child(kind, train, tasks, specialist))
             best = {k: min(v, key=lambda r: r["seconds"]) for k, v in results.items()}
             peak = {k: max(r["peak_rss_kib"] for r in v) for k, v in results.items()}
             entry = {}
-            for kind in ("numpy", "icons"):
+            for kind in KINDS:
                 entry[f"{kind}_seconds"] = best[kind]["seconds"]
                 entry[f"{kind}_rows_per_s"] = rows / best[kind]["seconds"]
                 entry[f"{kind}_peak_rss_gib"] = peak[kind] / 1024**2
                 entry[f"{kind}_import_rss_gib"] = best[kind]["import_rss_kib"] / 1024**2
             entry["icons_over_numpy_time"] = best["icons"]["seconds"] / best["numpy"]["seconds"]
+            entry["icons_over_stream_time"] = best["icons"]["seconds"] / best["stream"]["seconds"]
+            cpu = {k: min(r["cpu_seconds"] for r in results[k]) for k in ("stream", "icons")}
+            entry["icons_over_stream_cpu"] = cpu["icons"] / cpu["stream"]
+            entry["cpu_seconds"] = cpu
+            entry["same_scores"] = best["icons"]["checksum"] == best["stream"]["checksum"]
             entry["all_seconds"] = {k: [round(r["seconds"], 2) for r in v] for k, v in results.items()}
             out["specialists"][specialist] = entry
         return out
@@ -196,7 +220,7 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the synthetic stores")
     parser.add_argument("--specialist", nargs="+", default=["mean", "balanced"],
                         choices=["mean", "balanced", "zscore"], help="compute_influence specialists to measure")
-    parser.add_argument("--child", choices=["numpy", "icons"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=list(KINDS), help=argparse.SUPPRESS)
     parser.add_argument("--train", help=argparse.SUPPRESS)
     parser.add_argument("--tasks-json", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -207,7 +231,7 @@ def main(argv=None) -> int:
         if args.child == "numpy":
             result = child_numpy(args.train, validation_matrix(tasks, specialist))
         else:
-            result = child_icons(args.train, tasks, specialist)
+            result = child_icons(args.train, tasks, specialist, args.child)
         # VmHWM: this process's own peak (ru_maxrss would include the parent's size at fork time).
         result["peak_rss_kib"] = _status_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         print(json.dumps(result))
@@ -228,9 +252,15 @@ def main(argv=None) -> int:
                 f"  specialist={specialist}\n"
                 f"    numpy memmap matmul : {r['numpy_rows_per_s']:>10,.0f} rows/s  {r['numpy_seconds']:7.2f} s  "
                 f"peak RSS {r['numpy_peak_rss_gib']:.2f} GiB (after imports {r['numpy_import_rss_gib']:.2f})\n"
+                f"    streaming (before)  : {r['stream_rows_per_s']:>10,.0f} rows/s  {r['stream_seconds']:7.2f} s  "
+                f"peak RSS {r['stream_peak_rss_gib']:.2f} GiB (after imports {r['stream_import_rss_gib']:.2f})\n"
                 f"    compute_influence   : {r['icons_rows_per_s']:>10,.0f} rows/s  {r['icons_seconds']:7.2f} s  "
                 f"peak RSS {r['icons_peak_rss_gib']:.2f} GiB (after imports {r['icons_import_rss_gib']:.2f})\n"
-                f"    time ratio icons/numpy: {r['icons_over_numpy_time']:.2f}   all runs (s): {r['all_seconds']}"
+                f"    cached rerun        : {r['cached_rows_per_s']:>10,.0f} rows/s  {r['cached_seconds']:7.2f} s\n"
+                f"    CPU time (best) stream {r['cpu_seconds']['stream']:.2f} s, icons {r['cpu_seconds']['icons']:.2f} s: "
+                f"ratio icons/stream {r['icons_over_stream_cpu']:.2f}\n"
+                f"    time ratio icons/stream: {r['icons_over_stream_time']:.2f}  icons/numpy: "
+                f"{r['icons_over_numpy_time']:.2f}  same scores: {r['same_scores']}   all runs (s): {r['all_seconds']}"
             )
     return 0
 

@@ -1,266 +1,182 @@
 """Generalist selection: combine per-task influence columns into one subset.
 
-Methods (``select(method=...)``); ``n = floor(fraction * N)`` rows are kept in every case:
+:func:`select` takes its defaults from :class:`icons_hf.settings.SelectionSettings` (presets ``"default"`` and
+``"paper"``); the rule (``method``) is one of the registered consensus rules of :mod:`icons_hf.rules`:
 
-* ``vote`` (ICONS, default): per task a threshold ``tau_k`` at ``threshold_percentile`` of its scores (NumPy's
-  linear-interpolation percentile); ``votes(z) = sum_k 1[I_k(z) > tau_k]``; rows ranked by votes.
-* ``mean``: the mean of the raw task scores.
-* ``max``: the maximum of the raw task scores.
+* ``vote`` (ICONS, default): per task a threshold ``tau_k`` at a percentile of its scores (NumPy's
+  linear-interpolation percentile); ``votes(z) = sum_k 1[I_k(z) > tau_k]`` (``>=`` with ``threshold_inclusive``);
+  rows ranked by votes.
+* ``mean``, ``max``: the mean / maximum of the raw task scores.
 * ``rank``: the mean over tasks of the row's within-task percentile rank.
 * ``norm``: the mean over tasks of z-scored task scores (each task centred and scaled to unit std).
 * ``task``: a single task's score (LESS-style specialist selection); name it with ``task=``.
 * ``random``: a uniformly random subset drawn with ``seed``.
+
+Size: ``int(fraction * N)`` rows (as Python computes it), or exactly ``num_rows``.
 
 Coverage (``task_floor``, any method): before the method's ranking fills the subset, each of the ``K`` tasks
 reserves ``floor(task_floor * n / K)`` rows, its own highest-scoring rows, taken in turns (task order, one row
 each) so that a row wanted by several tasks is counted once and the next task takes its next best; the method's
 ranking then fills the rest. The default is ``task_floor=1.0`` for ``vote`` (every task gets an equal share of
 the subset, and the votes order only the fewer than ``K`` rows the floors leave) and ``0`` for the other
-methods; ``select(method="vote", task_floor=0)`` is the
-paper's rule. Why: with few tasks, votes starve a task whose valuable rows only it likes (rows liked by two tasks
+methods. Why: with few tasks, votes starve a task whose valuable rows only it likes (rows liked by two tasks
 outvote rows liked by one), and in the easy-VQA replica (README) rows above two tasks' thresholds were about as
 clean as the pool while each task's own top rows were cleaner; of the floors measured there (0, 0.5, 1) the full
 floor was best on both pools.
 
+The paper preset (``select(scores, fraction=f, preset="paper")``) is the released ICONS generalist: per task the
+threshold is the ``100 - 100 f`` percentile of its scores, a task votes when its score is ``>=`` the threshold,
+no floor, ``int(f * N)`` rows with the most votes. It gives the released code's vote counts, size and rows
+strictly above / below the cut-off vote count; among rows at the cut-off, the library's tie-break below replaces
+the released code's unstable sort. With ``num_rows`` the threshold percentile is ``100 - 100 num_rows / N``.
+
 Ties are broken deterministically, never by sort order: for ``vote`` by the mean within-task percentile rank
 (the ``rank`` score), then for every method by the ascending row ``index``. Within-task percentile ranks are
 ``(r - 1) / (N - 1)`` with ``r`` the average rank of equal scores (1 = lowest); ``0.5`` for a one-row pool.
+
+The computed columns are attached with ``Dataset.map`` under a fingerprint derived from the table's fingerprint
+and the settings, so an unchanged rerun on a table backed by files reuses the cached result file.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 
 import numpy as np
+import pyarrow as pa
+from datasets.fingerprint import Hasher
 
-from .config import validate_choice
-from .influence import provenance
+from .provenance import Provenance, provenance
+from .ranks import TASK_PREFIX, column_arrays, percentile_ranks, score_matrix, task_columns
+from .rules import RULES, Ranking, RuleInput
+from .settings import DEFAULT_VOTE_FLOOR, SelectionSettings
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("vote", "mean", "max", "rank", "norm", "task", "random")
-DEFAULT_VOTE_FLOOR = 1.0  # select(method="vote") reserves the whole subset as per-task floors by default
-
-
-def task_columns(scores) -> list[str]:
-    cols = [c for c in scores.column_names if c.startswith("influence_")]
-    if not cols:
-        raise ValueError("the score table has no influence_<task> columns; pass the output of compute_influence.")
-    return cols
-
-
-def _sorted_runs(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Positions that sort ``values`` ascending (ties in any order), and for each sorted position whether a run of
-    equal values starts there."""
-    n = len(values)
-    if values.dtype == np.float32 and n < 1 << 32:
-        # float32 (what compute_influence writes): sort 64-bit keys "orderable value bits | row" rather than an
-        # argsort, several times faster. "+ 0" turns -0.0 into 0.0 so that equal values have equal bits; negative
-        # values get their magnitude bits flipped so that the keys compare as the values do.
-        bits = (values + np.float32(0)).view(np.int32)
-        ordered = (bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))).view(np.uint32) ^ np.uint32(0x80000000)
-        keys = ordered.astype(np.uint64)
-        keys <<= np.uint64(32)
-        keys |= np.arange(n, dtype=np.uint64)
-        keys.sort()
-        order = (keys & np.uint64(0xFFFFFFFF)).astype(np.int64)
-        sorted_vals = keys >> np.uint64(32)
-    else:
-        order = np.argsort(values)
-        sorted_vals = values[order]
-    run_start = np.empty(n, dtype=bool)
-    run_start[:1] = True
-    np.not_equal(sorted_vals[1:], sorted_vals[:-1], out=run_start[1:])
-    return order, run_start
-
-
-def _doubled_ranks(values: np.ndarray) -> np.ndarray:
-    """Twice the 0-based average rank of each value (an exact integer: ties at positions s..e-1 share s + e - 1)."""
-    n = len(values)
-    if values.dtype == np.float64:
-        narrow = values.astype(np.float32)
-        if np.array_equal(narrow, values):  # float32 scores held as float64: same order, faster sort
-            values = narrow
-    # Equal values get the same average rank whatever order the sort leaves them in, so any sort will do.
-    order, run_start = _sorted_runs(values)
-    starts = np.flatnonzero(run_start)
-    ends = np.append(starts[1:], n)
-    doubled = np.empty(n, dtype=np.int64)
-    doubled[order] = (starts + ends - 1)[np.cumsum(run_start) - 1]
-    return doubled
-
-
-def percentile_ranks(values: np.ndarray) -> np.ndarray:
-    """Within-column percentile rank in [0, 1] with ties sharing their average rank."""
-    values = np.asarray(values)
-    n = len(values)
-    if n == 0:
-        return np.zeros(0)
-    if n == 1:
-        return np.full(1, 0.5)
-    return _doubled_ranks(values) / (2.0 * (n - 1))
-
-
-def _mean_rank(mat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean within-task percentile rank of each row, and an exact integer key that orders rows the same way
-    (the sum of doubled ranks), so rows with equal mean ranks compare equal whatever the float rounding."""
-    n, k = mat.shape
-    if n == 1:
-        return np.full(1, 0.5), np.zeros(1, dtype=np.int64)
-    key = np.zeros(n, dtype=np.int64)
-    for j in range(k):
-        key += _doubled_ranks(mat[:, j])
-    return key / (2.0 * (n - 1) * k), key
-
-
-def column_arrays(scores, columns, dtype=None) -> dict[str, np.ndarray]:
-    """Whole columns of a table as NumPy arrays (straight from Arrow: the ``numpy`` formatter of ``datasets``
-    visits every value in Python, minutes for millions of rows)."""
-    table = scores.with_format("arrow", columns=list(columns))[:]
-    out = {}
-    for name in columns:
-        column = table.column(name)
-        if column.null_count:
-            raise ValueError(f"column {name!r} of the score table has {column.null_count} missing values.")
-        values = column.to_numpy()
-        out[name] = values if dtype is None else values.astype(dtype, copy=False)
-    return out
-
-
-def _score_matrix(scores, columns) -> np.ndarray:
-    table = column_arrays(scores, columns, np.float64)
-    mat = np.stack([table[c] for c in columns], axis=1) if len(scores) else np.zeros((0, len(columns)))
-    if not np.all(np.isfinite(mat)):
-        row, col = np.argwhere(~np.isfinite(mat))[0]
-        raise ValueError(f"score table row {int(row)} has a non-finite {columns[col]}; recompute the influence.")
-    return mat
+METHODS = tuple(RULES)  # the rules registered when this module was imported; RULES is the live registry
 
 
 def select(
     scores,
-    fraction: float = 0.2,
-    threshold_percentile: float = 80.0,
-    method: str = "vote",
+    fraction: float | None = None,
+    threshold_percentile: float | None = None,
+    method: str | None = None,
     *,
     task: str | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     num_rows: int | None = None,
     task_floor: float | None = None,
+    threshold_inclusive: bool | None = None,
+    preset: str | None = None,
+    settings: SelectionSettings | dict | None = None,
 ):
-    """Select ``floor(fraction * N)`` rows (or exactly ``num_rows``) from a score table.
+    """Select ``int(fraction * N)`` rows (or exactly ``num_rows``) from a score table.
 
-    ``task_floor``: the share of the subset reserved as equal per-task floors of each task's own top rows
-    (module docstring); ``None`` means 1.0 for ``vote`` and 0 for the other methods, and ``0`` with ``vote`` is the
-    paper's rule.
+    Every argument left ``None`` takes its value from ``settings`` or the ``preset`` (``"default"`` or
+    ``"paper"``, :class:`icons_hf.settings.SelectionSettings`); the default preset is ``fraction=0.2``,
+    ``threshold_percentile=80``, ``method="vote"``, ``task_floor`` 1.0 for vote (0 for other methods).
+    ``preset="paper"`` is the released ICONS rule (module docstring).
 
     Returns the table with added columns: ``votes`` (``vote``), ``consensus`` (the primary ranking score of the
-    method), ``tiebreak`` and the boolean ``selected``. Its ``info.description`` keeps the influence provenance
-    and adds the selection parameters.
+    method), ``tiebreak`` and the boolean ``selected``. Its provenance (:mod:`icons_hf.provenance`) keeps the
+    influence part and adds the selection settings and results.
     """
-    validate_choice("method", method, METHODS)
+    config = SelectionSettings.resolve(
+        settings, preset, fraction=fraction, threshold_percentile=threshold_percentile, method=method, task=task,
+        seed=seed, num_rows=num_rows, task_floor=task_floor, threshold_inclusive=threshold_inclusive)
     n_total = len(scores)
     if n_total == 0:
         raise ValueError("the score table is empty.")
     columns = task_columns(scores)
-    if method == "task" and (task is None or f"influence_{task}" not in columns):
-        known = ", ".join(c[len("influence_"):] for c in columns)
-        raise ValueError(f"method='task' needs task= one of: {known} (got {task!r}).")
-    if num_rows is None:
-        if not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
-            raise ValueError(f"fraction={fraction!r} must be in (0, 1].")
-        n_keep = math.floor(fraction * n_total)
-        if n_keep == 0:
-            raise ValueError(
-                f"fraction={fraction} of {n_total} rows selects no row (floor({fraction} x {n_total}) = 0); raise "
-                "fraction, or pass num_rows."
-            )
-    else:
-        if not (isinstance(num_rows, int) and 0 <= num_rows <= n_total):
-            raise ValueError(f"num_rows={num_rows!r} must be an integer between 0 and {n_total}.")
-        n_keep = num_rows
-    if not (0 <= threshold_percentile <= 100):
-        raise ValueError(f"threshold_percentile={threshold_percentile!r} must be within [0, 100].")
-    if task_floor is None:
-        task_floor = DEFAULT_VOTE_FLOOR if method == "vote" else 0.0
-    if not (isinstance(task_floor, (int, float)) and 0 <= task_floor <= 1):
-        raise ValueError(f"task_floor={task_floor!r} must be a share of the subset within [0, 1].")
-    mat = _score_matrix(scores, columns)
-    index = column_arrays(scores, ["index"])["index"].astype(np.int64)
-    mean_rank = rank_key = None
-    if method in ("vote", "rank"):
-        mean_rank, rank_key = _mean_rank(mat)
-    zeros = np.zeros(n_total)
-    extra = {}
-    thresholds = None
-    # primary, tiebreak: the reported scores; the sort uses the keys (exact integers where they exist).
-    if method == "vote":
-        thresholds = np.percentile(mat, threshold_percentile, axis=0)
-        votes = (mat > thresholds[None, :]).sum(axis=1)
-        primary, tiebreak = votes.astype(np.float64), mean_rank
-        primary_key, tiebreak_key = votes, rank_key
-        extra["votes"] = votes.astype(np.int32)
-    elif method == "rank":
-        primary, tiebreak = mean_rank, zeros
-        primary_key, tiebreak_key = rank_key, zeros
-    else:
-        if method == "mean":
-            primary = mat.mean(axis=1)
-        elif method == "max":
-            primary = mat.max(axis=1)
-        elif method == "norm":
-            std = mat.std(axis=0)
-            std[std == 0] = 1.0
-            primary = ((mat - mat.mean(axis=0)) / std).mean(axis=1)
-        elif method == "task":
-            primary = mat[:, columns.index(f"influence_{task}")]
-        else:  # random
-            primary = np.random.default_rng(seed).random(n_total)
-        tiebreak = zeros
-        primary_key, tiebreak_key = primary, zeros
+    if config.method == "task" and f"{TASK_PREFIX}{config.task}" not in columns:
+        known = ", ".join(c[len(TASK_PREFIX):] for c in columns)
+        raise ValueError(f"method='task' needs task= one of: {known} (got {config.task!r}).")
+    n_keep = config.rows_to_keep(n_total)
+    inputs = RuleInput(
+        matrix=score_matrix(scores, columns), columns=list(column_arrays(scores, columns).values()),
+        task_names=[c[len(TASK_PREFIX):] for c in columns], index=column_arrays(scores, ["index"])["index"].astype(np.int64),
+        percentile=config.percentile(n_total), inclusive=config.threshold_inclusive, task=config.task, seed=config.seed)
+    ranking = RULES[config.method](inputs)
+    selected, floor_rows = _choose(inputs, ranking, n_keep, config)
+    out = with_columns(scores, {**ranking.extra_columns, "consensus": ranking.primary.astype(np.float32),
+                                "tiebreak": ranking.tiebreak.astype(np.float32), "selected": selected},
+                       fingerprint=_selection_fingerprint(scores, config))
+    info = {
+        "settings": config.to_dict(), "method": config.method, "fraction": None if config.num_rows is not None else config.fraction,
+        "num_rows": config.num_rows, "threshold_percentile": None, "thresholds": None,
+        "task": config.task if config.method == "task" else None, "seed": config.seed if config.method == "random" else None,
+        "num_selected": int(n_keep), "num_candidates": int(n_total), "tiebreak": ranking.tiebreak_text,
+        "task_floor": config.floor_share(), **ranking.info,
+    }
+    if floor_rows is not None:
+        info["floor_rows_per_task"] = floor_rows
+    old = Provenance.of(scores)
+    return Provenance(influence=old.influence, selection=info, extra=old.extra).attach(out)
+
+
+def _choose(inputs: RuleInput, ranking: Ranking, n_keep: int, config: SelectionSettings):
+    """The boolean selection: per-task floors first (when asked), then the ranking's best rows; and the floor rows
+    per task (``None`` without floors)."""
+    n_total, n_tasks = inputs.matrix.shape
+    share = config.floor_share()
     selected = np.zeros(n_total, dtype=bool)
-    floor_rows = _reserve_task_floors(mat, index, n_keep, task_floor, selected) if task_floor > 0 else None
+    floor_rows = _reserve_task_floors(inputs.matrix, inputs.index, n_keep, share, selected) if share > 0 else None
     if floor_rows == 0:
         logger.warning(
             "task_floor=%g reserves no row: %d rows are selected for %d tasks (floor(%g x %d / %d) = 0 per task), so "
             "the %r ranking alone decides; select more rows for per-task floors.",
-            task_floor, n_keep, len(columns), task_floor, n_keep, len(columns), method,
+            share, n_keep, n_tasks, share, n_keep, n_tasks, config.method,
         )
     rest = np.flatnonzero(~selected)
-    selected[rest[_top(n_keep - int(selected.sum()), primary_key[rest], tiebreak_key[rest], index[rest])]] = True
+    take = _top(n_keep - int(selected.sum()), ranking.primary_key[rest], ranking.tiebreak_key[rest], inputs.index[rest])
+    selected[rest[take]] = True
     if 0 < n_keep < n_total and floor_rows is None:
-        cut_value = primary_key[selected].min()
-        if (primary_key[~selected] == cut_value).any():
-            logger.info(
-                "%d rows share the cut-off score %.6g; tie broken by %s.",
-                int((primary_key == cut_value).sum()),
-                float(primary[np.flatnonzero(primary_key == cut_value)[0]]),
-                "mean percentile rank, then index" if method == "vote" else "index",
-            )
-    out = scores
-    for name, values in (*extra.items(), ("consensus", primary.astype(np.float32)), ("tiebreak", tiebreak.astype(np.float32)), ("selected", selected)):
-        if name in out.column_names:
-            out = out.remove_columns(name)
-        out = out.add_column(name, np.asarray(values))
-    info = provenance(scores)
-    info["selection"] = {
-        "method": method,
-        "fraction": None if num_rows is not None else fraction,
-        "num_rows": num_rows,
-        "threshold_percentile": threshold_percentile if method == "vote" else None,
-        "thresholds": None if thresholds is None else {c[len('influence_'):]: float(t) for c, t in zip(columns, thresholds)},
-        "task": task if method == "task" else None,
-        "seed": seed if method == "random" else None,
-        "num_selected": int(n_keep),
-        "num_candidates": int(n_total),
-        "tiebreak": "mean within-task percentile rank, then ascending index" if method == "vote" else "ascending index",
-        "task_floor": float(task_floor),
-    }
-    if floor_rows is not None:
-        info["selection"]["floor_rows_per_task"] = floor_rows
-    out.info.description = json.dumps(info)
-    return out
+        cut_value = ranking.primary_key[selected].min()
+        if (ranking.primary_key[~selected] == cut_value).any():
+            logger.info("%d rows share the cut-off score %.6g; tie broken by %s.",
+                        int((ranking.primary_key == cut_value).sum()),
+                        float(ranking.primary[np.flatnonzero(ranking.primary_key == cut_value)[0]]), ranking.tiebreak_text)
+    return selected, floor_rows
+
+
+def _selection_fingerprint(scores, config: SelectionSettings) -> str:
+    """Deterministic across processes: the table's own fingerprint (``datasets`` updates it on every transform)
+    and the settings."""
+    return Hasher.hash(["icons_hf.select/1", getattr(scores, "_fingerprint", None), config.to_dict()])
+
+
+def add_rows_columns(batch: pa.Table, positions, *, columns: dict) -> pa.Table:
+    """``Dataset.map`` function of :func:`with_columns`: the Arrow batch with the given whole columns' values at
+    its rows appended (a same-named column is replaced)."""
+    where = np.asarray(positions, dtype=np.int64)
+    for name, values in columns.items():
+        if name in batch.column_names:
+            batch = batch.drop_columns([name])
+        batch = batch.append_column(name, pa.array(values[where]))
+    return batch
+
+
+def with_columns(table, columns: dict[str, np.ndarray], *, fingerprint: str):
+    """``table`` with ``columns`` (whole NumPy columns, one value per row; same-named columns replaced), added by
+    ``Dataset.map(batched=True)`` under ``fingerprint``: a table backed by files gets a cache file that an
+    unchanged rerun reuses without calling the map function."""
+    for name, values in columns.items():
+        if values.dtype not in (np.dtype(bool), np.dtype(np.int32), np.dtype(np.float32)):
+            raise TypeError(f"column {name!r} has dtype {values.dtype}; use bool, int32 or float32.")
+    # Arrow batches in and out: no value goes through Python objects.
+    return table.with_format("arrow").map(
+        add_rows_columns, batched=True, batch_size=1 << 16, writer_batch_size=1 << 16, with_indices=True,
+        fn_kwargs={"columns": columns},
+        new_fingerprint=fingerprint, desc="select",
+    ).with_format(table.format["type"], **table.format["format_kwargs"])
+
+
+def selected_rows(scores):
+    """The selected rows of a table returned by :func:`select`, in table order (``Dataset.filter``)."""
+    if "selected" not in scores.column_names:
+        raise ValueError("the table has no 'selected' column; call icons_hf.select(scores) first.")
+    return scores.filter(lambda flags: flags, input_columns="selected", batched=True, batch_size=1 << 16, desc="selected")
 
 
 def _reserve_task_floors(mat: np.ndarray, index: np.ndarray, n_keep: int, task_floor: float, selected: np.ndarray) -> int:
@@ -324,7 +240,7 @@ def vote_histogram(scores) -> dict[int, dict[str, int]]:
 def task_overlap(scores, top_fraction: float | None = None) -> dict[str, float]:
     """Per task: the share of that task's own top rows (same size as the selection) that the selection holds."""
     columns = task_columns(scores)
-    mat = _score_matrix(scores, columns)
+    mat = score_matrix(scores, columns)
     table = column_arrays(scores, ["index", "selected"])
     selected, index = table["selected"].astype(bool), table["index"]
     k = int(selected.sum()) if top_fraction is None else math.floor(top_fraction * len(selected))
@@ -333,3 +249,7 @@ def task_overlap(scores, top_fraction: float | None = None) -> dict[str, float]:
         top = np.lexsort((index, -mat[:, j]))[:k]
         out[col[len("influence_"):]] = float(selected[top].mean()) if k else 0.0
     return out
+
+
+__all__ = ["DEFAULT_VOTE_FLOOR", "METHODS", "column_arrays", "percentile_ranks", "provenance", "select",
+           "selected_rows", "task_columns", "task_overlap", "vote_histogram", "with_columns"]

@@ -1,51 +1,77 @@
-"""Specialist scores: per-task influence of every training row, streamed from the train stores.
+"""Specialist scores: per-task influence of every training row, as a ``Dataset.map`` over the train stores.
 
 With checkpoints ``c`` of weight ``w_c``, a pool row ``z`` and a validation example ``v`` of task ``k`` have the
-weighted cosine ``c_v(z) = sum_c w_c cos(g_z^c, g_v^c)``. The *specialist* combines a task's examples:
-
-* ``"balanced"`` (default): ``I_k(z) = max_v q_v(z)``, with ``q_v`` the within-pool percentile rank of ``c_v``.
-  A row scores high when it is among the best rows of *some* validation example, so a task's top rows are about
-  the same number per example (the union of their top lists) whatever the example's answer class.
-* ``"zscore"``: every example's column standardised over the pool, ``(c_v - mean c_v) / std c_v``, then averaged.
-* ``"mean"`` (the ICONS paper, following LESS): ``I_k(z) = mean_v c_v(z)``. It equals the cosine with one mean
-  unit vector, so the examples whose cosines spread widest over the pool (typically the answer class the
-  warmup model currently gets wrong) decide the ranking, and the task's top rows drift toward one answer class.
+weighted cosine ``c_v(z) = sum_c w_c cos(g_z^c, g_v^c)``. The *specialist* (:mod:`icons_hf.specialists`, a
+registry) combines a task's examples: ``"balanced"`` (default; max over examples of within-pool percentile
+ranks), ``"zscore"``, ``"mean"`` (the ICONS paper, following LESS; the paper preset) and ``"mean_released"`` (the
+released scripts' unnormalised MME subtasks). Every default comes from :class:`icons_hf.settings.InfluenceSettings`.
 
 Why ``"balanced"`` is the default: in the easy-VQA replica (``examples/replica``, README) the mean specialist's
 selections drift toward one answer and, with the other defaults, lose to random; the balanced one does not.
 
-Computation. ``"mean"``: each task's validation features are reduced once per checkpoint to one mean unit vector
-and scoring the pool is one matrix product per batch of rows, read from the memory-mapped train stores
-(:func:`icons_hf.store.iter_store_batches`: float16 features are converted to float32 a slice at a time and the
-pages of a batch are released once it is scored, so memory does not grow with the pool). ``"balanced"`` and
-``"zscore"``: the product is with every validation example's unit vector (cost grows with the number of
-validation examples ``V``); the cosines go to a temporary ``4 x rows x V``-byte file (``work_dir``) and are read
-back one example's column at a time, so memory is a few vectors of pool length plus the ``dim x V`` validation
-matrix per checkpoint and a block of cosines (at most 2^24 values) being written. Scores are float32: beyond about 16M pool rows,
-neighbouring percentile ranks can round to the same value (ties are then broken as ``select`` documents). Subtasks
-(``{"mme": {"count": ..., "color": ...}}``): ``"mean"`` takes the maximum over the subtasks' scores; the
-balanced specialists pool the subtasks' examples, so a subtask with more examples gets more of the task's top
-rows. Checkpoint weights are the learning rates the train stores recorded, normalised to sum to one; equal weights
-when none were recorded; or an explicit ``checkpoint_weights``.
+What runs where. The pool is scored by one ``Dataset.map(batched=True)`` over checkpoint 0's memory-mapped train
+store(s) (:func:`icons_hf.store.load_gradients`); the map function reads the same rows of the other checkpoints'
+stores by position, multiplies each checkpoint's unit features by its validation matrix (float16 features are
+converted to float32 a slice at a time), sums the checkpoints with their weights and hands the pages of the
+batch back to the operating system, so memory does not grow with the pool.
+
+* Row-wise specialists (``"mean"``, ``"mean_released"``): each task's validation examples are reduced once per
+  checkpoint to one vector per subtask; the map writes the task scores (``max`` over subtasks) directly.
+* Per-example specialists (``"balanced"``, ``"zscore"``): the product is with every validation example's unit
+  vector (cost grows with the number of validation examples ``V``); the map writes each batch's cosines into a
+  temporary ``4 x rows x V``-byte column-major file (``work_dir``; each batch its own rows, so ``num_proc``
+  processes write disjoint ranges), then the task scores are combined column by column (a rank needs the whole
+  column), one column in memory at a time.
+
+Caching. The result is written as ``cache-<fingerprint>.arrow`` beside checkpoint 0's first train store shard
+(``datasets``' convention for ``map`` results), or at ``cache_file_name``; the fingerprint hashes every store's
+metadata and shard files (names, sizes, modification times), the tasks and the settings that change scores. An
+unchanged rerun loads that file and computes nothing; a cache file of other inputs is recomputed and replaced.
+
+Scores are float32: beyond about 16M pool rows, neighbouring percentile ranks can round to the same value (ties
+are then broken as ``select`` documents). Checkpoint weights are the learning rates the train stores recorded,
+normalised to sum to one; equal weights when none were recorded; or an explicit ``checkpoint_weights``. The paper
+preset uses the same learning-rate-weighted sum as LESS when given several checkpoints (the released scripts
+score one checkpoint; with one it is their rule exactly).
+
+Row identity: when the train stores carry a string column ``record_hash``, the score table carries it too, in
+pool order (parts concatenated in order).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import json
 import logging
-import numbers
+import mmap
 import os
 import re
+import shutil
+import sys
+import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+from datasets import Dataset, concatenate_datasets, is_caching_enabled
+from datasets.fingerprint import Hasher, get_temporary_cache_files_directory
 
-from .store import iter_store_batches, read_store_metadata
+from .provenance import Provenance, provenance
+from .settings import InfluenceSettings
+from .specialists import SPECIALISTS as SPECIALIST_REGISTRY
+from .specialists import Specialist
+from .store import iter_store_batches, load_gradients, read_store_metadata
 
 logger = logging.getLogger(__name__)
 
-_TASK_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+TASK_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # a task name becomes the column influence_<task>
+_TASK_NAME = TASK_NAME  # the earlier name, kept until every caller uses TASK_NAME
+SPECIALISTS = tuple(SPECIALIST_REGISTRY)  # registered when this module was imported; the registry is live
+CACHE_VERSION = "icons_hf.influence/2"
+_CHUNK_VALUES = 1 << 23  # float32 values converted at a time (32 MiB)
 
 
 def _as_list(paths) -> list[str]:
@@ -59,7 +85,7 @@ def _normalise_tasks(tasks: Mapping, n_ckpt: int) -> dict[str, dict[str, list[st
         raise ValueError("tasks must be a non-empty mapping task name -> validation store path(s).")
     out = {}
     for task, spec in tasks.items():
-        if not _TASK_NAME.match(str(task)):
+        if not TASK_NAME.match(str(task)):
             raise ValueError(f"task name {task!r} may only use letters, digits, '_', '.', '-' (it names a column).")
         subtasks = spec if isinstance(spec, Mapping) else {task: spec}
         if not subtasks:
@@ -106,167 +132,6 @@ def _require_rows(path: str) -> dict:
             "a task needs at least one validation example."
         )
     return meta
-
-
-def _mean_unit_vector(path: str) -> np.ndarray:
-    meta = _require_rows(path)
-    total, count = np.zeros(int(meta["dim"]), dtype=np.float64), 0
-    for index, features, norms in iter_store_batches(path, 1024):
-        zero = np.flatnonzero(norms == 0)
-        if len(zero):
-            raise ValueError(f"{path}: validation row {int(index[zero[0]])} has a zero gradient; remove it.")
-        total += (features.astype(np.float64) / norms[:, None].astype(np.float64)).sum(axis=0)
-        count += len(index)
-    return total / count
-
-
-_CHUNK_VALUES = 1 << 23  # float32 values converted at a time (32 MiB)
-
-
-def _part_batches(parts: Sequence[str], batch_size: int):
-    """``iter_store_batches`` over the parts of one checkpoint's pool, in order, with row indices offset so that
-    they count pool rows across the parts."""
-    offset = 0
-    for path in parts:
-        for index, features, norms in iter_store_batches(path, batch_size):
-            yield path, index + offset, features, norms
-        offset += int(read_store_metadata(path)["num_rows"])
-
-
-def _train_scores(parts: Sequence[str], means: np.ndarray, batch_size: int):
-    """``(index, float32 rows x columns cosine scores)`` of one checkpoint's train store(s), streamed batch by batch."""
-    dim = means.shape[0]
-    chunk = max(1, _CHUNK_VALUES // dim)
-    buffer = None
-    for path, index, features, norms in _part_batches(parts, batch_size):
-        zero = np.flatnonzero(norms == 0)
-        if len(zero):
-            raise ValueError(f"{path}: row {int(index[zero[0]])} has a zero gradient feature.")
-        out = np.empty((len(index), means.shape[1]), dtype=np.float32)
-        if features.dtype == np.float32:
-            np.matmul(features, means, out=out)
-        else:
-            # float16 has no fast matmul: convert a slice of rows at a time into one reused float32 buffer rather
-            # than allocating the whole batch in float32 (fresh allocations cost page faults on every batch).
-            if buffer is None:
-                buffer = np.empty((chunk, dim), dtype=np.float32)
-            for lo in range(0, len(index), chunk):
-                block = features[lo : lo + chunk]
-                np.copyto(buffer[: len(block)], block)
-                np.matmul(buffer[: len(block)], means, out=out[lo : lo + len(block)])
-        out /= norms[:, None]
-        yield index, out
-
-
-class _Rows:
-    """Takes exactly ``n`` rows at a time from a ``(index, scores)`` stream whatever its batch boundaries."""
-
-    def __init__(self, stream, path: str):
-        self.stream, self.path, self.pending = stream, path, []
-
-    def take(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        parts, have = [], 0
-        while have < n:
-            if not self.pending:
-                try:
-                    self.pending.append(next(self.stream))
-                except StopIteration:
-                    raise ValueError(f"{self.path} holds fewer rows than the first train store.") from None
-            index, scores = self.pending.pop()
-            need = n - have
-            if len(index) > need:
-                self.pending.append((index[need:], scores[need:]))
-                index, scores = index[:need], scores[:need]
-            parts.append((index, scores))
-            have += len(index)
-        if len(parts) == 1:
-            return parts[0]
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-
-SPECIALISTS = ("balanced", "zscore", "mean")
-
-
-def _unit_validation_rows(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(row indices, (dim, rows) float32)``: a validation store's unit feature vectors, one column per example."""
-    _require_rows(path)
-    blocks, indices = [], []
-    for index, features, norms in iter_store_batches(path, 1024):
-        zero = np.flatnonzero(norms == 0)
-        if len(zero):
-            raise ValueError(f"{path}: validation row {int(index[zero[0]])} has a zero gradient; remove it.")
-        blocks.append((features.astype(np.float64) / norms[:, None].astype(np.float64)).astype(np.float32))
-        indices.append(np.asarray(index, dtype=np.int64))
-    return np.concatenate(indices), np.concatenate(blocks, axis=0).T
-
-
-def _cosine_folder(work_dir, cache_file_name, nbytes: int) -> str:
-    """Where the per-example cosine file goes (``work_dir``; else the cache file's folder; else the system's
-    temporary folder), checked to exist and to have room for it."""
-    import shutil
-    import tempfile
-
-    if work_dir is not None:
-        folder, what = os.fspath(work_dir), f"work_dir {os.fspath(work_dir)!r}"
-    elif cache_file_name:
-        folder = os.path.dirname(os.path.abspath(cache_file_name))
-        what = f"the folder of cache_file_name ({folder})"
-    else:
-        folder, what = tempfile.gettempdir(), f"the temporary folder {tempfile.gettempdir()!r}"
-    if not os.path.isdir(folder):
-        raise ValueError(f"{what} does not exist; create it or pass work_dir= (--work-dir) an existing folder.")
-    free = shutil.disk_usage(folder).free
-    if nbytes > free:
-        raise ValueError(
-            f"the balanced specialist needs {nbytes / 2**30:.2f} GiB of temporary space for its per-example cosines "
-            f"(4 bytes x pool rows x validation examples) but {what} has {free / 2**30:.2f} GiB free; pass "
-            "work_dir= (--work-dir) a folder with room, use fewer validation examples, or specialist='mean'."
-        )
-    return folder
-
-
-class _ColumnFile:
-    """Per-validation-example cosines of every pool row, ``columns x rows`` float32 in a temporary file:
-    written a block of rows at a time, read back one whole column at a time (memory stays one column)."""
-
-    def __init__(self, n_columns: int, n_rows: int, work_dir: str | None, block_values: int = 1 << 24):
-        import tempfile
-
-        self.n_columns, self.n_rows = n_columns, n_rows
-        self.folder = tempfile.mkdtemp(prefix="icons_cosines_", dir=work_dir)
-        self.path = os.path.join(self.folder, "cosines.f32")
-        self.handle = open(self.path, "w+b")
-        self.handle.truncate(4 * n_columns * n_rows)
-        self.block_rows = max(1, block_values // max(1, n_columns))
-        self.pending: list[np.ndarray] = []
-        self.pending_rows = 0
-        self.written = 0
-
-    def add(self, scores: np.ndarray) -> None:
-        self.pending.append(np.asarray(scores, dtype=np.float32))
-        self.pending_rows += len(scores)
-        if self.pending_rows >= self.block_rows:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        block = np.ascontiguousarray(np.concatenate(self.pending, axis=0).T)
-        for j in range(self.n_columns):
-            self.handle.seek(4 * (j * self.n_rows + self.written))
-            self.handle.write(block[j].tobytes())
-        self.written += block.shape[1]
-        self.pending, self.pending_rows = [], 0
-
-    def column(self, j: int) -> np.ndarray:
-        self.handle.seek(4 * j * self.n_rows)
-        return np.fromfile(self.handle, dtype=np.float32, count=self.n_rows)
-
-    def close(self) -> None:
-        import shutil
-
-        self.handle.close()
-        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def checkpoint_weights_from_stores(train: Sequence[str]) -> list[float]:
@@ -348,15 +213,44 @@ def resolve_inputs(train, tasks: Mapping, checkpoint_weights: Sequence[float] | 
     return train, tasks, metas, weights
 
 
+@dataclass(frozen=True)
+class InfluencePlan:
+    """Everything the pool's scoring needs, validated: the train store parts per checkpoint, tasks, merged
+    metadata, weights, the specialist, one ``dim x columns`` float32 matrix per checkpoint, which task each
+    column belongs to, and the fingerprint of the result."""
+
+    train: list
+    tasks: dict
+    metas: list
+    weights: list
+    specialist: Specialist
+    matrices: list
+    owners: list
+    n_rows: int
+    fingerprint: str
+    settings: InfluenceSettings
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.tasks)
+
+    def columns_of(self) -> dict[str, list[int]]:
+        """Task -> the matrix columns that belong to it."""
+        return {t: [j for j, (task, _) in enumerate(self.owners) if task == t] for t in self.tasks}
+
+
 def compute_influence(
     train,
     tasks: Mapping,
     *,
-    specialist: str = "balanced",
+    specialist: str | None = None,
     checkpoint_weights: Sequence[float] | None = None,
-    batch_size: int = 4096,
+    batch_size: int | None = None,
     cache_file_name: str | None = None,
     work_dir: str | os.PathLike | None = None,
+    num_proc: int | None = None,
+    preset: str | None = None,
+    settings: InfluenceSettings | Mapping | None = None,
 ):
     """Per-task influence scores of every training row.
 
@@ -366,176 +260,389 @@ def compute_influence(
             rows across the parts in order (part ``i``'s row ``r`` is ``r`` plus the rows of the parts before it).
         tasks: ``task -> validation store path(s)`` (one per checkpoint, same order as ``train``), or
             ``task -> {subtask -> path(s)}``.
-        specialist: how a task's validation examples are combined (module docstring): ``"balanced"`` (default;
-            every validation example gets an equal quota of top rows), ``"zscore"``, or ``"mean"`` (the paper's
-            mean cosine).
+        specialist: how a task's validation examples are combined (:mod:`icons_hf.specialists`): ``"balanced"``
+            (default), ``"zscore"``, ``"mean"`` (the paper's mean cosine) or ``"mean_released"``.
         checkpoint_weights: explicit per-checkpoint weights (normalised to sum to one).
-        batch_size: train rows read per step.
-        cache_file_name: where ``datasets`` writes the score table; kept in memory when ``None``.
-        work_dir: folder for the temporary per-example cosine file of ``"balanced"``/``"zscore"``
+        batch_size: train rows per ``map`` batch (scores do not depend on it).
+        cache_file_name: where the score table is written (default: ``datasets``' cache beside the train store).
+        work_dir: folder for the temporary per-example cosine file of per-example specialists
             (``4 x rows x validation examples`` bytes, removed afterwards; checked for room first); when ``None``,
             the folder of ``cache_file_name`` if given, else the system's temporary folder.
+        num_proc: processes for the ``map`` (scores do not depend on it).
+        preset, settings: :class:`icons_hf.settings.InfluenceSettings` to start from (``"default"``, ``"paper"``);
+            any argument above that is not ``None`` overrides them.
 
     Returns:
-        A ``datasets.Dataset`` with ``index`` and one float32 column ``influence_<task>`` per task, in the train
-        stores' row order. Its ``info.description`` holds the JSON provenance (stores, weights, specialist,
-        projection).
+        A ``datasets.Dataset`` with ``index`` (and ``record_hash`` when the train stores carry it) and one float32
+        column ``influence_<task>`` per task, in the train stores' row order. Its provenance
+        (:func:`icons_hf.provenance.provenance`) holds the stores, weights, projection and the settings.
     """
-    from .config import validate_choice
+    config = InfluenceSettings.resolve(settings, preset, specialist=specialist, batch_size=batch_size,
+                                       checkpoint_weights=checkpoint_weights, num_proc=num_proc)
+    plan = plan_influence(train, tasks, config)
+    target = _result_path(plan, cache_file_name)
+    cached = _load_cached(target, plan.fingerprint)
+    if cached is not None:
+        logger.info("influence served from cache %s", target)
+        return cached
+    scores = _score_pool(plan, target, work_dir, cache_file_name)
+    info = {"influence": influence_provenance(plan.train, plan.tasks, plan.weights, plan.metas,
+                                              specialist=plan.specialist.name, settings=config.to_dict(),
+                                              fingerprint=plan.fingerprint)}
+    files = [f["filename"] for f in scores.cache_files]
+    _write_sidecar(target, {"fingerprint": plan.fingerprint, "files": files, "provenance": info})
+    return _load_cached(target, plan.fingerprint) if files else Provenance.from_dict(info).attach(scores)
 
-    validate_choice("specialist", specialist, SPECIALISTS)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive integer.")
-    batch_size = int(batch_size)
-    train, tasks, metas, weights = resolve_inputs(train, tasks, checkpoint_weights)
 
-    # One matrix per checkpoint. "mean": one column per (task, subtask), its mean unit validation vector.
-    # "balanced"/"zscore": one column per validation example, its unit vector.
-    pairs = [(task, sub) for task, subs in tasks.items() for sub in subs]
-    matrices, owners = [], None
-    for c, parts in enumerate(train):
-        train_path = _name(parts)
-        blocks, owner = [], []
-        for task, sub in pairs:
-            path = tasks[task][sub][c]
-            _check_compatible(metas[c], read_store_metadata(path), train_path, path)
-            if specialist == "mean":
-                block = _mean_unit_vector(path)[:, None]
-                owner.append((task, sub, -1))
-            else:
-                # One column per validation example: the same example (by row index) at every checkpoint.
-                rows, block = _unit_validation_rows(path)
-                owner += [(task, sub, int(r)) for r in rows]
-                first = tasks[task][sub][0]
-                if owners is not None and [o for o in owners if o[:2] == (task, sub)] != [o for o in owner if o[:2] == (task, sub)]:
-                    raise ValueError(
-                        f"validation stores {first} and {path} ({task}{'' if sub == task else '/' + str(sub)}) hold "
-                        "other rows (some were skipped at one checkpoint only); every checkpoint needs the same "
-                        "validation examples: recompute them with the same rows, or use specialist='mean'."
-                    )
-            blocks.append(block)
-        matrices.append(np.concatenate(blocks, axis=1).astype(np.float32))
-        if owners is None:
-            owners = owner
-    owners = [(task, sub) for task, sub, _ in owners]
+def _score_pool(plan: InfluencePlan, target: str, work_dir, cache_file_name):
+    """The score table, written to ``target``: by the row-wise map, or by the per-example map and column step."""
+    pools = [_pool_dataset(parts) for parts in plan.train]
+    if plan.n_rows == 0:  # Dataset.map returns an empty dataset unchanged
+        hashes = {"record_hash": pa.array([], pa.string())} if "record_hash" in pools[0].data.column_names else {}
+        empty = {**hashes, **{f"influence_{t}": pa.array([], pa.float32()) for t in plan.task_names}}
+        return _write_table(pa.table({"index": pa.array([], pa.int64()), **empty}), target)
+    if plan.specialist.per_example:
+        folder = _cosine_folder(work_dir, cache_file_name, 4 * len(plan.owners) * plan.n_rows)
+        return _score_per_example(plan, pools, target, folder)
+    return _map_pool(plan, pools, {"cache_file_name": target})
+
+
+def plan_influence(train, tasks: Mapping, config: InfluenceSettings) -> InfluencePlan:
+    """Validates the inputs and builds the validation matrices (:class:`InfluencePlan`)."""
+    spec = SPECIALIST_REGISTRY[config.specialist]
+    train, tasks, metas, weights = resolve_inputs(train, tasks, config.checkpoint_weights)
+    matrices, owners = validation_matrices(train, tasks, metas, spec)
     for c in range(1, len(train)):
         if metas[c]["num_features"] != metas[0]["num_features"] or metas[c]["num_rows"] != metas[0]["num_rows"]:
-            raise ValueError(f"train stores {_name(train[0])} and {_name(train[c])} hold different rows; compute them on the "
-                             "same pool.")
+            raise ValueError(f"train stores {_name(train[0])} and {_name(train[c])} hold different rows; compute them "
+                             "on the same pool.")
+    stores = [p for parts in train for p in parts] + [p for subs in tasks.values() for ps in subs.values() for p in ps]
+    changing = {k: v for k, v in config.to_dict().items() if k not in ("batch_size", "num_proc")}
+    fingerprint = Hasher.hash([CACHE_VERSION, changing, weights, tasks, [parts for parts in train],
+                               [_store_identity(p) for p in stores]])
+    return InfluencePlan(train, tasks, metas, weights, spec, matrices, owners, int(metas[0]["num_features"]),
+                         fingerprint, config)
 
-    task_names = list(tasks)
-    col_of = {t: [j for j, (task, _) in enumerate(owners) if task == t] for t in task_names}
-    n_rows = int(metas[0]["num_features"])
 
-    from datasets import Dataset, Features, Value
-    from datasets.arrow_writer import ArrowWriter
-    from datasets.table import InMemoryTable
-    from datasets.utils.logging import is_progress_bar_enabled
+def _store_identity(path: str) -> list:
+    """What identifies a store's content for the cache: its metadata and its shard files' names, sizes, times."""
+    folder = os.path.join(path, "shards")
+    files = sorted(f for f in os.listdir(folder) if not f.startswith("cache-")) if os.path.isdir(folder) else []
+    stats = [(f, os.path.getsize(os.path.join(folder, f)), os.path.getmtime(os.path.join(folder, f))) for f in files]
+    return [os.path.abspath(path), read_store_metadata(path), stats]
 
-    features = Features({"index": Value("int64"), **{f"influence_{t}": Value("float32") for t in task_names}})
-    # With cache_file_name the table goes to disk batch by batch; otherwise it is kept in memory (8 + 4 x tasks
-    # bytes per row).
-    writer = ArrowWriter(path=cache_file_name, features=features) if cache_file_name else None
-    kept: dict[str, list] = {name: [] for name in features}
 
-    def emit(batch: dict) -> None:
-        arrays = {name: pa.array(values) for name, values in batch.items()}  # zero-copy views of the arrays
-        if writer is not None:
-            writer.write_table(pa.table(arrays, schema=features.arrow_schema))
-        else:
-            for name, values in arrays.items():
-                kept[name].append(values)
+def _validation_rows(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(row indices, features float64, norms float64)`` of a validation store; a zero gradient is an error."""
+    _require_rows(path)
+    indices, blocks, norms = [], [], []
+    for index, features, norm in iter_store_batches(path, 1024):
+        zero = np.flatnonzero(norm == 0)
+        if len(zero):
+            raise ValueError(f"{path}: validation row {int(index[zero[0]])} has a zero gradient; remove it.")
+        indices.append(np.asarray(index, dtype=np.int64))
+        blocks.append(features.astype(np.float64))
+        norms.append(norm.astype(np.float64))
+    return np.concatenate(indices), np.concatenate(blocks), np.concatenate(norms)
 
-    show = is_progress_bar_enabled()
-    cosines = None
-    if specialist != "mean":
-        work_dir = _cosine_folder(work_dir, cache_file_name, 4 * len(owners) * n_rows)
+
+def validation_matrices(train, tasks, metas, spec: Specialist) -> tuple[list[np.ndarray], list[tuple[str, str]]]:
+    """Per checkpoint the ``dim x columns`` float32 matrix the pool's unit features are multiplied by, and the
+    ``(task, subtask)`` of each column. Per-example specialists need the same validation rows at every
+    checkpoint (matched by row index)."""
+    pairs = [(task, sub) for task, subs in tasks.items() for sub in subs]
+    matrices, first_rows = [], {}
+    owners = []
+    for c, parts in enumerate(train):
+        blocks, owners = [], []
+        for task, sub in pairs:
+            path = tasks[task][sub][c]
+            _check_compatible(metas[c], read_store_metadata(path), _name(parts), path)
+            rows, features, norms = _validation_rows(path)
+            block = spec.reduce_validation(features, norms, subtask=sub != task or len(tasks[task]) > 1)
+            if spec.per_example and not np.array_equal(first_rows.setdefault((task, sub), rows), rows):
+                raise ValueError(
+                    f"validation stores {tasks[task][sub][0]} and {path} ({task}{'' if sub == task else '/' + str(sub)}) "
+                    "hold other rows (some were skipped at one checkpoint only); every checkpoint needs the same "
+                    "validation examples: recompute them with the same rows, or use specialist='mean'."
+                )
+            blocks.append(block)
+            owners += [(task, sub)] * block.shape[1]
+        matrices.append(np.concatenate(blocks, axis=1).astype(np.float32))
+    return matrices, owners
+
+
+@dataclass(frozen=True)
+class PoolDataset:
+    """One checkpoint's pool as one memory-mapped ``Dataset`` (its parts concatenated), with each part's first
+    position (``bounds``) and the pool-row offset of its ``index`` (``offsets``)."""
+
+    data: Dataset
+    bounds: np.ndarray
+    offsets: np.ndarray
+    name: str
+
+    def pool_index(self, positions: np.ndarray, index: np.ndarray) -> np.ndarray:
+        part = np.searchsorted(self.bounds, positions, side="right") - 1
+        return index.astype(np.int64) + self.offsets[part]
+
+
+def _pool_dataset(parts: Sequence[str]) -> PoolDataset:
+    stores = [load_gradients(p) for p in parts]
+    sizes = [len(s) for s in stores]
+    rows = [int(read_store_metadata(p)["num_rows"]) for p in parts]
+    hashes = ["record_hash" in s.column_names for s in stores]
+    if any(hashes) and not all(hashes):
+        raise ValueError(f"{parts[hashes.index(False)]} has no record_hash column while {parts[hashes.index(True)]} "
+                         "has one; recompute the parts with the same version of the extraction.")
+    data = concatenate_datasets(stores) if len(stores) > 1 else stores[0]
+    return PoolDataset(data.with_format("arrow"), np.cumsum([0] + sizes[:-1]), np.cumsum([0] + rows[:-1]), _name(parts))
+
+
+def _feature_block(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """``(index, rows x dim features, norms, whether the features are a zero-copy view of the table's own
+    buffers)`` of an Arrow batch (a view when the batch lies in one shard)."""
+    column = table.column("features")
+    single = column.num_chunks == 1
+    values = (column.chunks[0] if single else column.combine_chunks()).flatten()
     try:
-        if specialist != "mean":
-            cosines = _ColumnFile(len(owners), n_rows, work_dir)
-        indices = []
-        for index, total in _weighted_scores(train, matrices, weights, batch_size, n_rows, show):
-            if cosines is None:
-                emit({"index": index,
-                      **{f"influence_{t}": total[:, col_of[t]].max(axis=1).astype(np.float32) for t in task_names}})
-            else:
-                indices.append(index)
-                cosines.add(total)
-        if cosines is not None:
-            cosines.flush()
-            index = np.concatenate(indices) if indices else np.zeros(0, dtype=np.int64)
-            columns = _combine_examples(cosines, col_of, specialist, show)
-            for start in range(0, max(1, len(index)), batch_size):
-                emit({"index": index[start : start + batch_size],
-                      **{f"influence_{t}": col[start : start + batch_size] for t, col in columns.items()}})
-    finally:
-        if cosines is not None:
-            cosines.close()
-    if writer is not None:
-        writer.finalize()
-        scores = Dataset.from_file(cache_file_name)
+        flat, view = values.to_numpy(zero_copy_only=True), single
+    except pa.ArrowInvalid:
+        flat, view = values.to_numpy(zero_copy_only=False), False
+    return table.column("index").to_numpy(), flat.reshape(len(table), -1), table.column("norm").to_numpy(), view
+
+
+@functools.lru_cache(maxsize=2)
+def _scratch(rows: int, dim: int) -> np.ndarray:
+    """One reused float32 buffer per process (fresh allocations cost page faults on every batch)."""
+    return np.empty((rows, dim), dtype=np.float32)
+
+
+def unit_products(features: np.ndarray, norms: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """``(features / norms) @ matrix`` in float32; float16 rows are converted a slice at a time into a reused
+    float32 buffer (float16 has no fast matmul)."""
+    out = np.empty((len(features), matrix.shape[1]), dtype=np.float32)
+    if features.dtype == np.float32:
+        np.matmul(features, matrix, out=out)
     else:
-        schema = features.arrow_schema
-        # One chunk per batch: no concatenated copy of the columns.
-        chunked = [pa.chunked_array(kept[field.name], type=field.type) for field in schema]
-        scores = Dataset(InMemoryTable(pa.Table.from_arrays(chunked, schema=schema)))
-    scores.info.description = json.dumps(
-        {"influence": influence_provenance(train, tasks, weights, metas, specialist=specialist)}
-    )
-    return scores
-
-
-def _weighted_scores(train: Sequence[str], matrices: Sequence[np.ndarray], weights: Sequence[float], batch_size: int,
-                     n_rows: int, show: bool):
-    """``(index, rows x columns float64)``: ``sum_c w_c cos(g_z^c, column^c)``, streamed from the train stores in
-    lockstep (each checkpoint's rows must list the same indices)."""
-    from tqdm.auto import tqdm
-
-    streams = [_train_scores(p, matrices[c], batch_size) for c, p in enumerate(train)]
-    others = [_Rows(stream, _name(train[c + 1])) for c, stream in enumerate(streams[1:])]
-    progress = tqdm(total=n_rows, desc="influence", unit="row", disable=not show)
-    for index, first in streams[0]:
-        total = weights[0] * first.astype(np.float64)
-        for c, rows in enumerate(others, start=1):
-            other_index, scores = rows.take(len(index))
-            if not np.array_equal(other_index, index):
-                raise ValueError(f"{_name(train[c])} and {_name(train[0])} list different row indices; compute them on the "
-                                 "same pool.")
-            total += weights[c] * scores
-        yield index, total
-        progress.update(len(index))
-    progress.close()
-    for c, rows in enumerate(others, start=1):
-        if rows.pending or next(rows.stream, None) is not None:
-            raise ValueError(f"{_name(train[c])} holds more rows than {_name(train[0])}; compute them on the same pool.")
-
-
-def _combine_examples(cosines: _ColumnFile, col_of: Mapping, specialist: str, show: bool) -> dict[str, np.ndarray]:
-    """Per task, the per-example cosine columns combined: max of percentile ranks (``balanced``) or mean of
-    z-scores (``zscore``); one column in memory at a time."""
-    from tqdm.auto import tqdm
-
-    from .consensus import percentile_ranks
-
-    out = {}
-    progress = tqdm(total=cosines.n_columns, desc="balancing", unit="example", disable=not show)
-    for task, cols in col_of.items():
-        if specialist == "balanced":
-            acc = np.full(cosines.n_rows, -np.inf)
-            for j in cols:
-                np.maximum(acc, percentile_ranks(cosines.column(j)), out=acc)
-                progress.update(1)
-        else:
-            acc = np.zeros(cosines.n_rows)
-            for j in cols:
-                col = cosines.column(j).astype(np.float64)
-                std = col.std()
-                acc += (col - col.mean()) / (std if std > 0 else 1.0)
-                progress.update(1)
-            acc /= len(cols)
-        out[task] = acc.astype(np.float32)
-    progress.close()
+        chunk = max(1, _CHUNK_VALUES // max(1, features.shape[1]))
+        buffer = _scratch(chunk, features.shape[1])
+        for lo in range(0, len(features), chunk):
+            block = features[lo : lo + chunk]
+            np.copyto(buffer[: len(block)], block)
+            np.matmul(buffer[: len(block)], matrix, out=out[lo : lo + len(block)])
+    out /= norms[:, None]
     return out
+
+
+def weighted_products(batch: pa.Table, positions: np.ndarray, pools: Sequence[PoolDataset],
+                      matrices: Sequence[np.ndarray], weights: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """``(pool row index, rows x columns float64 sum_c w_c products)`` of one batch of checkpoint 0's rows and the
+    same positions of the other checkpoints' pools, whose row indices must agree."""
+    lo, hi = int(positions[0]), int(positions[-1]) + 1
+    total, index = None, None
+    for c, pool in enumerate(pools):
+        table = batch if c == 0 else pool.data[lo:hi]
+        if c and len(table) != len(batch):
+            raise ValueError(f"{pool.name} holds fewer rows than {pools[0].name}; compute them on the same pool.")
+        raw_index, features, norms, view = _feature_block(table)
+        rows = pool.pool_index(positions, raw_index)
+        zero = np.flatnonzero(norms == 0)
+        if len(zero):
+            raise ValueError(f"{pool.name}: row {int(rows[zero[0]])} has a zero gradient feature.")
+        if index is None:
+            index = rows
+        elif not np.array_equal(rows, index):
+            raise ValueError(f"{pool.name} and {pools[0].name} list different row indices; compute them on the same pool.")
+        scores = unit_products(features, norms, matrices[c]).astype(np.float64)
+        total = weights[c] * scores if total is None else total + weights[c] * scores
+        if view and pool.data.cache_files:  # pages of the memory-mapped store file, not of a copy
+            release_pages(features)
+    return index, total
+
+
+def score_batch(batch: pa.Table, positions, *, pools, matrices, weights, specialist: str, columns_of: dict,
+                cosine_file: str | None, n_rows: int) -> pa.Table:
+    """The ``Dataset.map`` function: one batch of pool rows -> ``index`` (+ ``record_hash``) and either the task
+    scores (row-wise specialists) or nothing more, its per-example cosines written to ``cosine_file``."""
+    positions = np.asarray(positions, dtype=np.int64)
+    index, total = weighted_products(batch, positions, pools, matrices, weights)
+    out = {"index": pa.array(index)}
+    if "record_hash" in batch.column_names:
+        out["record_hash"] = batch.column("record_hash")
+    if cosine_file is None:
+        combine = SPECIALIST_REGISTRY[specialist].combine
+        for task, cols in columns_of.items():
+            out[f"influence_{task}"] = pa.array(combine(total[:, cols]).astype(np.float32))
+    else:
+        write_cosine_rows(cosine_file, n_rows, int(positions[0]), total.astype(np.float32))
+    return pa.table(out)
+
+
+def _map_pool(plan: InfluencePlan, pools: Sequence[PoolDataset], target: Mapping, cosine_file: str | None = None):
+    """Runs :func:`score_batch` over checkpoint 0's pool (``target``: ``cache_file_name`` of the map)."""
+    kwargs = {"pools": pools, "matrices": plan.matrices, "weights": plan.weights, "specialist": plan.specialist.name,
+              "columns_of": plan.columns_of(), "cosine_file": cosine_file, "n_rows": plan.n_rows}
+    return pools[0].data.map(
+        score_batch, batched=True, batch_size=plan.settings.batch_size, with_indices=True, fn_kwargs=kwargs,
+        num_proc=plan.settings.num_proc, load_from_cache_file=False, new_fingerprint=plan.fingerprint,
+        desc="influence", **target,
+    ).with_format(None)
+
+
+def _score_per_example(plan: InfluencePlan, pools: Sequence[PoolDataset], target: str | None, folder: str):
+    """Per-example specialists: the map writes the cosine file (and the index), then each task's columns are
+    combined one column at a time and the table is written to ``target``."""
+    temp = tempfile.mkdtemp(prefix="icons_cosines_", dir=folder)
+    try:
+        cosine_file = create_cosine_file(temp, len(plan.owners), plan.n_rows)
+        rows = _map_pool(plan, pools, {"cache_file_name": os.path.join(temp, "rows.arrow")}, cosine_file)
+        columns = combine_examples(cosine_file, plan)
+        keep = rows.with_format("arrow")[:]
+        identity = {"index": keep.column("index").cast(pa.int64())} if len(keep) else {"index": pa.array([], pa.int64())}
+        if "record_hash" in keep.column_names:
+            identity["record_hash"] = keep.column("record_hash")
+        table = pa.table({**identity, **{f"influence_{t}": pa.array(col, pa.float32()) for t, col in columns.items()}})
+        if target is None:
+            return Dataset(table)
+        return _write_table(table, target)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _write_table(table: pa.Table, path: str) -> Dataset:
+    """Writes ``table`` as an Arrow stream file at ``path`` (atomically) and opens it memory-mapped."""
+    from datasets.arrow_writer import ArrowWriter
+
+    partial = f"{path}.partial-{os.getpid()}"
+    writer = ArrowWriter(path=partial, schema=table.schema)
+    for batch in table.to_batches(max_chunksize=1 << 16):
+        writer.write_table(pa.Table.from_batches([batch], schema=table.schema))
+    writer.finalize()
+    os.replace(partial, path)
+    return Dataset.from_file(path)
+
+
+def combine_examples(cosine_file: str, plan: InfluencePlan) -> dict[str, np.ndarray]:
+    """Per task, its examples' cosine columns combined by the specialist (one column in memory at a time)."""
+    combine = plan.specialist.combine
+    out = {}
+    for task, cols in plan.columns_of().items():
+        columns = (read_cosine_column(cosine_file, plan.n_rows, j) for j in cols)
+        out[task] = np.asarray(combine(columns, plan.n_rows)).astype(np.float32)
+    return out
+
+
+def create_cosine_file(folder: str, n_columns: int, n_rows: int) -> str:
+    """An empty ``columns x rows`` float32 file (column-major) in ``folder``."""
+    path = os.path.join(folder, "cosines.f32")
+    with open(path, "wb") as handle:
+        handle.truncate(4 * n_columns * n_rows)
+    return path
+
+
+def write_cosine_rows(path: str, n_rows: int, first_row: int, block: np.ndarray) -> None:
+    """Writes ``block`` (``rows x columns`` float32, the rows from ``first_row`` on) into the column-major file."""
+    columns = np.ascontiguousarray(block.T)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for j in range(columns.shape[0]):
+            os.pwrite(fd, columns[j].tobytes(), 4 * (j * n_rows + first_row))
+    finally:
+        os.close(fd)
+
+
+def read_cosine_column(path: str, n_rows: int, j: int) -> np.ndarray:
+    """Column ``j`` (every pool row's cosine with validation example ``j``)."""
+    return np.fromfile(path, dtype=np.float32, count=n_rows, offset=4 * j * n_rows)
+
+
+@functools.lru_cache(maxsize=1)
+def _madvise():
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise
+
+
+def release_pages(block: np.ndarray) -> None:
+    """Hands the pages under ``block``, a read-only view of a memory-mapped file, back to the operating system
+    (Linux; elsewhere nothing): they are file pages, read again if touched, so resident memory stays at about
+    one batch. Never call it on other memory (``MADV_DONTNEED`` zeroes anonymous pages)."""
+    madvise = _madvise()
+    if madvise is None or block.nbytes == 0 or block.flags.writeable:
+        return
+    start = block.__array_interface__["data"][0]
+    end = start + block.nbytes
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the block only
+    last = end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        madvise(first, last - first, mmap.MADV_DONTNEED)
+
+
+def _result_path(plan: InfluencePlan, cache_file_name) -> str | None:
+    """Where the score table goes: ``cache_file_name``; else ``cache-<fingerprint>.arrow`` beside checkpoint 0's
+    first train store shard (``datasets``' own place for ``map`` results) when caching is enabled and that folder
+    is writable, else ``datasets``' temporary cache folder."""
+    if cache_file_name is not None:
+        return os.path.abspath(os.fspath(cache_file_name))
+    name = f"cache-{plan.fingerprint}.arrow"
+    if is_caching_enabled():
+        folder = os.path.join(plan.train[0][0], "shards")
+        if os.access(folder, os.W_OK):
+            return os.path.join(folder, name)
+        logger.info("%s is not writable; the score table goes to datasets' temporary cache folder", folder)
+    return os.path.join(get_temporary_cache_files_directory(), name)
+
+
+def _sidecar(path: str) -> str:
+    return f"{path}.icons.json"
+
+
+def _write_sidecar(path: str, payload: Mapping) -> None:
+    partial = f"{_sidecar(path)}.partial-{os.getpid()}"
+    with open(partial, "w") as handle:
+        json.dump(payload, handle)
+    os.replace(partial, _sidecar(path))
+
+
+def _load_cached(path: str, fingerprint: str):
+    """The score table at ``path`` when its record says it was computed from the same inputs, else ``None``."""
+    try:
+        with open(_sidecar(path)) as handle:
+            record = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    if record.get("fingerprint") != fingerprint or not record.get("files"):
+        return None
+    if not all(os.path.isfile(f) for f in record["files"]):
+        return None
+    parts = [Dataset.from_file(f) for f in record["files"]]
+    table = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    return Provenance.from_dict(record["provenance"]).attach(table)
+
+
+def _cosine_folder(work_dir, cache_file_name, nbytes: int) -> str:
+    """Where the per-example cosine file goes (``work_dir``; else the cache file's folder; else the system's
+    temporary folder), checked to exist and to have room for it."""
+    if work_dir is not None:
+        folder, what = os.fspath(work_dir), f"work_dir {os.fspath(work_dir)!r}"
+    elif cache_file_name:
+        folder = os.path.dirname(os.path.abspath(cache_file_name))
+        what = f"the folder of cache_file_name ({folder})"
+    else:
+        folder, what = tempfile.gettempdir(), f"the temporary folder {tempfile.gettempdir()!r}"
+    if not os.path.isdir(folder):
+        raise ValueError(f"{what} does not exist; create it or pass work_dir= (--work-dir) an existing folder.")
+    free = shutil.disk_usage(folder).free
+    if nbytes > free:
+        raise ValueError(
+            f"the per-example specialist needs {nbytes / 2**30:.2f} GiB of temporary space for its cosines "
+            f"(4 bytes x pool rows x validation examples) but {what} has {free / 2**30:.2f} GiB free; pass "
+            "work_dir= (--work-dir) a folder with room, use fewer validation examples, or specialist='mean'."
+        )
+    return folder
 
 
 def influence_provenance(train: Sequence[str], tasks: Mapping, weights: Sequence[float], metas: Sequence[Mapping], **extra) -> dict:
@@ -557,9 +664,6 @@ def influence_provenance(train: Sequence[str], tasks: Mapping, weights: Sequence
     }
 
 
-def provenance(scores) -> dict:
-    """The JSON provenance that ``compute_influence``/``select`` attach to a score table (empty if none)."""
-    try:
-        return json.loads(scores.info.description or "{}")
-    except (TypeError, ValueError):
-        return {}
+
+__all__ = ["SPECIALISTS", "TASK_NAME", "InfluencePlan", "checkpoint_weights_from_stores", "compute_influence",
+           "influence_provenance", "plan_influence", "provenance", "resolve_inputs"]

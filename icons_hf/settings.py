@@ -27,6 +27,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
+from .rules import RULES as RULE_REGISTRY
+from .specialists import SPECIALISTS as SPECIALIST_REGISTRY
+
 PRESETS = ("default", "paper")
 
 
@@ -175,21 +178,28 @@ class InfluenceSettings(_Settings):
     """How a task's validation examples score every pool row (the specialist)."""
 
     specialist: str = field(default="balanced", **_help(
-        "how a task's validation examples combine: 'balanced' (default; every example an equal quota of top rows), "
-        "'zscore', or 'mean' (the ICONS paper's mean cosine)"))
-    checkpoint_weights: Optional[tuple[float, ...]] = field(default=None, **_help(
-        "explicit per-checkpoint weights (normalised to sum to one); default: the checkpoints' learning rates"))
-    batch_size: int = field(default=4096, **_help("train rows scored per step"))
+        "how a task's validation examples combine (icons_hf.specialists): 'balanced' (default; every example an "
+        "equal quota of top rows), 'zscore', 'mean' (the ICONS paper's mean cosine, the paper preset), or "
+        "'mean_released' (as 'mean', but a task given as subtasks averages its raw validation gradients, as the "
+        "released ICONS scripts do for MME)", choices=SPECIALIST_REGISTRY))
+    checkpoint_weights: Optional[list[float]] = field(default=None, **_help(
+        "explicit per-checkpoint weights (normalised to sum to one; kept as a tuple); default: the checkpoints' learning "
+        "rates"))
+    batch_size: int = field(default=4096, **_help("train rows scored per step (one Dataset.map batch)"))
+    num_proc: Optional[int] = field(default=None, **_help(
+        "processes for the Dataset.map that scores the pool (None: this process); scores do not depend on it"))
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "default": {},
+        # The released ICONS rule: mean cosine over a task's validation examples (normalised everywhere; see the
+        # 'mean_released' specialist for the scripts' unnormalised MME subtasks).
         "paper": {"specialist": "mean"},
     }
 
     def __post_init__(self):
-        if not isinstance(self.specialist, str) or not self.specialist:
-            raise ValueError(f"specialist={self.specialist!r} must name a registered specialist.")
+        _choice("specialist", self.specialist, tuple(SPECIALIST_REGISTRY))
         _positive_int("batch_size", self.batch_size)
+        _positive_int("num_proc", self.num_proc, allow_none=True)
         if self.checkpoint_weights is not None:
             weights = tuple(float(w) for w in self.checkpoint_weights)
             if not weights or any(w < 0 for w in weights) or sum(weights) <= 0:
@@ -199,17 +209,21 @@ class InfluenceSettings(_Settings):
             object.__setattr__(self, "checkpoint_weights", weights)
 
 
+DEFAULT_VOTE_FLOOR = 1.0  # select(method="vote") reserves the whole subset as per-task floors by default
+
+
 @dataclass(frozen=True)
 class SelectionSettings(_Settings):
     """How the tasks' influence columns become one subset (the generalist)."""
 
     method: str = field(default="vote", **_help(
-        "consensus rule: vote (ICONS), mean, max, rank, norm, task (one task's score), random"))
-    fraction: float = field(default=0.2, **_help("share of the pool to select: floor(fraction x rows) rows"))
+        "consensus rule (icons_hf.rules): vote (ICONS), mean, max, rank, norm, task (one task's score), random",
+        choices=RULE_REGISTRY))
+    fraction: float = field(default=0.2, **_help("share of the pool to select: int(fraction x rows) rows"))
     num_rows: Optional[int] = field(default=None, **_help("select exactly this many rows instead of a fraction"))
     threshold_percentile: Optional[float] = field(default=80.0, **_help(
-        "vote: per-task threshold at this percentile of the task's scores; None ties it to the fraction, "
-        "100 x (1 - fraction), as the released ICONS code does"))
+        "vote: per-task threshold at this percentile of the task's scores; None ties it to the size, "
+        "100 - 100 x fraction (or 100 - 100 x num_rows / rows), as the released ICONS code does"))
     threshold_inclusive: bool = field(default=False, **_help(
         "vote: a task votes for a row whose score equals its threshold too (>=, the released code) instead of only "
         "above it (>, the paper's formula)"))
@@ -221,12 +235,12 @@ class SelectionSettings(_Settings):
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "default": {},
+        # The released ICONS generalist: threshold tied to the fraction, votes on >=, no floor.
         "paper": {"method": "vote", "threshold_percentile": None, "threshold_inclusive": True, "task_floor": 0.0},
     }
 
     def __post_init__(self):
-        if not isinstance(self.method, str) or not self.method:
-            raise ValueError(f"method={self.method!r} must name a registered consensus rule.")
+        _choice("method", self.method, tuple(RULE_REGISTRY))
         if self.num_rows is None:
             _number_in("fraction", self.fraction, 0.0, 1.0, low_open=True)
         else:
@@ -237,11 +251,37 @@ class SelectionSettings(_Settings):
         if not isinstance(self.threshold_inclusive, bool):
             raise ValueError(f"threshold_inclusive={self.threshold_inclusive!r} must be True or False.")
 
-    def percentile(self) -> float:
-        """The vote threshold's percentile: the fixed one, or ``100 x (1 - fraction)`` when tied to the fraction."""
+    def rows_to_keep(self, n_total: int) -> int:
+        """``num_rows``, or ``int(fraction x n_total)`` exactly as Python computes it (the released code's size)."""
+        if self.num_rows is not None:
+            if self.num_rows > n_total:
+                raise ValueError(f"num_rows={self.num_rows} exceeds the {n_total} rows of the score table.")
+            return int(self.num_rows)
+        n_keep = int(self.fraction * n_total)
+        if n_keep == 0:
+            raise ValueError(
+                f"fraction={self.fraction} of {n_total} rows selects no row (int({self.fraction} x {n_total}) = 0); "
+                "raise fraction, or pass num_rows."
+            )
+        return n_keep
+
+    def percentile(self, n_total: int | None = None) -> float:
+        """The vote threshold's percentile: the fixed one; or, tied to the size as in the released code,
+        ``100 - P`` with ``P = 100 x fraction`` rounded to 10 decimals (the ``--top_percent`` one would type, so
+        0.29 gives 71.0, not 100 x (1 - 0.29) = 71.00000000000001); with ``num_rows``, ``100 - 100 x num_rows / N``."""
         if self.threshold_percentile is not None:
             return float(self.threshold_percentile)
-        return 100.0 * (1.0 - float(self.fraction))
+        if self.num_rows is not None:
+            if not n_total:
+                raise ValueError("a threshold tied to num_rows needs the number of rows of the score table.")
+            return 100.0 - 100.0 * self.num_rows / n_total
+        return 100.0 - round(100.0 * float(self.fraction), 10)
+
+    def floor_share(self) -> float:
+        """``task_floor``, or its method-dependent default (1.0 for vote, 0 otherwise)."""
+        if self.task_floor is not None:
+            return float(self.task_floor)
+        return DEFAULT_VOTE_FLOOR if self.method == "vote" else 0.0
 
 
-__all__ = ["PRESETS", "FeatureSettings", "InfluenceSettings", "SelectionSettings"]
+__all__ = ["DEFAULT_VOTE_FLOOR", "PRESETS", "FeatureSettings", "InfluenceSettings", "SelectionSettings"]

@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from .config import validate_choice
+from .influence import compute_influence
 from .store import load_gradients
 
 logger = logging.getLogger(__name__)
@@ -32,9 +34,6 @@ def balanced_influence(train, tasks: Mapping, *, mode: str = "quota", checkpoint
                        batch_size: int = 4096, work_dir: str | os.PathLike | None = None):
     """Per-validation-example balanced specialist scores: :func:`icons_hf.compute_influence` with
     ``specialist="balanced"`` (``mode="quota"``) or ``specialist="zscore"`` (``mode="zscore"``)."""
-    from .config import validate_choice
-    from .influence import compute_influence
-
     validate_choice("mode", mode, BALANCE_MODES)
     return compute_influence(train, tasks, specialist="balanced" if mode == "quota" else "zscore",
                              checkpoint_weights=checkpoint_weights, batch_size=batch_size, work_dir=work_dir)

@@ -86,29 +86,26 @@ def float16_checkpoints(tmp_path, seed, rows, val_rows, shard_sizes):
     return train, val, tpaths, vpaths
 
 
-def record_store_reads(monkeypatch) -> list:
-    """(store folder name, rows) of every batch influence reads; loading a whole store fails the test."""
+def record_map_batches(monkeypatch) -> list:
+    """Rows of every batch the influence map function scores."""
     import icons_hf.influence as influence
 
     seen = []
-    real = influence.iter_store_batches
+    real = influence.score_batch
 
-    def recording(path, batch_size=4096):
-        for batch in real(path, batch_size):
-            seen.append((os.path.basename(path), len(batch[0])))
-            yield batch
+    def recording(batch, positions, **kwargs):
+        seen.append(len(batch))
+        return real(batch, positions, **kwargs)
 
-    monkeypatch.setattr(influence, "iter_store_batches", recording)
-    monkeypatch.setattr("icons_hf.store.load_gradients", lambda *a, **k: pytest.fail("loaded a whole store"))
+    monkeypatch.setattr(influence, "score_batch", recording)
     return seen
 
 
-def test_influence_reads_train_stores_only_in_batches(tmp_path, monkeypatch):
+def test_influence_maps_train_stores_in_batches(tmp_path, monkeypatch):
     train, val, tpaths, vpaths = float16_checkpoints(tmp_path, 2, 31, 4, (5, 7))
-    seen = record_store_reads(monkeypatch)
+    seen = record_map_batches(monkeypatch)
     scores = compute_influence(tpaths, {"task": vpaths}, checkpoint_weights=[1, 3], batch_size=4, specialist="mean")
-    assert {n for name, n in seen if name.startswith("t")} <= {1, 2, 3, 4}
-    assert sum(n for name, n in seen if name == "t0") == 31 and sum(n for name, n in seen if name == "t1") == 31
+    assert set(seen) <= {1, 2, 3, 4} and sum(seen) == 31
     stored = [t.astype(np.float16).astype(np.float32) for t in train]  # what a float16 store holds
     expected = brute_force_influence(stored, val, [0.25, 0.75])
     np.testing.assert_array_equal(scores["index"], np.arange(31))
@@ -133,13 +130,11 @@ def test_balanced_influence_streams_and_leaves_no_temporary_file(tmp_path, monke
     import icons_hf.influence as influence
 
     train, val, tpaths, vpaths = float16_checkpoints(tmp_path, 5, 29, 5, (4, 9))
-    seen = record_store_reads(monkeypatch)
+    seen = record_map_batches(monkeypatch)
     work = tmp_path / "work"
     work.mkdir()
-    # A block of 8 values per flush: the cosine file is written in many small blocks.
-    monkeypatch.setattr(influence._ColumnFile.__init__, "__defaults__", (1 << 3,))
     scores = compute_influence(tpaths, {"task": vpaths}, checkpoint_weights=[1, 3], batch_size=4, work_dir=work)
-    assert {n for name, n in seen if name.startswith("t")} <= {1, 2, 3, 4}
+    assert set(seen) <= {1, 2, 3, 4} and sum(seen) == 29
     assert list(work.iterdir()) == []  # the temporary cosine file is gone
     stored = [t.astype(np.float16).astype(np.float32).astype(np.float64) for t in train]
     np.testing.assert_array_equal(scores["index"], np.arange(29))
@@ -148,14 +143,15 @@ def test_balanced_influence_streams_and_leaves_no_temporary_file(tmp_path, monke
     on_disk = compute_influence(tpaths, {"task": vpaths}, checkpoint_weights=[1, 3], batch_size=4, cache_file_name=cache)
     assert on_disk.to_dict() == scores.to_dict()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("icons_cosines_")] == []
+
     # An error midway still removes the temporary file.
     def interrupted(*args, **kwargs):
         assert len(list(work.iterdir())) == 1  # the cosine file exists while the examples are combined
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(influence, "_combine_examples", interrupted)
+    monkeypatch.setattr(influence, "combine_examples", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        compute_influence(tpaths, {"task": vpaths}, batch_size=4, work_dir=work)
+        compute_influence(tpaths, {"task": vpaths}, batch_size=4, work_dir=work, cache_file_name=tmp_path / "other.arrow")
     assert list(work.iterdir()) == []
 
 
@@ -213,16 +209,21 @@ def test_balanced_specialist_matches_validation_examples_across_checkpoints(tmp_
         compute_influence(train[0], {"t": val[0]}, work_dir=tmp_path)
 
 
-def test_influence_cache_file_and_in_memory_tables_agree(tmp_path):
+def test_influence_cache_file_and_default_cache_agree(tmp_path):
     rng = np.random.default_rng(3)
     train = write_store(tmp_path / "train", rng.normal(size=(50, 8)), shard_size=16)
     tasks = {"a": write_store(tmp_path / "a", rng.normal(size=(3, 8))), "b": write_store(tmp_path / "b", rng.normal(size=(5, 8)))}
-    memory = compute_influence(train, tasks, batch_size=7)
+    default = compute_influence(train, tasks, batch_size=7)
+    # datasets' convention for map results: cache-<fingerprint>.arrow beside the input's files.
+    assert [os.path.dirname(f["filename"]) for f in default.cache_files] == [os.path.join(train, "shards")]
+    assert os.path.basename(default.cache_files[0]["filename"]).startswith("cache-")
     cache = str(tmp_path / "scores.arrow")
     on_disk = compute_influence(train, tasks, batch_size=7, cache_file_name=cache)
-    assert os.path.isfile(cache) and on_disk.cache_files and not memory.cache_files
-    assert memory.to_dict() == on_disk.to_dict()
+    assert os.path.isfile(cache) and on_disk.cache_files[0]["filename"] == cache
+    assert default.to_dict() == on_disk.to_dict()
     assert json.loads(on_disk.info.description)["influence"]["pool_rows"] == 50
+    # The store still lists only its own shards.
+    assert len(load_gradients(train)) == 50
 
 
 # ---- selection: exact against brute force on small tables full of ties ----
