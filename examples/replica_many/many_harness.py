@@ -211,7 +211,7 @@ class Worker:
                                              material.validation_datasets(), out_dir=folder, seed=seed, args=a)
         info["features_cpu_s"] = time.process_time() - t0
         balanced = compute_influence(train, tasks)
-        mean = compute_influence(train, tasks, specialist="mean")
+        mean = compute_influence(train, tasks, preset="paper")  # the mean-cosine specialist
         features = kmeans_features(train[-1])
         selections, comps = {}, {}
         for rule, fraction in runs:

@@ -3,6 +3,7 @@ the row kinds. The library rules call :func:`icons_hf.select`; the others are a 
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -10,12 +11,8 @@ import numpy as np
 
 from icons_hf import select
 
-try:  # the paper preset, where this version of the library has it
-    import inspect
-
-    HAS_PRESET = "preset" in inspect.signature(select).parameters
-except (TypeError, ValueError):
-    HAS_PRESET = False
+# The paper preset of select, where this version of the library has it (else the stand-in below).
+HAS_PRESET = "preset" in inspect.signature(select).parameters
 
 
 @dataclass(frozen=True)
@@ -27,8 +24,8 @@ class Rule:
 RULES = (
     Rule("default", "the library default: compute_influence(train, tasks) + select(scores, fraction=f) "
                     "(balanced specialist, vote with task_floor=1: equal per-task floors)"),
-    Rule("paper", "the ICONS paper's rule: mean-cosine specialist, vote at the 100(1-f) percentile, no floor "
-                  "(preset='paper')"),
+    Rule("paper", "the ICONS paper's rule as released: compute_influence(..., preset='paper') (mean-cosine "
+                  "specialist) + select(..., preset='paper') (votes at the 100(1-f) percentile, >=, no floor)"),
     Rule("floor0", "balanced specialist, vote, task_floor=0 (votes alone)"),
     Rule("floor25", "balanced specialist, vote, task_floor=0.25"),
     Rule("floor50", "balanced specialist, vote, task_floor=0.5"),
