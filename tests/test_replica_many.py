@@ -1,0 +1,148 @@
+"""The many-task replica's harness (examples/replica_many): the pool generator's row kinds, shares and answers
+checked against solvers written here, the harness's default rule against the library's default selection, and
+its own rules (votes within per-task floors, even cluster sampling) against brute-force loops."""
+
+import importlib
+import math
+import os
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+
+HERE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "replica_many")
+
+
+@pytest.fixture(scope="module")
+def many():
+    sys.path.insert(0, HERE)
+    try:
+        yield {name: importlib.import_module(f"many_{name}") for name in ("tasks", "rules")}
+    finally:
+        sys.path.remove(HERE)
+
+
+def solve(segment: str, facts: dict) -> str:
+    """The correct answer of a question segment, computed independently of the generator."""
+    tag, body = segment[0], segment[1:-1]
+    if tag == "A":
+        return str((int(body[0]) + int(body[2])) % 10)
+    if tag in "CG":
+        a, b = int(body[0]), int(body[1])
+        if tag == "G":
+            return "Y" if a > b else "N"
+        return "<" if a < b else ("=" if a == b else ">")
+    answers = {
+        "K": lambda: str(body.count("a")), "R": lambda: body[-1], "F": lambda: facts[body], "M": lambda: max(body),
+        "P": lambda: "+" if sum(c in "abcd" for c in body) >= 3 else "-",
+        "E": lambda: "Y" if int(body) % 2 == 0 else "N", "I": lambda: "Y" if body[0] in body[1:] else "N",
+        "S": lambda: min(body), "T": lambda: body[0],
+    }
+    return answers[tag]()
+
+
+@pytest.mark.parametrize("pool,seed", [("M1", 0), ("M2", 3)])
+def test_pool_kinds_shares_and_answers(many, pool, seed):
+    tasks = many["tasks"]
+    spec, size = tasks.POOLS[pool], 1000
+    facts = tasks.fact_table(seed)
+    rows = tasks.build_pool(spec, size, seed, facts, set())
+    kinds = Counter(r["kind"] for r in rows)
+    assert len(rows) == size
+    for kind, share in spec.kinds.items():
+        assert abs(kinds[kind] - share * size) <= 1, (kind, kinds[kind])
+    harmful = sum(kinds[k] for k in ("wrong", "noise", "off_task")) / size
+    assert 0.30 <= harmful <= 0.40
+    target_tags = {"A", "C", "K", "R", "F", "M", "P", "E", "I", "G"}
+    for row in rows:
+        segs = row["segments"]
+        if row["kind"] == "generalist":
+            assert 2 <= len(segs) <= 3 and len({tasks_of(q) for q, _ in segs}) == len(segs)
+        elif row["kind"] == "near_duplicate":
+            assert row["prefix"] == "." and any(o["segments"] == segs and o["kind"] in ("single", "generalist")
+                                                for o in rows)
+        else:
+            assert len(segs) == 1 and row["prefix"] == ""
+        for q, a in segs:
+            if row["kind"] == "wrong":
+                assert a != solve(q, facts) and a in tasks.ANSWERS[row["task"]]
+            elif row["kind"] == "noise":
+                assert q[0] in target_tags
+            else:
+                assert a == solve(q, facts), row
+        if row["kind"] == "off_task":
+            assert segs[0][0][0] in "ST"
+    singles = Counter(r["task"] for r in rows if r["kind"] == "single")
+    ranked = sorted(spec.task_shares, key=spec.task_shares.get, reverse=True)
+    assert singles[ranked[0]] > singles[ranked[-1]]  # unequal task shares
+
+
+def tasks_of(segment: str) -> str:
+    return {"E": "yesno", "I": "yesno", "G": "yesno"}.get(segment[0], segment[0])
+
+
+def test_validation_and_tests_are_balanced(many):
+    tasks = many["tasks"]
+    rng = np.random.default_rng(0)
+    facts = tasks.fact_table(0)
+    val = tasks.balanced_questions("max", 20, rng, facts, distinct=True)
+    assert len({q for q, _ in val}) == 20
+    counts = Counter(a for _, a in val)
+    assert max(counts.values()) - min(counts.values()) <= 1
+    with pytest.raises(ValueError, match="distinct questions"):
+        tasks.balanced_questions("yesno/even", 20, rng, facts, distinct=True)
+
+
+def score_table(seed: int, n: int, k: int):
+    from datasets import Dataset
+
+    rng = np.random.default_rng(seed)
+    mat = rng.normal(size=(n, k)) + rng.normal(size=(n, 1))  # a shared component: rows good for several tasks
+    return Dataset.from_dict({"index": np.arange(n), **{f"influence_t{j}": mat[:, j].astype(np.float32) for j in range(k)}})
+
+
+@pytest.mark.parametrize("seed,n,k,fraction", [(0, 400, 8, 0.2), (1, 333, 3, 0.05), (2, 1000, 10, 0.4)])
+def test_default_rule_is_the_library_default(many, seed, n, k, fraction):
+    from icons_hf import select
+
+    table = score_table(seed, n, k)
+    ours = many["rules"].select_rows("default", fraction, balanced=table, mean=table, features=None, seed=seed)
+    library = np.flatnonzero(np.asarray(select(table, fraction=fraction)["selected"]))
+    np.testing.assert_array_equal(ours, library)
+    assert len(ours) == math.floor(fraction * n)
+
+
+def floor_vote_reference(mat: np.ndarray, n_keep: int) -> set:
+    """Tasks take turns; each takes its best untaken row by (above its 80th percentile, votes, score, -index)."""
+    n, k = mat.shape
+    thresholds = [np.percentile(mat[:, j], 80) for j in range(k)]
+    votes = [sum(mat[i, j] > thresholds[j] for j in range(k)) for i in range(n)]
+    taken: set = set()
+    while len(taken) < n_keep:
+        for j in range(k):
+            if len(taken) == n_keep:
+                break
+            best = max((i for i in range(n) if i not in taken),
+                       key=lambda i: (mat[i, j] > thresholds[j], votes[i], mat[i, j], -i))
+            taken.add(best)
+    return taken
+
+
+@pytest.mark.parametrize("seed,n,k,n_keep", [(0, 120, 8, 24), (1, 90, 3, 40), (2, 200, 10, 13)])
+def test_floor_vote_matches_a_loop(many, seed, n, k, n_keep):
+    mat = np.asarray(score_table(seed, n, k).to_pandas().drop(columns="index"), dtype=np.float64)
+    ours = many["rules"].floor_vote(mat, n_keep)
+    assert set(ours.tolist()) == floor_vote_reference(mat, n_keep)
+
+
+@pytest.mark.parametrize("n_keep", [10, 64, 150])
+def test_even_cluster_sample(many, n_keep):
+    rules = many["rules"]
+    labels = np.repeat(np.arange(5), [3, 40, 40, 60, 57])
+    chosen = rules.even_cluster_sample(labels, n_keep, seed=0)
+    assert len(chosen) == n_keep == len(set(chosen.tolist()))
+    per = Counter(labels[chosen].tolist())
+    small_full = per[0] == 3 or n_keep < 15
+    others = [per[c] for c in range(1, 5)]
+    assert small_full and max(others) - min(others) <= 1 + (n_keep % 4 > 0)
