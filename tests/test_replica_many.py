@@ -1,4 +1,4 @@
-"""The many-task replica's harness (examples/replica_many): the pool generator's row kinds, shares and answers
+"""The many-task replica's harness (examples/replica/many): the pool generator's row kinds, shares and answers
 checked against solvers written here, the harness's default rule against the library's default selection, and
 its own rules (votes within per-task floors, even cluster sampling) against brute-force loops."""
 
@@ -11,7 +11,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-HERE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "replica_many")
+HERE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "replica", "many")
 
 
 @pytest.fixture(scope="module")

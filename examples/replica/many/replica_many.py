@@ -8,8 +8,8 @@ yes/no task made of three subtasks, scored as MME is), pools with unequal task s
 answer two or three tasks' questions at once, near-duplicates and 35-40% harmful rows (wrong answers, unreadable
 inputs, off-task rows). Row kinds are hidden from every rule.
 
-    python examples/replica_many/replica_many.py                 # the default run (6 seeds, pools M1 and M2)
-    python examples/replica_many/replica_many.py --seeds 0 1 2   # a part of it; rerun to add the rest
+    python examples/replica/many/replica_many.py                 # the default run (6 seeds, pools M1 and M2)
+    python examples/replica/many/replica_many.py --seeds 0 1 2   # a part of it; rerun to add the rest
 
 Per seed: a base model trained on clean one-question rows of every task but the fact table; per pool, a LoRA
 warmup with ``transformers.Trainer`` + ``icons_hf.IconsCallback`` on 5% of the pool writes the gradient

@@ -3,17 +3,12 @@ the row kinds. The library rules call :func:`icons_hf.select`; the others are a 
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from icons_hf import select
-
-# The paper preset of select, where this version of the library has it (else the stand-in below).
-HAS_PRESET = "preset" in inspect.signature(select).parameters
-
 
 @dataclass(frozen=True)
 class Rule:
@@ -49,11 +44,7 @@ def _selected(table) -> np.ndarray:
 
 
 def paper_selection(mean_table, fraction: float) -> np.ndarray:
-    if HAS_PRESET:
-        return _selected(select(mean_table, fraction=fraction, preset="paper"))
-    # Stand-in until the library has preset="paper": the fraction-tied threshold, votes alone.
-    return _selected(select(mean_table, fraction=fraction, method="vote", task_floor=0.0,
-                            threshold_percentile=100.0 * (1.0 - fraction)))
+    return _selected(select(mean_table, fraction=fraction, preset="paper"))
 
 
 def floor_vote(mat: np.ndarray, n_keep: int, percentile: float = 80.0) -> np.ndarray:
