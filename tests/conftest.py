@@ -6,6 +6,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from icons_hf import testing  # noqa: E402
 
@@ -29,3 +30,13 @@ def write_store():
     """``write(path, features, *, indices=None, skip=(), shard_size=None, dtype="float32", weights="w0",
     learning_rate=None, checkpoint=None)``: a finished gradient store (:func:`icons_hf.testing.write_store`)."""
     return testing.write_store
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module (opt in with ``pytestmark = pytest.mark.usefixtures(...)``): the
+    models are tiny, one thread is fastest and avoids oversubscription on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -5,20 +5,13 @@ import os
 
 import numpy as np
 import pytest
-import torch
 from datasets import Dataset
 
 from icons_hf import IconsCallback, compute_checkpoint_stores, compute_influence, load_gradients, load_run
 from icons_hf.checkpoints import run_stores
 from icons_hf.settings import FeatureSettings
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _features(path) -> np.ndarray:

@@ -19,14 +19,7 @@ from icons_hf.gradients import AdamState, LinearCapture, Projector
 from icons_hf.gradients.batching import plan_batches
 from icons_hf.gradients.loss import per_row_loss, supervised_losses
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models are tiny: one intra-op thread is fastest, and avoids thread oversubscription on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 VOCAB = 64

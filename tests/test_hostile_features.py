@@ -7,19 +7,12 @@ import os
 
 import numpy as np
 import pytest
-import torch
 from datasets import Dataset
 
 from icons_hf import IconsCallback, compute_checkpoint_stores, compute_gradients, load_gradients
 from icons_hf.store import iter_store_batches, read_store_metadata
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _rows(token_rows, n=4, seed=1):
