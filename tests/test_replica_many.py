@@ -99,7 +99,8 @@ def score_table(seed: int, n: int, k: int):
 
     rng = np.random.default_rng(seed)
     mat = rng.normal(size=(n, k)) + rng.normal(size=(n, 1))  # a shared component: rows good for several tasks
-    return Dataset.from_dict({"index": np.arange(n), **{f"influence_t{j}": mat[:, j].astype(np.float32) for j in range(k)}})
+    return Dataset.from_dict({"index": np.arange(n),
+                              **{f"influence_t{j}": mat[:, j].astype(np.float32) for j in range(k)}})
 
 
 @pytest.mark.parametrize("seed,n,k,fraction", [(0, 400, 8, 0.2), (1, 333, 3, 0.05), (2, 1000, 10, 0.4)])

@@ -12,11 +12,19 @@ import time
 
 import numpy as np
 import torch
-
 from many_model import add_lora, as_dataset, evaluate, new_model, tensorize, test_sets, train_fixed_steps
-from many_rules import RULE_NAMES, select_rows
-from many_tasks import (OFF_TASK, POOLS, SUBTASKS, TARGETS, balanced_questions, build_pool, fact_table, leaf_tasks,
-                   question)
+from many_rules import select_rows
+from many_tasks import (
+    OFF_TASK,
+    POOLS,
+    SUBTASKS,
+    TARGETS,
+    balanced_questions,
+    build_pool,
+    fact_table,
+    leaf_tasks,
+    question,
+)
 
 logger = logging.getLogger("replica_many")
 HARMFUL = ("wrong", "noise", "off_task")
@@ -53,8 +61,8 @@ class Material:
         for task in TARGETS:
             if task in SUBTASKS:
                 per = max(2, validation_per_task // len(SUBTASKS[task]))
-                self.validation[task] = {leaf.split("/")[1]: balanced_questions(leaf, per, rng, self.facts, distinct=True,
-                                                                              allow_fewer=True)
+                self.validation[task] = {leaf.split("/")[1]: balanced_questions(leaf, per, rng, self.facts,
+                                                                              distinct=True, allow_fewer=True)
                                          for leaf in leaf_tasks(task)}
             else:
                 self.validation[task] = balanced_questions(task, validation_per_task, rng, self.facts, distinct=True,
@@ -74,7 +82,8 @@ class Material:
         def ds(pairs):
             return as_dataset([{"segments": [p]} for p in pairs])
 
-        return {t: ({s: ds(p) for s, p in v.items()} if isinstance(v, dict) else ds(v)) for t, v in self.validation.items()}
+        return {t: ({s: ds(p) for s, p in v.items()} if isinstance(v, dict) else ds(v))
+                for t, v in self.validation.items()}
 
     def base_corpus(self, size: int) -> list[dict]:
         """Clean one-question rows of every task but the fact table (unknown to the base model), off-task ones too."""
@@ -191,7 +200,8 @@ class Worker:
         corpus = tensorize(self.material(seed).base_corpus(a.base_rows))
         loss = train_fixed_steps(model, corpus, steps=a.base_steps, batch_size=64, lr=a.base_learning_rate, seed=seed)
         os.makedirs(self.folder(seed), exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(self.folder(seed), "base.safetensors"))
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                  os.path.join(self.folder(seed), "base.safetensors"))
         info = {"loss": loss, "accuracy": evaluate(model, self.tests(seed))}
         write_json(done, info)
         return info
@@ -233,7 +243,8 @@ class Worker:
         if rule == "full":
             positions = np.arange(len(rows))
         else:
-            positions = np.asarray(read_json(os.path.join(self.folder(seed, name), "selections.json"))["selections"][run_key(rule, fraction)])
+            selections = read_json(os.path.join(self.folder(seed, name), "selections.json"))["selections"]
+            positions = np.asarray(selections[run_key(rule, fraction)])
         subset = {k: v[torch.as_tensor(positions)] for k, v in data.items()}
         model = self.stage_two_model(seed)
         loss = train_fixed_steps(model, subset, steps=a.train_steps, batch_size=a.batch_size, lr=a.learning_rate,

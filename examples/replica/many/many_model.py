@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
 from many_tasks import ALL_ANSWERS, PAD_ID, TARGETS, TOKEN, VOCAB, encode, leaf_tasks
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -111,4 +110,5 @@ def evaluate(model, tests: dict[str, dict]) -> dict[str, float]:
         logits = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
         at = logits[torch.arange(len(logits)), data["answer_pos"]][:, data["space"]]
         leaf_acc[leaf] = float((at.argmax(dim=1) == data["gold"]).float().mean() * 100)
-    return {t: float(np.mean([leaf_acc[leaf] for leaf in leaf_tasks(t)])) for t in TARGETS if leaf_tasks(t)[0] in leaf_acc}
+    return {t: float(np.mean([leaf_acc[leaf] for leaf in leaf_tasks(t)])) for t in TARGETS
+            if leaf_tasks(t)[0] in leaf_acc}

@@ -7,7 +7,6 @@ import json
 import os
 
 import numpy as np
-
 from many_harness import KINDS, read_json, run_key
 from many_rules import RULES
 from many_tasks import POOLS, TARGETS
@@ -67,11 +66,13 @@ def collect(args, plan, invocations) -> dict:
                 if os.path.isfile(path):
                     comps.append(read_json(path)["composition"][key])
             if comps:
-                composition[pool][key] = {k: float(np.mean([c[k] for c in comps])) for k in (*KINDS, "rows", "harmful_share")}
+                composition[pool][key] = {k: float(np.mean([c[k] for c in comps]))
+                                          for k in (*KINDS, "rows", "harmful_share")}
     base = {s: read_json(os.path.join(args.output_dir, f"seed{s}", "base.json"))["accuracy"] for s in args.seeds
             if os.path.isfile(os.path.join(args.output_dir, f"seed{s}", "base.json"))}
     return {"arguments": {k: v for k, v in vars(args).items()}, "runs": runs, "composition": composition,
-            "seeds_done": seeds_done, "base": base, "invocations": invocations, "rules": {r.name: r.help for r in RULES},
+            "seeds_done": seeds_done, "base": base, "invocations": invocations,
+            "rules": {r.name: r.help for r in RULES},
             "pools": {p: {"kinds": POOLS[p].kinds, "task_shares": POOLS[p].task_shares,
                           "description": POOLS[p].description} for p in args.pools}}
 
@@ -128,7 +129,7 @@ def figure(results, path, rules, fractions) -> None:
 
     pools = list(results["runs"])[:1]
     fig, axes = plt.subplots(1, len(pools), figsize=(6 * len(pools), 4), squeeze=False)
-    for ax, pool in zip(axes[0], pools):
+    for ax, pool in zip(axes[0], pools, strict=True):
         for rule in rules:
             pts = [(f, stats(results, pool, rule, f)) for f in fractions]
             pts = [(f, s["relative"]) for f, s in pts if s]
@@ -257,7 +258,8 @@ def _decision_lines(results) -> list[str]:
         entry = d[name]
         if not entry["seeds"]:
             continue
-        lines += [f"**Seeds {entry['seeds']} of the many-task pools** ({name.replace('_', ' ')}; easy-VQA: its 6 seeds). "
+        lines += [f"**Seeds {entry['seeds']} of the many-task pools** ({name.replace('_', ' ')}; "
+                  "easy-VQA: its 6 seeds). "
                   f"Rules passing on every pool: {', '.join(f'`{r}`' for r in entry['passing']) or 'none'}; "
                   f"best worst case: `{entry['best']}`.", "",
                   "| rule | " + " | ".join(entry["pools"]) + " | worst case (rule − random) |",
@@ -285,7 +287,8 @@ def _summary_lines(results) -> list[str]:
             if st and "difference" in st:
                 lines.append(f"- Pool {pool}, 20%: `{rule}` {_fmt(st['relative'])}% of full vs random "
                              f"{_fmt(st['random'])}%; paired difference {_fmt(st['difference'])} points"
-                             + (f" (held-out seeds {held}: {_fmt(sh['difference'])})" if sh and "difference" in sh else "") + ".")
+                             + (f" (held-out seeds {held}: {_fmt(sh['difference'])})"
+                                if sh and "difference" in sh else "") + ".")
     d = results["decision"]
     lines.append(f"- Choice across both regimes (rule below): on the choice seeds `{d['choice']['best']}`; "
                  f"rules passing on every pool: {', '.join(d['choice']['passing']) or 'none'} (no rule beats random by "
@@ -304,18 +307,25 @@ def markdown(results, name) -> list[str]:
              "## Setup", "", (__import__("replica_many").__doc__ or "").split("\n\n")[1].replace("\n", " "), "",
              "| target task | questions |", "|---|---|"]
     lines += [f"| `{t}` | {h} |" for t, h in TASK_HELP.items()]
-    lines += ["", "| row kind | what it is | " + " | ".join(results["pools"]) + " |", "|---|---|" + "---|" * len(results["pools"])]
-    lines += [f"| `{k}` | {h} | " + " | ".join(f"{results['pools'][p]['kinds'].get(k, 0):.0%}" for p in results["pools"]) + " |"
+    lines += ["", "| row kind | what it is | " + " | ".join(results["pools"]) + " |",
+              "|---|---|" + "---|" * len(results["pools"])]
+    lines += [f"| `{k}` | {h} | "
+              + " | ".join(f"{results['pools'][p]['kinds'].get(k, 0):.0%}" for p in results["pools"]) + " |"
               for k, h in KIND_HELP.items()]
     lines += ["", "Task shares of the single-task rows: " + "; ".join(
-        f"{p}: " + ", ".join(f"{t} {s:.0%}" for t, s in v["task_shares"].items()) for p, v in results["pools"].items()), ""]
-    lines += [f"Model: Llama config in code (width {args['hidden']}, 2 layers), base model trained on {args['base_rows']} "
-              f"clean one-question rows of every task but `fact` for {args['base_steps']} steps; warmup: LoRA r={args['lora_r']} "
-              f"on {args['warmup_fraction']:.0%} of the pool, {args['warmup_epochs']} epochs, {args['checkpoints']} checkpoints, "
-              f"`IconsCallback` with the library's feature defaults at dim {args['dim']}; stage two: a fresh LoRA on the base "
-              f"model, {args['train_steps']} steps of batch {args['batch_size']} for every rule; test: {args['test_per_leaf']} "
-              f"answer-balanced questions per task or subtask. Validation: {args['validation_per_task']} answer-balanced rows "
-              "per task (split over `yesno`'s subtasks, given as a mapping subtask -> Dataset). **Relative performance** = "
+        f"{p}: " + ", ".join(f"{t} {s:.0%}" for t, s in v["task_shares"].items())
+        for p, v in results["pools"].items()), ""]
+    lines += [f"Model: Llama config in code (width {args['hidden']}, 2 layers), base model trained on "
+              f"{args['base_rows']} clean one-question rows of every task but `fact` for {args['base_steps']} steps; "
+              f"warmup: LoRA r={args['lora_r']} on {args['warmup_fraction']:.0%} of the pool, "
+              f"{args['warmup_epochs']} epochs, {args['checkpoints']} checkpoints, "
+              f"`IconsCallback` with the library's feature defaults at dim {args['dim']}; "
+              "stage two: a fresh LoRA on the "
+              f"base model, {args['train_steps']} steps of batch {args['batch_size']} for every rule; test: "
+              f"{args['test_per_leaf']} answer-balanced questions per task or subtask. Validation: "
+              f"{args['validation_per_task']} answer-balanced rows "
+              "per task (split over `yesno`'s subtasks, given as a mapping subtask -> Dataset). "
+              "**Relative performance** = "
               "mean over the 8 tasks of accuracy / full-pool accuracy (same seed), mean ± sample std over seeds.", "",
               "Rules:", ""]
     lines += [f"- `{r}`: {h}" for r, h in results["rules"].items() if r in rules]
@@ -331,12 +341,14 @@ def markdown(results, name) -> list[str]:
         lines += rule_table(results, pool, [r for r in rules], 0.2)
     lines += ["", "## Choosing the default across both regimes (20%)", "", "The rule: " + DECISION_RULE, ""]
     lines += _decision_lines(results)
-    lines += ["## Base model (no stage two)", "", "| seed | " + " | ".join(TARGETS) + " |", "|---" * (len(TARGETS) + 1) + "|"]
+    lines += ["## Base model (no stage two)", "", "| seed | " + " | ".join(TARGETS) + " |",
+              "|---" * (len(TARGETS) + 1) + "|"]
     lines += [f"| {s} | " + " | ".join(f"{acc[t]:.0f}" for t in TARGETS) + " |" for s, acc in results["base"].items()]
     lines += ["", "## Cost", ""]
     for inv in results["invocations"]:
-        lines.append(f"- {inv['finished']}: seeds {inv['seeds']}, wall {inv['wall_s'] / 60:.1f} min, CPU {inv['cpu_s'] / 60:.1f} "
-                     f"min over all processes ({inv['workers']} workers, {inv['cpu_count']} cores), jobs run "
+        lines.append(f"- {inv['finished']}: seeds {inv['seeds']}, wall {inv['wall_s'] / 60:.1f} min, "
+                     f"CPU {inv['cpu_s'] / 60:.1f} min over all processes "
+                     f"({inv['workers']} workers, {inv['cpu_count']} cores), jobs run "
                      f"{inv['jobs_run']}, cached {inv['jobs_cached']}, load average before/after "
                      f"{', '.join(f'{x:.1f}' for x in inv['load_average_before'])} / "
                      f"{', '.join(f'{x:.1f}' for x in inv['load_average_after'])}.")

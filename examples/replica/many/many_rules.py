@@ -10,6 +10,7 @@ import numpy as np
 
 from icons_hf import select
 
+
 @dataclass(frozen=True)
 class Rule:
     name: str
@@ -99,7 +100,7 @@ def even_cluster_sample(labels: np.ndarray, n_keep: int, seed: int) -> np.ndarra
             left -= give
             if left == 0:
                 break
-    return np.sort(np.concatenate([m[:q] for m, q in zip(members, quota)]))
+    return np.sort(np.concatenate([m[:q] for m, q in zip(members, quota, strict=True)]))
 
 
 def select_rows(rule: str, fraction: float, *, balanced, mean, features: np.ndarray, seed: int) -> np.ndarray:

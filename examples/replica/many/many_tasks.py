@@ -102,7 +102,8 @@ def leaf_tasks(task: str) -> list[str]:
     return [f"{task}/{s}" for s in SUBTASKS[task]] if task in SUBTASKS else [task]
 
 
-def balanced_questions(task: str, n: int, rng, facts, *, distinct: bool, allow_fewer: bool = False) -> list[tuple[str, str]]:
+def balanced_questions(task: str, n: int, rng, facts, *, distinct: bool,
+                       allow_fewer: bool = False) -> list[tuple[str, str]]:
     """``n`` questions of ``task`` (a leaf), answers as balanced as the answer space allows (round robin over the
     answers that occur); ``distinct``: no question twice (validation), else questions may repeat (test scores
     accuracy on the task's answer-balanced distribution, whose question space may be small); ``allow_fewer``: a task
