@@ -205,6 +205,7 @@ def write_store(
     weights: str = "w0",
     learning_rate: float | None = None,
     checkpoint: str | None = None,
+    record_hashes: Sequence[str] | None = None,
 ) -> str:
     """A finished store of plain-gradient features with the identity projection; returns its path.
 
@@ -212,6 +213,7 @@ def write_store(
     ``"test"``). ``indices`` replaces the pool row each stored row claims (default: its position). ``weights``
     stands for the model weights' fingerprint: stores of one checkpoint must agree on it, and on the dimension.
     ``learning_rate`` and ``checkpoint`` are recorded as a checkpoint's are (they weight checkpoints).
+    ``record_hashes`` (one string per feature row) makes a store that keeps each row's ``record_hash``.
     """
     features = np.asarray(features, dtype=np.float32)
     if features.ndim != 2:
@@ -220,16 +222,19 @@ def write_store(
     indices = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64)
     if len(indices) != n:
         raise ValueError(f"indices has {len(indices)} entries for {n} feature rows; give one per row.")
+    if record_hashes is not None and len(record_hashes) != n:
+        raise ValueError(f"record_hashes has {len(record_hashes)} entries for {n} feature rows; give one per row.")
     config = {"projection": {"kind": "identity", "dim": dim, "seed": 0}, "parameters": {"w": [dim]},
               "model_config": "m", "weights": weights, "preconditioner": {"feature": "sgd"}}
     extra = {k: v for k, v in (("learning_rate", learning_rate), ("checkpoint", checkpoint)) if v is not None}
     writer = StoreWriter(path, config=config, num_rows=n, shard_size=shard_size or max(1, n), dim=dim, dtype=dtype,
-                         extra=extra)
+                         extra=extra, record_hash=record_hashes is not None)
     skipped = set(int(s) for s in skip)
     for start, end in writer.open():
         keep = [r for r in range(start, end) if r not in skipped]
         notes = {"skipped": [{"index": int(indices[r]), "reason": "test"} for r in range(start, end) if r in skipped]}
-        writer.write_shard(start, end, indices[keep], features[keep], notes if notes["skipped"] else None)
+        hashes = None if record_hashes is None else [str(record_hashes[r]) for r in keep]
+        writer.write_shard(start, end, indices[keep], features[keep], notes if notes["skipped"] else None, hashes)
     return writer.finalize()
 
 

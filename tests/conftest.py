@@ -28,7 +28,8 @@ def token_rows():
 @pytest.fixture
 def write_store():
     """``write(path, features, *, indices=None, skip=(), shard_size=None, dtype="float32", weights="w0",
-    learning_rate=None, checkpoint=None)``: a finished gradient store (:func:`icons_hf.testing.write_store`)."""
+    learning_rate=None, checkpoint=None, record_hashes=None)``: a finished gradient store
+    (:func:`icons_hf.testing.write_store`)."""
     return testing.write_store
 
 

@@ -10,7 +10,7 @@ from datasets import Dataset
 
 from icons_hf import compute_gradients, compute_influence, export_selection, load_gradients, select
 from icons_hf.gradients import BadRowError
-from icons_hf.store import StoreWriter
+from icons_hf.testing import write_store
 
 FAST = dict(dim=64, batch_size=4, show_progress=False)
 
@@ -204,21 +204,10 @@ def test_zero_gradient_feature_is_never_stored_silently(tmp_path, tiny_lora_llam
 # ---- names, shapes and sizes ----
 
 
-def _store(path, feats, *, weights="w0", dim=None):
-    feats = np.asarray(feats, dtype=np.float32)
-    n, d = feats.shape
-    config = {"projection": {"kind": "identity", "dim": d, "seed": 0}, "parameters": {"w": [d]}, "model_config": "m",
-              "weights": weights, "preconditioner": {"feature": "sgd"}}
-    writer = StoreWriter(path, config=config, num_rows=n, shard_size=max(1, n), dim=d, dtype="float32")
-    for start, end in writer.open():
-        writer.write_shard(start, end, np.arange(start, end), feats[start:end])
-    return writer.finalize()
-
-
 def test_unknown_or_invalid_task_names(tmp_path):
     rng = np.random.default_rng(0)
-    train = _store(tmp_path / "train", rng.normal(size=(6, 4)))
-    val = _store(tmp_path / "val", rng.normal(size=(2, 4)))
+    train = write_store(tmp_path / "train", rng.normal(size=(6, 4)))
+    val = write_store(tmp_path / "val", rng.normal(size=(2, 4)))
     scores = compute_influence(train, {"vqa": val, "ocr": val})
     with pytest.raises(ValueError, match=r"method='task' needs task= one of: vqa, ocr \(got 'chart'\)"):
         select(scores, method="task", task="chart")
@@ -232,8 +221,8 @@ def test_unknown_or_invalid_task_names(tmp_path):
 
 def test_train_and_validation_feature_dims_must_match(tmp_path):
     rng = np.random.default_rng(1)
-    train = _store(tmp_path / "train", rng.normal(size=(5, 6)))
-    val = _store(tmp_path / "val", rng.normal(size=(3, 8)))
+    train = write_store(tmp_path / "train", rng.normal(size=(5, 6)))
+    val = write_store(tmp_path / "val", rng.normal(size=(3, 8)))
     with pytest.raises(ValueError, match=r"val holds 8-dimensional features but .*train holds 6-dimensional ones"):
         compute_influence(train, {"t": val})
 

@@ -4,7 +4,6 @@ import ast
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 from datasets import Dataset, load_from_disk
 
@@ -15,30 +14,7 @@ from icons_hf.provenance import Provenance, provenance
 from icons_hf.rules import RULES, Ranking, consensus_rule
 from icons_hf.settings import InfluenceSettings, SelectionSettings
 from icons_hf.specialists import SPECIALISTS, specialist
-from icons_hf.store import StoreWriter
-
-CONFIG = {"projection": {"kind": "identity", "dim": 6, "seed": 0}, "parameters": {"w": [6]}, "model_config": "m",
-          "weights": "w0", "preconditioner": {"feature": "sgd"}}
-
-
-def write_store(path, features, *, shard_size=None, hashes=None):
-    """A float32 store; with ``hashes``, every shard also carries a string column ``record_hash``."""
-    features = np.asarray(features, dtype=np.float32)
-    n, dim = features.shape
-    config = dict(CONFIG, projection={"kind": "identity", "dim": dim, "seed": 0})
-    writer = StoreWriter(path, config=config, num_rows=n, shard_size=shard_size or n, dim=dim, dtype="float32")
-    for start, end in writer.open():
-        writer.write_shard(start, end, np.arange(start, end), features[start:end])
-    path = writer.finalize()
-    if hashes is not None:
-        for shard in sorted((Path(path) / "shards").glob("rows-*.arrow")):
-            table = pa.ipc.open_stream(shard.read_bytes()).read_all()  # in memory: the file is rewritten below
-            table = table.append_column(
-                "record_hash", pa.array([hashes[int(i)] for i in table.column("index").to_pylist()])
-            )
-            with pa.OSFile(str(shard), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as out:
-                out.write_table(table)
-    return path
+from icons_hf.testing import write_store
 
 
 @pytest.fixture
@@ -133,8 +109,8 @@ def test_record_hash_travels_into_the_score_table_in_pool_order(tmp_path):
     rng = np.random.default_rng(22)
     feats = rng.normal(size=(13, 6))
     hashes = [f"h{i:02d}" for i in range(13)]
-    parts = [write_store(tmp_path / "p0", feats[:5], hashes=hashes[:5]),
-             write_store(tmp_path / "p1", feats[5:], shard_size=3, hashes=hashes[5:])]
+    parts = [write_store(tmp_path / "p0", feats[:5], record_hashes=hashes[:5]),
+             write_store(tmp_path / "p1", feats[5:], shard_size=3, record_hashes=hashes[5:])]
     val = write_store(tmp_path / "v", rng.normal(size=(3, 6)))
     for name in ("mean", "balanced"):
         scores = compute_influence([parts], {"t": [val]}, specialist=name, batch_size=4)
@@ -247,12 +223,7 @@ def test_house_rules_find_what_they_forbid(module, source, expected):
 
 @pytest.mark.parametrize("specialist_name", ["mean", "balanced"])
 def test_a_pool_with_every_row_skipped_scores_to_an_empty_table(tmp_path, specialist_name):
-    config = dict(CONFIG, projection={"kind": "identity", "dim": 6, "seed": 0})
-    writer = StoreWriter(tmp_path / "t", config=config, num_rows=3, shard_size=3, dim=6, dtype="float32")
-    for start, end in writer.open():
-        writer.write_shard(start, end, np.zeros(0, dtype=np.int64), np.zeros((0, 6), dtype=np.float32),
-                           {"skipped": [{"index": r, "reason": "test"} for r in range(start, end)]})
-    train = writer.finalize()
+    train = write_store(tmp_path / "t", np.zeros((3, 6)), skip=range(3))
     val = write_store(tmp_path / "v", np.random.default_rng(0).normal(size=(2, 6)))
     scores = compute_influence(train, {"a": val}, specialist=specialist_name)
     assert len(scores) == 0 and scores.column_names == ["index", "influence_a"]

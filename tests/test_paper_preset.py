@@ -15,7 +15,7 @@ from datasets import Dataset
 
 from icons_hf import compute_influence, select
 from icons_hf.settings import SelectionSettings
-from icons_hf.store import StoreWriter
+from icons_hf.testing import write_store
 
 
 def released_votes(columns, percent):
@@ -133,20 +133,6 @@ def test_paper_preset_keeps_explicit_arguments_and_refuses_both_settings_and_pre
 # ---- the paper preset's specialist ----
 
 
-CONFIG = {"projection": {"kind": "identity", "dim": 5, "seed": 0}, "parameters": {"w": [5]}, "model_config": "m",
-          "weights": "w0", "preconditioner": {"feature": "sgd"}}
-
-
-def write_store(path, features, *, lr=None, weights="w0"):
-    features = np.asarray(features, dtype=np.float32)
-    config = dict(CONFIG, weights=weights)
-    writer = StoreWriter(path, config=config, num_rows=len(features), shard_size=len(features), dim=features.shape[1],
-                         dtype="float32", extra={"learning_rate": lr})
-    for start, end in writer.open():
-        writer.write_shard(start, end, np.arange(start, end), features[start:end])
-    return writer.finalize()
-
-
 def brute_force_mean(train, val, weights, *, normalise_val=True):
     """sum_c w_c mean_v (g_z / |g_z|) . (g_v / |g_v| or g_v), one pair at a time."""
     out = []
@@ -168,7 +154,8 @@ def test_paper_specialist_and_released_subtasks_match_loops(tmp_path, checkpoint
     # Subtask gradients of very different scales: normalising or not changes which subtask wins the max.
     val = {name: [rng.normal(size=(n, 5)) * scale for _ in range(checkpoints)]
            for name, n, scale in (("whole", 4, 1.0), ("s1", 3, 0.1), ("s2", 5, 10.0))}
-    tpaths = [write_store(tmp_path / f"t{c}", train[c], lr=lrs[c], weights=f"w{c}") for c in range(checkpoints)]
+    tpaths = [write_store(tmp_path / f"t{c}", train[c], learning_rate=lrs[c], weights=f"w{c}")
+              for c in range(checkpoints)]
     vpaths = {k: [write_store(tmp_path / f"{k}{c}", v[c], weights=f"w{c}") for c in range(checkpoints)]
               for k, v in val.items()}
     tasks = {"whole": vpaths["whole"], "mme": {"s1": vpaths["s1"], "s2": vpaths["s2"]}}

@@ -12,20 +12,8 @@ from datasets import Dataset
 
 from icons_hf import compute_influence, load_gradients, select
 from icons_hf.ranks import percentile_ranks
-from icons_hf.store import StoreWriter, iter_store_batches
-
-CONFIG = {"projection": {"kind": "identity", "dim": 0, "seed": 0}, "parameters": {"w": [0]}, "model_config": "m",
-          "weights": "w0", "preconditioner": {"feature": "sgd"}}
-
-
-def write_store(path, features, *, shard_size=None, dtype="float32", weights="w0"):
-    features = np.asarray(features, dtype=np.float32)
-    n, dim = features.shape
-    config = dict(CONFIG, weights=weights, projection={"kind": "identity", "dim": dim, "seed": 0})
-    writer = StoreWriter(path, config=config, num_rows=n, shard_size=shard_size or max(1, n), dim=dim, dtype=dtype)
-    for start, end in writer.open():
-        writer.write_shard(start, end, np.arange(start, end), features[start:end])
-    return writer.finalize()
+from icons_hf.store import iter_store_batches
+from icons_hf.testing import write_store
 
 
 def brute_force_influence(train, val, weights):
@@ -162,18 +150,6 @@ def test_balanced_influence_streams_and_leaves_no_temporary_file(tmp_path, monke
     assert list(work.iterdir()) == []
 
 
-def write_part(path, features, rows, *, skip=(), weights="w0"):
-    """A store of ``rows`` pool rows holding ``features`` for every row not in ``skip`` (recorded as skipped)."""
-    features = np.asarray(features, dtype=np.float32)
-    config = dict(CONFIG, weights=weights, projection={"kind": "identity", "dim": features.shape[1], "seed": 0})
-    writer = StoreWriter(path, config=config, num_rows=rows, shard_size=4, dim=features.shape[1], dtype="float32")
-    for start, end in writer.open():
-        keep = [r for r in range(start, end) if r not in skip]
-        notes = {"skipped": [{"index": r, "reason": "test"} for r in range(start, end) if r in skip]}
-        writer.write_shard(start, end, np.asarray(keep, dtype=np.int64), features[keep], notes)
-    return writer.finalize()
-
-
 @pytest.mark.parametrize("specialist", ["balanced", "zscore", "mean"])
 def test_pool_in_parts_scores_as_one_store(tmp_path, specialist):
     """Parts of a pool (e.g. image and text-only rows) given together score exactly as one store of all rows."""
@@ -183,9 +159,11 @@ def test_pool_in_parts_scores_as_one_store(tmp_path, specialist):
         t: [write_store(tmp_path / f"{t}{c}", rng.normal(size=(3, 5)), weights=f"w{c}") for c in range(2)]
         for t in "ab"
     }
-    whole = [write_part(tmp_path / f"whole{c}", feats[c], 19, skip={3, 12}, weights=f"w{c}") for c in range(2)]
-    parts = [[write_part(tmp_path / f"p{c}a", feats[c][:8], 8, skip={3}, weights=f"w{c}"),
-              write_part(tmp_path / f"p{c}b", feats[c][8:], 11, skip={4}, weights=f"w{c}")] for c in range(2)]
+    whole = [write_store(tmp_path / f"whole{c}", feats[c], skip={3, 12}, shard_size=4, weights=f"w{c}")
+             for c in range(2)]
+    parts = [[write_store(tmp_path / f"p{c}a", feats[c][:8], skip={3}, shard_size=4, weights=f"w{c}"),
+              write_store(tmp_path / f"p{c}b", feats[c][8:], skip={4}, shard_size=4, weights=f"w{c}")]
+             for c in range(2)]
     one = compute_influence(whole, val, specialist=specialist, batch_size=5)
     split = compute_influence(parts, val, specialist=specialist, batch_size=5)
     assert split.to_dict() == one.to_dict()
@@ -202,8 +180,8 @@ def test_balanced_specialist_matches_validation_examples_across_checkpoints(tmp_
     train = [write_store(tmp_path / f"t{c}", rng.normal(size=(9, 4)), weights=f"w{c}") for c in range(2)]
     feats = rng.normal(size=(4, 4))
     # The same 4 validation rows, but row 1 skipped at checkpoint 0 and row 2 at checkpoint 1: 3 rows each.
-    val = [write_part(tmp_path / "v0", feats, 4, skip={1}, weights="w0"),
-           write_part(tmp_path / "v1", feats, 4, skip={2}, weights="w1")]
+    val = [write_store(tmp_path / "v0", feats, skip={1}, shard_size=4, weights="w0"),
+           write_store(tmp_path / "v1", feats, skip={2}, shard_size=4, weights="w1")]
     with pytest.raises(ValueError, match="other rows"):
         compute_influence(train, {"t": val})
     assert len(compute_influence(train, {"t": val}, specialist="mean")) == 9  # one mean vector per checkpoint

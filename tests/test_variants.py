@@ -10,20 +10,8 @@ from datasets import Dataset
 
 from icons_hf import compute_influence, select
 from icons_hf.provenance import provenance
-from icons_hf.store import StoreWriter
+from icons_hf.testing import write_store
 from icons_hf.variants import adam_feature_diagnostics, balanced_influence, pairwise_cosine
-
-
-def write_store(path, features, *, lr=None, weights="w0"):
-    features = np.asarray(features, dtype=np.float32)
-    n, dim = features.shape
-    config = {"projection": {"kind": "identity", "dim": dim, "seed": 0}, "parameters": {"w": [dim]},
-              "model_config": "m", "weights": weights, "preconditioner": {"feature": "sgd"}}
-    writer = StoreWriter(path, config=config, num_rows=n, shard_size=max(1, n), dim=dim, dtype="float32",
-                         extra={"learning_rate": lr, "checkpoint": None})
-    for start, end in writer.open():
-        writer.write_shard(start, end, np.arange(start, end), features[start:end])
-    return writer.finalize()
 
 
 def reference_rank(values, i):
@@ -37,7 +25,8 @@ def test_balanced_influence_matches_loops(tmp_path):
     rng = np.random.default_rng(7)
     n, dim, lrs = 17, 5, [2e-4, 1e-4]
     train = [rng.normal(size=(n, dim)) for _ in lrs]
-    train_paths = [write_store(tmp_path / f"train{c}", train[c], lr=lrs[c], weights=f"w{c}") for c in range(2)]
+    train_paths = [write_store(tmp_path / f"train{c}", train[c], learning_rate=lrs[c], weights=f"w{c}")
+                   for c in range(2)]
     val = {name: [rng.normal(size=(k, dim)) for _ in lrs] for name, k in (("a", 4), ("b1", 2), ("b2", 3))}
     paths = {
         name: [write_store(tmp_path / f"{name}{c}", val[name][c], weights=f"w{c}") for c in range(2)] for name in val
