@@ -1,6 +1,7 @@
-"""The many-task replica's harness (examples/replica/many): the pool generator's row kinds, shares and answers
+"""The many-task replica's harness (examples/replica): the pool generator's row kinds, shares and answers
 checked against solvers written here, the harness's default rule against the library's default selection, and
-its own rules (votes within per-task floors, even cluster sampling) against brute-force loops."""
+its own rules (votes within per-task floors, even cluster sampling) against brute-force loops, and the batch order
+both replicas train on (replica_common) against the loops each replica had before."""
 
 import importlib
 import math
@@ -10,15 +11,17 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 
-HERE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "replica", "many")
+HERE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "replica")
 
 
 @pytest.fixture(scope="module")
 def many():
     sys.path.insert(0, HERE)
     try:
-        yield {name: importlib.import_module(f"many_{name}") for name in ("tasks", "rules")}
+        modules = {name: importlib.import_module(f"many_{name}") for name in ("tasks", "rules")}
+        yield {**modules, "common": importlib.import_module("replica_common")}
     finally:
         sys.path.remove(HERE)
 
@@ -147,3 +150,30 @@ def test_even_cluster_sample(many, n_keep):
     small_full = per[0] == 3 or n_keep < 15
     others = [per[c] for c in range(1, 5)]
     assert small_full and max(others) - min(others) <= 1 + (n_keep % 4 > 0)
+
+
+def old_batch_order(n: int, batch_size: int, steps: int, seed: int, cap_at_epoch_end: bool) -> list[list[int]]:
+    """The two replicas' batch loops as they were written before they shared one generator: the many-task one
+    capped the position in a new epoch at its end, the easy-VQA one did not."""
+    generator = torch.Generator().manual_seed(seed)
+    order, pos, out = torch.randperm(n, generator=generator), 0, []
+    for _ in range(steps):
+        if pos + batch_size > n:
+            take = order[pos:]
+            order = torch.randperm(n, generator=generator)
+            pos = min(n, batch_size - len(take)) if cap_at_epoch_end else batch_size - len(take)
+            batch = torch.cat([take, order[:pos]])
+        else:
+            batch, pos = order[pos : pos + batch_size], pos + batch_size
+        out.append(batch.tolist())
+    return out
+
+
+@pytest.mark.parametrize("cap_at_epoch_end", [True, False])
+@pytest.mark.parametrize("n,batch_size,steps", [(100, 32, 20), (64, 16, 9), (5, 8, 7), (3, 8, 6), (1, 4, 3),
+                                                (40, 40, 5), (31, 7, 30)])
+def test_shared_batch_order_matches_both_old_loops(many, n, batch_size, steps, cap_at_epoch_end):
+    seed = int(np.random.default_rng().integers(2**31))
+    ours = [b.tolist() for b in many["common"].fixed_step_batches(n, batch_size, steps, seed)]
+    assert ours == old_batch_order(n, batch_size, steps, seed, cap_at_epoch_end)
+    assert len(ours) == steps and all(0 <= i < n for b in ours for i in b)

@@ -26,13 +26,13 @@ Results go to ``--output_dir`` (resumable: finished jobs are not redone) and the
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import resource
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
+
+from replica_common import append_invocation, check_output_dir, cpu_seconds
 
 logger = logging.getLogger("replica")
 
@@ -155,32 +155,6 @@ def plan_runs(args: ReplicaArguments) -> dict[str, list[tuple[str, float]]]:
     return plan
 
 
-def check_output_dir(args: ReplicaArguments) -> None:
-    """Refuse to mix results of different arguments in one output_dir (unless asked to start over)."""
-    import shutil
-
-    path = os.path.join(args.output_dir, "replica_args.json")
-    current = {k: getattr(args, k) for k in RESULT_FIELDS}
-    if os.path.isfile(path):
-        with open(path) as handle:
-            saved = json.load(handle)
-        # A setting recorded before but no longer an argument also counts: rule names may have meant other things.
-        diffs = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted({*saved, *current})
-                 if saved.get(k) != current.get(k)]
-        if diffs and not args.overwrite_output_dir:
-            raise ValueError(
-                f"{args.output_dir} holds results made with other arguments ({'; '.join(diffs)}). Pass another "
-                "--output_dir, or --overwrite_output_dir to delete them and start over."
-            )
-        if diffs:
-            for entry in os.listdir(args.output_dir):
-                if entry.startswith("seed"):
-                    shutil.rmtree(os.path.join(args.output_dir, entry))
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(path, "w") as handle:
-        json.dump(current, handle, indent=1)
-
-
 # -------------------------------------------------------------------------------------------------- runners
 
 
@@ -298,7 +272,7 @@ def main(argv=None) -> dict:
         device = torch.device("cpu")
     workers = args.workers or (1 if device.type == "cuda" else (os.cpu_count() or 1))
     if rank == 0:
-        check_output_dir(args)
+        check_output_dir(args.output_dir, {k: getattr(args, k) for k in RESULT_FIELDS}, args.overwrite_output_dir)
         if world > 1 or workers > 1:
             _cache_pixels(args)
     barrier()
@@ -316,10 +290,9 @@ def main(argv=None) -> dict:
         return {}
     import replica_report as report
 
-    self_usage, child_usage = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     timing = {
         "wall_s": time.perf_counter() - started,
-        "cpu_s": self_usage.ru_utime + self_usage.ru_stime + child_usage.ru_utime + child_usage.ru_stime,
+        "cpu_s": cpu_seconds(),
         "cpu_count": os.cpu_count(),
         "mode": mode,
         "load_average_before": load_before,
@@ -329,11 +302,7 @@ def main(argv=None) -> dict:
         "jobs_cached": JOB_COUNTS["cached"],
     }
     timing["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    log_path = os.path.join(args.output_dir, "invocations.json")
-    invocations = json.load(open(log_path)) if os.path.isfile(log_path) else []
-    invocations.append(timing)
-    with open(log_path, "w") as handle:
-        json.dump(invocations, handle, indent=1)
+    invocations = append_invocation(args.output_dir, timing)
     results = report.collect(args, plan, timing, invocations)
     paths = report.write(results, args.report_dir, args.report_name)
     print(report.summary_text(results))

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from replica_common import JobCache, fixed_step_training, linear_schedule
 
 from icons_hf.ranks import column_arrays
 from icons_hf.testing import (
@@ -346,45 +347,18 @@ def add_lora(model, seed: int, r: int):
     return get_peft_model(model, config)
 
 
-def _linear_schedule(optimizer, steps: int, warmup: float = 0.1):
-    """Linear warmup over the first ``warmup`` share of the steps, then linear decay to zero."""
-    warm = max(1, int(warmup * steps))
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return max(0.0, (steps - step) / max(1, steps - warm))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 def train_fixed_steps(model, data: dict, pixels: torch.Tensor, *, steps: int, batch_size: int, lr: float, seed: int,
                       device) -> float:
     """AdamW with linear warmup/decay for exactly ``steps`` steps; batches of ``batch_size`` rows cycle through
     reshuffled epochs of the rows (the same generator seed for every rule, so only the rows differ; a subset
     smaller than a batch repeats rows within it). Returns the last loss."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = _linear_schedule(optimizer, steps)
-    generator = torch.Generator().manual_seed(seed)
-    n = len(data["input_ids"])
-    order, pos = torch.randperm(n, generator=generator), 0
-    model.train()
-    loss = torch.zeros(())
-    for _ in range(steps):
-        if pos + batch_size > n:
-            take = order[pos:]
-            order, pos = torch.randperm(n, generator=generator), batch_size - len(take)
-            batch = torch.cat([take, order[:pos]])
-        else:
-            batch, pos = order[pos : pos + batch_size], pos + batch_size
+
+    def batch_loss(batch: torch.Tensor) -> torch.Tensor:
         inputs = {k: data[k][batch].to(device) for k in ("input_ids", "labels", "attention_mask")}
-        loss = model(**inputs, pixel_values=pixels[data["image"][batch]].to(device)).loss
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
+        return model(**inputs, pixel_values=pixels[data["image"][batch]].to(device)).loss
+
+    return fixed_step_training(model, batch_loss, len(data["input_ids"]), steps=steps, batch_size=batch_size, lr=lr,
+                               seed=seed)
 
 
 @torch.no_grad()
@@ -423,7 +397,7 @@ def stage_one(material: Material, split: SeedSplit, *, seed: int, vision_steps: 
     head = torch.nn.Linear(tower.config.hidden_size, len(SHAPES) + len(COLORS)).to(device)
     params = list(tower.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
-    schedule = _linear_schedule(optimizer, vision_steps)
+    schedule = linear_schedule(optimizer, vision_steps)
     generator = torch.Generator().manual_seed(seed)
     pixels = material.pixels
     for _ in range(vision_steps):
@@ -690,15 +664,15 @@ def _read_json(path: str):
         return json.load(handle)
 
 
-class Worker:
+class Worker(JobCache):
     """Per-process state for running jobs: the material and caches of splits, base models, pools and test sets."""
 
     def __init__(self, args, device: torch.device, rank: int = 0):
+        super().__init__()
         self.args = args
         self.device = device
         self.rank = rank
         self._material: Material | None = None
-        self._memo: dict = {}
         self._metric = None
 
     @property
@@ -717,26 +691,21 @@ class Worker:
             self._metric = load_metric("exact_match")
         return self._metric
 
-    def _cached(self, key, build):
-        if key not in self._memo:
-            self._memo[key] = build()
-        return self._memo[key]
-
     def split(self, seed: int) -> SeedSplit:
         a = self.args
-        return self._cached(("split", seed), lambda: seed_split(
+        return self.cached(("split", seed), lambda: seed_split(
             self.material, seed, stage1_images=a.stage1_images, validation_per_task=a.validation_per_task,
             test_per_task=a.test_per_task))
 
     def tests(self, seed: int) -> dict:
         tasks = ("shape", "color", "yesno")
-        return self._cached(("tests", seed), lambda: test_tensors(self.material, self.split(seed), tasks))
+        return self.cached(("tests", seed), lambda: test_tensors(self.material, self.split(seed), tasks))
 
     def stage1_state(self, seed: int) -> dict:
         from safetensors.torch import load_file
 
         path = os.path.join(seed_dir(self.args.output_dir, seed), "stage1.safetensors")
-        return self._cached(("stage1", seed), lambda: load_file(path))
+        return self.cached(("stage1", seed), lambda: load_file(path))
 
     def pool(self, seed: int, name: str):
         def build():
@@ -746,7 +715,7 @@ class Worker:
             dataset = llava_dataset(self.material, records, self.material.train_folder)
             return records, kinds, dataset, tensorize(self.material, dataset)
 
-        return self._cached(("pool", seed, name), build)
+        return self.cached(("pool", seed, name), build)
 
     # -- the three kinds of job ---------------------------------------------------------------------------
 

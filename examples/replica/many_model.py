@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from many_tasks import ALL_ANSWERS, PAD_ID, TARGETS, TOKEN, VOCAB, encode, leaf_tasks
+from replica_common import fixed_step_training
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -48,43 +49,17 @@ def as_dataset(rows: list[dict]):
     return Dataset.from_dict({"input_ids": [x for x, _ in encoded], "labels": [y for _, y in encoded]})
 
 
-def _linear_schedule(optimizer, steps: int, warmup: float = 0.1):
-    warm = max(1, int(warmup * steps))
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return max(0.0, (steps - step) / max(1, steps - warm))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 def train_fixed_steps(model, data: dict, *, steps: int, batch_size: int, lr: float, seed: int) -> float:
     """AdamW with linear warmup/decay for exactly ``steps`` steps on reshuffled epochs of the rows (the same
-    generator seed for every rule, so only the rows differ). Returns the last loss."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = _linear_schedule(optimizer, steps)
-    generator = torch.Generator().manual_seed(seed)
-    n = len(data["input_ids"])
-    order, pos = torch.randperm(n, generator=generator), 0
-    model.train()
-    loss = torch.zeros(())
-    for _ in range(steps):
-        if pos + batch_size > n:
-            take = order[pos:]
-            order = torch.randperm(n, generator=generator)
-            pos = min(n, batch_size - len(take))
-            batch = torch.cat([take, order[:pos]])
-        else:
-            batch, pos = order[pos : pos + batch_size], pos + batch_size
+    generator seed for every rule, so only the rows differ); each batch is cut to its longest row. Returns the
+    last loss."""
+
+    def batch_loss(batch: torch.Tensor) -> torch.Tensor:
         width = int(data["attention_mask"][batch].sum(dim=1).max())
-        loss = model(**{k: data[k][batch, :width] for k in ("input_ids", "labels", "attention_mask")}).loss
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
+        return model(**{k: data[k][batch, :width] for k in ("input_ids", "labels", "attention_mask")}).loss
+
+    return fixed_step_training(model, batch_loss, len(data["input_ids"]), steps=steps, batch_size=batch_size, lr=lr,
+                               seed=seed)
 
 
 def test_sets(questions: dict[str, list[tuple[str, str]]]) -> dict[str, dict]:

@@ -8,8 +8,8 @@ yes/no task made of three subtasks, scored as MME is), pools with unequal task s
 answer two or three tasks' questions at once, near-duplicates and 35-40% harmful rows (wrong answers, unreadable
 inputs, off-task rows). Row kinds are hidden from every rule.
 
-    python examples/replica/many/replica_many.py                 # the default run (6 seeds, pools M1 and M2)
-    python examples/replica/many/replica_many.py --seeds 0 1 2   # a part of it; rerun to add the rest
+    python examples/replica/replica_many.py                 # the default run (6 seeds, pools M1 and M2)
+    python examples/replica/replica_many.py --seeds 0 1 2   # a part of it; rerun to add the rest
 
 Per seed: a base model trained on clean one-question rows of every task but the fact table; per pool, a LoRA
 warmup with ``transformers.Trainer`` + ``icons_hf.IconsCallback`` on 5% of the pool writes the gradient
@@ -23,20 +23,14 @@ Results go to ``--output_dir`` (resumable: finished jobs are not redone) and the
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import resource
-import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
-
-from many_rules import RULE_NAMES  # noqa: E402  (the folder is put on the path first)
+from many_rules import RULE_NAMES
+from replica_common import append_invocation, check_output_dir, cpu_seconds
 
 logger = logging.getLogger("replica_many")
 
@@ -86,28 +80,6 @@ def make_parser():
     from transformers import HfArgumentParser
 
     return HfArgumentParser(ManyTaskArguments)
-
-
-def check_output_dir(args: ManyTaskArguments) -> None:
-    """Refuse to mix results of different arguments in one output_dir (unless asked to start over)."""
-    import shutil
-
-    path = os.path.join(args.output_dir, "replica_args.json")
-    current = {k: getattr(args, k) for k in RESULT_FIELDS}
-    if os.path.isfile(path):
-        with open(path) as handle:
-            saved = json.load(handle)
-        diffs = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted({*saved, *current})
-                 if saved.get(k) != current.get(k)]
-        if diffs and not args.overwrite_output_dir:
-            raise ValueError(f"{args.output_dir} holds results made with other arguments ({'; '.join(diffs)}). Pass "
-                             "another --output_dir, or --overwrite_output_dir to delete them and start over.")
-        for entry in os.listdir(args.output_dir) if diffs else []:
-            if entry.startswith("seed"):
-                shutil.rmtree(os.path.join(args.output_dir, entry))
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(path, "w") as handle:
-        json.dump(current, handle, indent=1)
 
 
 def plan_runs(args: ManyTaskArguments) -> dict[str, list[tuple[str, float]]]:
@@ -163,23 +135,18 @@ def main(argv=None) -> dict:
     for noisy in ("transformers", "datasets", "icons_hf"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     started, load_before = time.perf_counter(), os.getloadavg()
-    check_output_dir(args)
+    check_output_dir(args.output_dir, {k: getattr(args, k) for k in RESULT_FIELDS}, args.overwrite_output_dir)
     plan = plan_runs(args)
     workers = args.workers or (os.cpu_count() or 1)
     counts = run_jobs(args, plan, workers)
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     timing = {
         "wall_s": time.perf_counter() - started,
-        "cpu_s": own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime,
+        "cpu_s": cpu_seconds(),
         "workers": workers, "cpu_count": os.cpu_count(), "load_average_before": load_before,
         "load_average_after": os.getloadavg(), "jobs_run": counts["run"], "jobs_cached": counts["cached"],
         "seeds": args.seeds, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    log_path = os.path.join(args.output_dir, "invocations.json")
-    invocations = json.load(open(log_path)) if os.path.isfile(log_path) else []
-    invocations.append(timing)
-    with open(log_path, "w") as handle:
-        json.dump(invocations, handle, indent=1)
+    invocations = append_invocation(args.output_dir, timing)
     import many_report as report
 
     results = report.collect(args, plan, invocations)

@@ -25,6 +25,7 @@ from many_tasks import (
     leaf_tasks,
     question,
 )
+from replica_common import JobCache
 
 logger = logging.getLogger("replica_many")
 HARMFUL = ("wrong", "noise", "off_task")
@@ -138,24 +139,19 @@ def warmup_features(model, pool_ds, validation: dict, *, out_dir: str, seed: int
     return train, tasks, {"warmup_rows": len(warm_ds), "warmup_steps": int(trainer.state.global_step)}
 
 
-class Worker:
+class Worker(JobCache):
     """Runs jobs in one process; caches the material, base states and pools of the seeds it has seen."""
 
     def __init__(self, args: dict):
+        super().__init__()
         self.args = type("Args", (), args)
-        self._memo: dict = {}
-
-    def _cached(self, key, build):
-        if key not in self._memo:
-            self._memo[key] = build()
-        return self._memo[key]
 
     def material(self, seed: int) -> Material:
         a = self.args
-        return self._cached(("material", seed), lambda: Material(seed, a.validation_per_task, a.test_per_leaf))
+        return self.cached(("material", seed), lambda: Material(seed, a.validation_per_task, a.test_per_leaf))
 
     def tests(self, seed: int) -> dict:
-        return self._cached(("tests", seed), lambda: test_sets(self.material(seed).tests))
+        return self.cached(("tests", seed), lambda: test_sets(self.material(seed).tests))
 
     def folder(self, seed: int, pool: str | None = None) -> str:
         return os.path.join(self.args.output_dir, f"seed{seed}", *([pool] if pool else []))
@@ -163,7 +159,7 @@ class Worker:
     def base_state(self, seed: int) -> dict:
         from safetensors.torch import load_file
 
-        return self._cached(("base", seed), lambda: load_file(os.path.join(self.folder(seed), "base.safetensors")))
+        return self.cached(("base", seed), lambda: load_file(os.path.join(self.folder(seed), "base.safetensors")))
 
     def stage_two_model(self, seed: int):
         model = new_model(seed, hidden=self.args.hidden)
@@ -175,7 +171,7 @@ class Worker:
             rows = read_json(os.path.join(self.folder(seed, name), "pool.json"))
             return rows, tensorize(rows)
 
-        return self._cached(("pool", seed, name), build)
+        return self.cached(("pool", seed, name), build)
 
     def run(self, job: dict) -> dict:
         started, cpu = time.perf_counter(), time.process_time()

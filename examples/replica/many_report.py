@@ -302,7 +302,7 @@ def markdown(results, name) -> list[str]:
     held = [s for s in args["seeds"] if s not in args["choice_seeds"]]
     lines = ["# Many-task replica: does consensus pay with eight target tasks?", "",
              "Regenerate everything on this page with one command (resumable from `--output_dir`):", "",
-             "```", "python examples/replica/many/replica_many.py", "```", "",
+             "```", "python examples/replica/replica_many.py", "```", "",
              "## Summary", "", *_summary_lines(results), "",
              "## Setup", "", (__import__("replica_many").__doc__ or "").split("\n\n")[1].replace("\n", " "), "",
              "| target task | questions |", "|---|---|"]
