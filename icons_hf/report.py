@@ -341,8 +341,8 @@ def _plot_scores(data: dict, path: str) -> None:
             tau, color=_THRESHOLD_COLOR, linestyle="--", linewidth=1.5, label=f"threshold ({pct:g}th percentile)"
         )
         ax.set_title(
-            f"task {task}: threshold {tau:.3g}, {int((selected & ~top[:, j]).sum()):,} of "
-            f"{int(selected.sum()):,} selected below it",
+            f"task {task}: threshold {tau:.3g}\n{int((selected & ~top[:, j]).sum()):,} of "
+            f"{int(selected.sum()):,} selected rows below it",
             fontsize="medium",
         )
         ax.set_xlabel(data["score_label"])
