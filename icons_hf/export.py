@@ -142,8 +142,7 @@ def _prepare_output_dir(output_dir: str, subset_file: str | None) -> None:
         if clashes:
             raise FileExistsError(
                 f"output_dir {output_dir} already holds {clashes[0]}, which no icons_hf export wrote; export into an "
-                "empty or new folder (the export writes README.md, data/, scores.parquet, indices.json, "
-                "selection.json)."
+                f"empty or new folder (the export writes {', '.join(n for n in (subset_file, *EXPORT_FILES) if n)})."
             )
     else:
         old_subset = previous.get("subset_file")

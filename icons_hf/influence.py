@@ -138,6 +138,11 @@ def _require_rows(path: str) -> dict:
 def checkpoint_weights_from_stores(train: Sequence[str]) -> list[float]:
     rates = [read_store_metadata(p).get("learning_rate") for p in train]
     if all(r is None for r in rates):
+        if len(train) > 1:
+            logger.warning(
+                "none of the %d train stores recorded its checkpoint's learning rate; the checkpoints are weighted "
+                "equally (pass checkpoint_weights= to weight them).", len(train),
+            )
         return [1.0 / len(train)] * len(train)
     if any(r is None for r in rates):
         missing = [p for p, r in zip(train, rates, strict=True) if r is None]

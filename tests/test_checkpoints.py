@@ -128,3 +128,38 @@ def test_checkpoint_name_is_required_and_checked(tmp_path, tiny_lora_llama, toke
         compute_checkpoint_stores(model, pool, {"train": pool}, tmp_path, checkpoint="c")
     with pytest.raises(ValueError, match="sub-pool name 'a b' may only use"):
         compute_checkpoint_stores(model, {"a b": pool}, {"t": pool}, tmp_path, checkpoint="c")
+
+
+@pytest.mark.parametrize(
+    "log_history, expected",
+    [
+        ([{"step": 4, "learning_rate": 0.25}, {"step": 8, "learning_rate": 0.5}], 0.5),  # logged at its own step
+        ([{"step": 4, "learning_rate": 0.25}], None),  # only another step: never borrowed
+        ([], None),  # nothing logged (logging_steps does not divide save_steps)
+    ],
+)
+def test_checkpoint_learning_rate_is_the_checkpoints_own_or_none_with_a_warning(tmp_path, caplog, log_history,
+                                                                                 expected):
+    from icons_hf.gradients.precondition import checkpoint_learning_rate
+
+    folder = tmp_path / "checkpoint-8"
+    folder.mkdir()
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 8, "log_history": log_history}))
+    with caplog.at_level("WARNING"):
+        rate = checkpoint_learning_rate(folder)
+    assert rate == expected
+    warned = [r.getMessage() for r in caplog.records if "no learning rate for this checkpoint" in r.getMessage()]
+    assert bool(warned) == (expected is None)
+    if warned:
+        assert "step 8" in warned[0] and "learning_rate=" in warned[0]
+
+
+def test_influence_warns_when_several_checkpoints_fall_back_to_equal_weights(tmp_path, caplog):
+    from icons_hf.testing import write_store
+
+    rng = np.random.default_rng(0)
+    train = [write_store(tmp_path / f"t{c}", rng.normal(size=(6, 4)), weights=f"w{c}") for c in range(2)]
+    val = [write_store(tmp_path / f"v{c}", rng.normal(size=(2, 4)), weights=f"w{c}") for c in range(2)]
+    with caplog.at_level("WARNING"):
+        compute_influence(train, {"t": val}, specialist="mean", cache_file_name=str(tmp_path / "scores.arrow"))
+    assert any("weighted equally" in r.getMessage() for r in caplog.records)

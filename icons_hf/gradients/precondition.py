@@ -14,10 +14,15 @@ sees the same state, and the optimizer is unchanged afterwards.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 
 import torch
+
+from ..distributed import is_main_process
+
+logger = logging.getLogger(__name__)
 
 FEATURES = ("sgd", "adam")
 ADAM_VARIANTS = ("less", "torch")
@@ -123,18 +128,30 @@ def _step_value(step) -> int:
 
 
 def checkpoint_learning_rate(folder: str | os.PathLike) -> float | None:
-    """The learning rate a Trainer logged at the checkpoint's step (``trainer_state.json``), if any."""
+    """The learning rate a Trainer logged at the checkpoint's own step (``trainer_state.json``), or ``None`` with a
+    warning naming the fix. A rate logged at another step is never used: it would weight the checkpoint wrongly."""
     path = os.path.join(os.fspath(folder), "trainer_state.json")
     if not os.path.isfile(path):
+        _warn_no_rate(folder, f"{path} does not exist")
         return None
     with open(path) as handle:
         state = json.load(handle)
-    entries = [e for e in state.get("log_history", []) if "learning_rate" in e]
-    if not entries:
-        return None
     step = state.get("global_step")
-    at_step = [e for e in entries if e.get("step") == step]
-    return float((at_step or entries)[-1]["learning_rate"])
+    at_step = [e for e in state.get("log_history", []) if "learning_rate" in e and e.get("step") == step]
+    if not at_step:
+        _warn_no_rate(folder, f"its trainer_state.json logged no learning rate at step {step} (make logging_steps "
+                              "divide save_steps to have one)")
+        return None
+    return float(at_step[-1]["learning_rate"])
+
+
+def _warn_no_rate(folder, why: str) -> None:
+    if is_main_process():
+        logger.warning(
+            "%s: no learning rate for this checkpoint: %s. Influence weights checkpoints by their learning rates; "
+            "pass learning_rate= (--learning-rate) to record it, or checkpoint_weights= to compute_influence.",
+            os.fspath(folder), why,
+        )
 
 
 def resolve_optimizer_state(optimizer_state, model: torch.nn.Module) -> AdamState:
