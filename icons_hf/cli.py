@@ -15,19 +15,13 @@ and exits with status 2.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
-import types
-import typing
 
-from .consensus import METHODS
-from .influence import SPECIALISTS
+from .options import add_dataclass_options, given_options
 from .settings import PRESETS, FeatureSettings, InfluenceSettings, SelectionSettings
 
-# Choices of settings fields whose dataclass leaves them open (registries that other modules own).
-_CHOICES = {"method": METHODS, "specialist": SPECIALISTS}
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # What the command line adds to a field's help.
 _CLI_NOTES = {
@@ -43,50 +37,20 @@ class UsageError(ValueError):
 # --------------------------------------------------------------------------------------------- options
 
 
-def _option_type(hint) -> tuple[type, dict]:
-    """The argparse ``type`` and extra keywords of a settings field's type hint."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:  # Optional[X] or X | None
-        hint = args[0]
-    if typing.get_origin(hint) in (tuple, list):  # tuple[float, ...] / list[float]: one or more values
-        return typing.get_args(hint)[0], {"nargs": "+"}
-    if hint is bool:
-        return None, {"action": argparse.BooleanOptionalAction}
-    return hint, {}
-
-
 def add_settings_options(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] = ()) -> None:
     """One option per field of the settings dataclass ``cls`` (``--field-name``), default ``None`` (= not given:
     the preset's value), help from the field's metadata, plus ``--preset``."""
-    hints = typing.get_type_hints(cls)
-    group = parser.add_argument_group(f"{cls.__name__} (left out: the --preset's value)")
+    group = add_dataclass_options(parser, cls, skip=skip, keep_defaults=False, notes=_CLI_NOTES,
+                                  title=f"{cls.__name__} (left out: the --preset's value)")
     group.add_argument("--preset", choices=PRESETS,
                        help="named settings to start from: 'default' (the library's measured defaults) or 'paper' "
                             "(the released ICONS rule); options given override it (default: default)")
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        kind, extra = _option_type(hints[f.name])
-        choices = f.metadata.get("choices") or _CHOICES.get(f.name)
-        default = f.default
-        if default is None or isinstance(default, bool):
-            default = {None: "none", True: "on", False: "off"}[default]
-        text = f.metadata.get("help", f.name)
-        note = _CLI_NOTES.get(f.name) or ("" if "default" in text else f"default: {default}")
-        text = (f"{text} ({note})" if note else text).replace("%", "%%")
-        kwargs = dict(dest=f.name, default=None, help=text, **extra)
-        if kind is not None:
-            kwargs["type"] = kind
-        if choices:
-            kwargs["choices"] = choices
-        group.add_argument(f"--{f.name.replace('_', '-')}", **kwargs)
 
 
 def stage_kwargs(args: argparse.Namespace, cls, *, skip: tuple[str, ...] = ()) -> dict:
     """The settings options that were given (not ``None``) and ``preset=`` when ``--preset`` was given: the keyword
     arguments for the stage's library call."""
-    out = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
-           if f.name not in skip and getattr(args, f.name, None) is not None}
+    out = given_options(args, cls, skip=skip)
     if getattr(args, "preset", None) is not None:
         out["preset"] = args.preset
     return out

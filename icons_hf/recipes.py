@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import re
-import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -43,6 +42,7 @@ from .export import export_selection
 from .gradients.inputs import collate_rows
 from .hub import push_selection
 from .influence import compute_influence
+from .options import add_dataclass_options, given_options
 from .pools import load_llava_records
 from .provenance import Provenance
 from .settings import PRESETS, FeatureSettings, InfluenceSettings, SelectionSettings
@@ -168,69 +168,20 @@ class SubPool:
 # ----------------------------------------------------------------------------------------------- arguments
 
 
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "y"):
-        return True
-    if text.lower() in ("0", "false", "no", "n"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _option_kwargs(hint, metadata: Mapping) -> dict:
-    """argparse keywords for a field of type ``hint`` (``X``, ``X | None``, ``list[X]``, ``tuple[X, ...]``)."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if args and typing.get_origin(hint) not in (list, tuple):  # Optional[X]
-        hint = args[0]
-    kwargs = {k: v for k, v in metadata.items() if k not in ("help", "required")}
-    if typing.get_origin(hint) in (list, tuple):
-        kwargs.setdefault("type", typing.get_args(hint)[0])
-        if kwargs.get("action") != "append":
-            kwargs.setdefault("nargs", "+")
-    elif hint is bool:
-        kwargs.update(type=_bool, nargs="?", const=True)
-    else:
-        kwargs.setdefault("type", hint)
-    return kwargs
-
-
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, *, dest_prefix: str = "", renames=None,
-                            skip: Sequence[str] = (), keep_defaults: bool = True, title: str | None = None) -> None:
-    """One ``--option-name`` per field of the dataclass ``cls``, with its ``help`` metadata. With
-    ``keep_defaults=False`` every option defaults to ``None`` (the field's default is shown in the help and
-    applied by the class, e.g. through a settings preset)."""
-    group = parser.add_argument_group(title or cls.__name__, (cls.__doc__ or "").strip() or None)
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        name = (renames or {}).get(f.name, f.name)
-        shown = "%(default)s" if keep_defaults else default
-        unset = default is None or default is False or default == []
-        help_text = f.metadata.get("help", "") + ("" if unset else f" (default: {shown})")
-        flags = dict.fromkeys([f"--{name.replace('_', '-')}", f"--{name}"])  # --name-with-dashes, --name_as_field
-        kwargs = _option_kwargs(hints[f.name], f.metadata)
-        if "choices" not in kwargs:
-            kwargs.setdefault("metavar", "BOOL" if kwargs.get("type") is _bool else name.upper())
-        group.add_argument(*flags, dest=f"{dest_prefix}{f.name}", default=default if keep_defaults else None,
-                           help=help_text, required=bool(f.metadata.get("required")), **kwargs)
-
-
 def add_recipe_arguments(parser: argparse.ArgumentParser, **script_defaults) -> None:
     """The options every recipe shares; ``script_defaults`` (e.g. ``learning_rate=2e-5``,
     ``lora_target_modules=[...]``) replace the recipe dataclasses' defaults for this script."""
     for _, cls in RECIPE_GROUPS:
-        add_dataclass_arguments(parser, cls)
+        add_dataclass_options(parser, cls)
     for stage, cls, renames, skip in SETTINGS_OPTIONS:
-        add_dataclass_arguments(parser, cls, dest_prefix=f"{stage}.", renames=renames, skip=skip,
+        add_dataclass_options(parser, cls, dest_prefix=f"{stage}.", renames=renames, skip=skip,
                                 keep_defaults=False, title=f"{cls.__name__} (--preset and icons_hf.settings)")
     parser.set_defaults(**script_defaults, _script_defaults=script_defaults)
 
 
 def _settings(args: argparse.Namespace, stage: str, cls, **extra):
-    prefix = f"{stage}."
-    given = {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix)}
-    if "checkpoint_weights" in given and given["checkpoint_weights"] is not None:
+    given = given_options(args, cls, dest_prefix=f"{stage}.")
+    if "checkpoint_weights" in given:
         given["checkpoint_weights"] = tuple(given["checkpoint_weights"])
     return cls.resolve(None, args.preset, **given, **extra)
 
@@ -571,7 +522,7 @@ def select_and_export(recipe: Recipe, scores, pool, *, pool_name: str | None = N
 
 __all__ = [
     "LoraArguments", "MixedCollator", "Recipe", "RecipeArguments", "SubPool", "TaskSpec", "WarmupArguments",
-    "WarmupRows", "add_dataclass_arguments", "add_recipe_arguments", "load_rows", "parse_recipe_args",
+    "WarmupRows", "add_recipe_arguments", "load_rows", "parse_recipe_args",
     "parse_task_specs", "pool_scores", "pool_stores", "process_state", "select_and_export", "task_datasets",
     "with_pad_token",
 ]
