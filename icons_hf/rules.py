@@ -158,7 +158,7 @@ VETO_RANK = 0.05
 def gain(inputs: RuleInput) -> Ranking:
     """Floors filled by summed gain: ``q_k(z)`` the within-task percentile rank, ``gain(z) = sum_k q_k(z)``. Each
     task's floor takes, in turns, the rows above its vote threshold (``q_k`` over the ``percentile`` of ranks) in
-    order of ``gain`` (then its own rank), and only then its other rows by its own rank; rows left after the floors
+    order of ``gain`` (then by index), and only then its other rows by its own rank; rows left after the floors
     go by ``gain``. A row that several tasks rank high (a conversation answering several tasks) comes first
     within each of those tasks' top rows, and no task takes a row it ranks below its threshold while it has
     rows above it."""
