@@ -79,10 +79,9 @@ class TopLayers(nn.Module):
         super().__init__()
         self.layers, self.norm, self.rotary_emb, self.lm_head, self.config = layers, norm, rotary, head, config
 
-    def forward(self, input_ids, attention_mask=None, labels=None, prefix_states=None, logit_positions=None,
-                **kwargs):
+    def hidden_states(self, input_ids, attention_mask=None, prefix_states=None):
+        """The final norm's output at every position."""
         from transformers.masking_utils import create_causal_mask
-        from transformers.modeling_outputs import CausalLMOutput
 
         batch, width = input_ids.shape
         hidden = prefix_states.reshape(batch, -1, self.config.hidden_size)[:, :width].to(torch.float32)
@@ -92,7 +91,22 @@ class TopLayers(nn.Module):
         rope = self.rotary_emb(hidden, position_ids=positions)
         for layer in self.layers:
             hidden = layer(hidden, attention_mask=mask, position_embeddings=rope, position_ids=positions)
-        hidden = self.norm(hidden)
+        return self.norm(hidden)
+
+    def supervised_logits(self, input_ids, labels, attention_mask=None, prefix_states=None, **kwargs):
+        """Logits at the positions whose next token is supervised (row-major order) and those tokens: what a
+        loss or an exact-match check reads, without the vocabulary-sized product at the other positions."""
+        hidden = self.hidden_states(input_ids, attention_mask, prefix_states)
+        targets = labels[:, 1:]
+        supervised = targets != -100
+        return self.lm_head(hidden[:, :-1][supervised]), targets[supervised], supervised
+
+    def forward(self, input_ids, attention_mask=None, labels=None, prefix_states=None, logit_positions=None,
+                **kwargs):
+        from transformers.modeling_outputs import CausalLMOutput
+
+        hidden = self.hidden_states(input_ids, attention_mask, prefix_states)
+        batch, width = input_ids.shape
         keep = logit_positions[:, :width] > 0 if logit_positions is not None else torch.ones_like(input_ids).bool()
         logits = hidden.new_zeros(batch, width, self.lm_head.out_features)
         logits[keep] = self.lm_head(hidden[keep])
@@ -188,8 +202,14 @@ def _batch(data: dict, indices: torch.Tensor) -> dict:
 def train_fixed_steps(model, data: dict, *, steps: int, batch_size: int, lr: float, seed: int) -> float:
     """``steps`` AdamW steps on batches of ``data`` (the shared fixed-budget loop); the loss is the mean over the
     batch's supervised tokens, as ``Trainer`` computes it, so a row with several answers weighs more."""
-    return fixed_step_training(model, lambda idx: model(**_batch(data, idx)).loss, len(data["input_ids"]),
-                               steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    top = model.get_base_model()
+
+    def batch_loss(indices: torch.Tensor) -> torch.Tensor:
+        logits, targets, _ = top.supervised_logits(**_batch(data, indices))
+        return nn.functional.cross_entropy(logits, targets)
+
+    return fixed_step_training(model, batch_loss, len(data["input_ids"]), steps=steps, batch_size=batch_size, lr=lr,
+                               seed=seed)
 
 
 @torch.no_grad()
@@ -199,13 +219,13 @@ def exact_match(model, data: dict, leaves: list[str], batch_size: int = 64) -> d
     included, exactly when the argmax at every supervised position is the reference token, so one forward pass
     with the reference in place decides it."""
     model.eval()
+    top = model.get_base_model()
     right = []
     for start in range(0, len(data["input_ids"]), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(data["input_ids"])))
-        batch = _batch(data, idx)
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        targets = batch["labels"][:, 1:]
-        hit = (logits[:, :-1].argmax(-1) == targets) | (targets == -100)
+        logits, targets, supervised = top.supervised_logits(**_batch(data, idx))
+        hit = torch.ones(supervised.shape, dtype=torch.bool)
+        hit[supervised] = logits.argmax(-1) == targets
         right += hit.all(dim=1).tolist()
     out: dict[str, list] = {}
     for leaf, ok in zip(leaves, right, strict=True):

@@ -20,6 +20,19 @@ def _mean_std(values) -> list[float]:
     return [float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0]
 
 
+def relative(accuracy: dict, full: dict) -> float:
+    """Mean accuracy over the target tasks divided by the full pool's (same seed)."""
+    return float(np.mean([accuracy[t] for t in TARGETS]) / max(np.mean([full[t] for t in TARGETS]), 1e-9))
+
+
+def candidates(results: dict) -> dict:
+    """Per pool and rule, the per-seed relative performance (the input of examples/replica/decide_default.py)."""
+    return {"family": "real", "choice_seeds": results["arguments"]["choice_seeds"],
+            "pools": {pool: {rule: {s: d["relative"] for s, d in data["per_seed"].items()}
+                             for rule, data in entry["rules"].items() if rule != "full"}
+                      for pool, entry in results["pools"].items()}}
+
+
 def _run(args, seed, pool, rule):
     path = os.path.join(args.output_dir, f"seed{seed}", pool, "runs", rule + ".json")
     return read_json(path) if os.path.isfile(path) else None
@@ -37,7 +50,9 @@ def collect(args, invocations) -> dict:
             per_seed = {}
             for s in seeds:
                 res, full = _run(args, s, pool, rule), _run(args, s, pool, "full")
-                rel = 100 * np.mean([res["accuracy"][t] / max(full["accuracy"][t], 1e-9) for t in TARGETS])
+                # Mean accuracy over the tasks relative to the full pool's: a per-task ratio is undefined where the
+                # stage-two budget teaches a task nothing from the whole pool (full-pool accuracy 0).
+                rel = 100 * relative(res["accuracy"], full["accuracy"])
                 per_seed[str(s)] = {"relative": float(rel), "accuracy": res["accuracy"],
                                     "mean_accuracy": float(np.mean(list(res["accuracy"].values())))}
             entry["rules"][rule] = {"per_seed": per_seed}
@@ -77,7 +92,9 @@ def markdown(results: dict) -> str:
              f"of the top {args['top']} (the layers below frozen). Pools of {args['pool_size']} rows; "
              f"{100 * args['fraction']:g}% selected; "
              f"stage two: {args['train_steps']} steps x {args['batch_size']} rows; exact match of greedy answers "
-             f"on {args['test_per_leaf']} answer-balanced held-out questions per task or subtask.", ""]
+             f"on {args['test_per_leaf']} answer-balanced held-out questions per task or subtask. Relative "
+             "performance: mean accuracy over the 7 tasks / the full pool's (a per-task ratio is undefined where the "
+             "budget teaches a task nothing from the whole pool).", ""]
     for pool, entry in results["pools"].items():
         lines += [f"## {pool} (seeds {entry['seeds']})", "",
                   "| rule | relative, all seeds | vs random (paired), all | choice seeds vs random | held-out vs "
@@ -124,9 +141,12 @@ def markdown(results: dict) -> str:
 
 def write(results: dict, report_dir: str, name: str) -> list[str]:
     os.makedirs(report_dir, exist_ok=True)
-    paths = [os.path.join(report_dir, f"{name}.json"), os.path.join(report_dir, f"{name}.md")]
+    paths = [os.path.join(report_dir, f"{name}.json"), os.path.join(report_dir, f"{name}.md"),
+             os.path.join(report_dir, "candidates_real.json")]
     with open(paths[0], "w") as handle:
         json.dump(results, handle, indent=1)
+    with open(paths[2], "w") as handle:
+        json.dump(candidates(results), handle, indent=1)
     with open(paths[1], "w") as handle:
         handle.write(markdown(results))
     return paths

@@ -11,7 +11,7 @@ capital        What is the capital of Peru?                           40 capital
 sentiment      Is the word "gloomy" positive or negative?             positive / negative
 larger         Which is larger, 37 or 52?                             10 .. 99 (one of the two)
 month          What month is 3 months after January?                  12 months
-reverse        Spell "cat" backwards.                                 3-letter strings
+reverse        Spell "cat" backwards.                                 45 3-letter words, reversed
 yesno/even     Is 14 an even number?                                  yes / no
 yesno/capital  Is Rome the capital of Italy?                          yes / no
 yesno/longer   Is "house" longer than "cat"?                          yes / no
@@ -47,7 +47,8 @@ NEGATIVE = ("sad", "awful", "gloomy", "cruel", "nasty", "bad", "angry", "bitter"
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December")
 WORDS = ("cat", "dog", "sun", "hat", "pen", "cup", "box", "bed", "car", "map", "red", "fog", "jam", "kit", "log",
-         "mud", "net", "owl", "pig", "rat", "tin", "van", "web", "yak", "zip", "ant", "bus", "cow", "elf", "fox")
+         "mud", "net", "owl", "pig", "rat", "tin", "van", "web", "yak", "zip", "ant", "bus", "cow", "elf", "fox",
+         "gum", "hen", "ink", "jet", "key", "lip", "mop", "nut", "oak", "pot", "rug", "sky", "toy", "urn", "wax")
 LONG_WORDS = ("house", "garden", "window", "pencil", "rabbit", "basket", "candle", "planet", "forest", "bottle",
               "orange", "silver", "market", "kitten", "button", "rocket")
 TEMPLATES = {
@@ -64,7 +65,7 @@ TEMPLATES = {
 TARGETS = ("add", "capital", "sentiment", "larger", "month", "reverse", "yesno")
 SUBTASKS = {"yesno": ("even", "capital", "longer")}
 # Leaves whose question space is large: their validation and test questions are kept out of the pool.
-LARGE_SPACE = ("add", "larger", "reverse", "yesno/even")
+LARGE_SPACE = ("add", "larger", "yesno/even")
 
 
 def leaf_tasks(task: str) -> list[str]:

@@ -56,7 +56,7 @@ class RealArguments:
     pool_size: int = field(default=800, metadata={"help": "Pool rows."})
     fraction: float = field(default=0.2, metadata={"help": "Selected share of the pool."})
     validation_per_task: int = field(default=9, metadata={"help": "Validation rows per task (split over subtasks)."})
-    test_per_leaf: int = field(default=40, metadata={"help": "Test questions per task or subtask."})
+    test_per_leaf: int = field(default=30, metadata={"help": "Test questions per task or subtask."})
     warmup_fraction: float = field(default=0.05, metadata={"help": "Share of the pool the warmup trains on."})
     warmup_epochs: int = field(default=4, metadata={"help": "Warmup epochs."})
     warmup_batch_size: int = field(default=8, metadata={"help": "Warmup batch size."})
