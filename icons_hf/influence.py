@@ -34,8 +34,9 @@ normalised to sum to one; equal weights when none were recorded; or an explicit 
 preset uses the same learning-rate-weighted sum as LESS when given several checkpoints (the released scripts
 score one checkpoint; with one it is their rule exactly).
 
-Row identity: when the train stores carry a string column ``record_hash``, the score table carries it too, in
-pool order (parts concatenated in order).
+Row identity: when the train stores carry a string column ``record_hash`` (or, for a tokenized pool without
+one, ``input_hash``), the score table carries it too, in pool order (parts concatenated in order); the provenance
+names the columns an ``input_hash`` covers.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ import pyarrow as pa
 from datasets import Dataset, concatenate_datasets, is_caching_enabled
 from datasets.fingerprint import Hasher, get_temporary_cache_files_directory
 
+from .pools import INPUT_HASH_COLUMN, RECORD_HASH_COLUMN
 from .provenance import Provenance, provenance
 from .settings import InfluenceSettings
 from .specialists import SPECIALISTS as SPECIALIST_REGISTRY
@@ -71,6 +73,7 @@ TASK_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # a task name becomes the column i
 _TASK_NAME = TASK_NAME  # the earlier name, kept until every caller uses TASK_NAME
 SPECIALISTS = tuple(SPECIALIST_REGISTRY)  # registered when this module was imported; the registry is live
 CACHE_VERSION = "icons_hf.influence/2"
+IDENTITY_COLUMNS = (RECORD_HASH_COLUMN, INPUT_HASH_COLUMN)  # per-row identity carried from the stores
 _CHUNK_VALUES = 1 << 23  # float32 values converted at a time (32 MiB)
 
 
@@ -311,7 +314,7 @@ def _score_pool(plan: InfluencePlan, target: str, work_dir, cache_file_name):
     """The score table, written to ``target``: by the row-wise map, or by the per-example map and column step."""
     pools = [_pool_dataset(parts) for parts in plan.train]
     if plan.n_rows == 0:  # Dataset.map returns an empty dataset unchanged
-        hashes = {"record_hash": pa.array([], pa.string())} if "record_hash" in pools[0].data.column_names else {}
+        hashes = {c: pa.array([], pa.string()) for c in IDENTITY_COLUMNS if c in pools[0].data.column_names}
         empty = {**hashes, **{f"influence_{t}": pa.array([], pa.float32()) for t in plan.task_names}}
         return _write_table(pa.table({"index": pa.array([], pa.int64()), **empty}), target)
     if plan.specialist.per_example:
@@ -405,10 +408,11 @@ def _pool_dataset(parts: Sequence[str]) -> PoolDataset:
     stores = [load_gradients(p) for p in parts]
     sizes = [len(s) for s in stores]
     rows = [int(read_store_metadata(p)["num_rows"]) for p in parts]
-    hashes = ["record_hash" in s.column_names for s in stores]
-    if any(hashes) and not all(hashes):
-        raise ValueError(f"{parts[hashes.index(False)]} has no record_hash column while {parts[hashes.index(True)]} "
-                         "has one; recompute the parts with the same version of the extraction.")
+    for column in IDENTITY_COLUMNS:
+        hashes = [column in s.column_names for s in stores]
+        if any(hashes) and not all(hashes):
+            raise ValueError(f"{parts[hashes.index(False)]} has no {column} column while {parts[hashes.index(True)]} "
+                             "has one; recompute the parts with the same version of the extraction.")
     data = concatenate_datasets(stores) if len(stores) > 1 else stores[0]
     return PoolDataset(data.with_format("arrow"), np.cumsum([0] + sizes[:-1]), np.cumsum([0] + rows[:-1]), _name(parts))
 
@@ -484,8 +488,9 @@ def score_batch(batch: pa.Table, positions, *, pools, matrices, weights, special
     positions = np.asarray(positions, dtype=np.int64)
     index, total = weighted_products(batch, positions, pools, matrices, weights)
     out = {"index": pa.array(index)}
-    if "record_hash" in batch.column_names:
-        out["record_hash"] = batch.column("record_hash")
+    for column in IDENTITY_COLUMNS:
+        if column in batch.column_names:
+            out[column] = batch.column(column)
     if cosine_file is None:
         combine = SPECIALIST_REGISTRY[specialist].combine
         for task, cols in columns_of.items():
@@ -518,8 +523,9 @@ def _score_per_example(plan: InfluencePlan, pools: Sequence[PoolDataset], target
         identity = (
             {"index": keep.column("index").cast(pa.int64())} if len(keep) else {"index": pa.array([], pa.int64())}
         )
-        if "record_hash" in keep.column_names:
-            identity["record_hash"] = keep.column("record_hash")
+        for column in IDENTITY_COLUMNS:
+            if column in keep.column_names:
+                identity[column] = keep.column(column)
         table = pa.table({**identity, **{f"influence_{t}": pa.array(col, pa.float32()) for t, col in columns.items()}})
         if target is None:
             return Dataset(table)
@@ -681,7 +687,17 @@ def influence_provenance(
         },
         "skipped": metas[0].get("skipped", []),
         "pool_rows": metas[0]["num_rows"],
+        "input_hash_columns": input_hash_columns(train[0]),
     }
+
+
+def input_hash_columns(parts: Sequence[str]) -> list[str] | None:
+    """The columns the ``input_hash`` of a pool's stores covers (the union over its parts), or ``None`` when the
+    stores carry no input hash."""
+    found = [read_store_metadata(p)["config"].get("input_hash_columns") for p in parts]
+    if any(f is None for f in found):
+        return None
+    return sorted({c for columns in found for c in columns})
 
 
 
