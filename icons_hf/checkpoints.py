@@ -23,7 +23,14 @@ from collections.abc import Iterator, Mapping
 
 from .distributed import is_main_process
 from .gradients import compute_gradients
-from .gradients.inputs import check_dataset, check_model_batch, check_rows, max_positions, unwrap_model
+from .gradients.inputs import (
+    check_dataset,
+    check_model_batch,
+    check_rows,
+    count_bad_rows,
+    max_positions,
+    unwrap_model,
+)
 from .gradients.precondition import checkpoint_learning_rate
 from .settings import FeatureSettings
 
@@ -119,12 +126,22 @@ def check_model_inputs(model, pool, tasks, pad_token_id: int = 0) -> None:
 def check_bad_rows(pool, tasks: Mapping, settings: FeatureSettings, model=None) -> None:
     """With ``on_bad_row="error"``, refuse now (naming the dataset and row) a row that extraction would refuse at
     the first checkpoint and that its tokens show: no supervised token, or, with ``model``, more tokens than its
-    position limit."""
-    if settings.on_bad_row != "error":
-        return
+    position limit. With ``"skip"``, refuse a dataset that would lose every row (a task left without validation
+    examples, or an empty pool), which would otherwise only fail in ``compute_influence`` after the warmup."""
     limit = None if model is None else max_positions(unwrap_model(model))
     for label, data in labelled_datasets(pool, tasks):
-        check_rows(data, label, max_length=settings.max_length, limit=limit)
+        if settings.on_bad_row == "error":
+            check_rows(data, label, max_length=settings.max_length, limit=limit)
+            continue
+        bad, problem = count_bad_rows(data, max_length=settings.max_length, limit=limit)
+        if bad == len(data):
+            what = "the pool would have no row to select from" if label.startswith("pool") else (
+                "that task would have no validation example, and influence needs at least one")
+            raise ValueError(
+                f"{label}: every one of its {bad} rows would be skipped under on_bad_row='skip' (row 0: {problem}), "
+                f"so {what}. Fix the rows (each needs a supervised token in labels, -100 elsewhere"
+                f"{'' if limit is None else f', and at most {limit} tokens or max_length='}) before training."
+            )
 
 
 def _checkpoint_facts(checkpoint, learning_rate, optimizer_state, step, train_feature: str):
