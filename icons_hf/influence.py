@@ -120,6 +120,12 @@ def _check_compatible(train_meta: Mapping, other_meta: Mapping, train_path: str,
                 f"{json.dumps(a.get(key))[:80]}); features of different projections or models cannot be compared. "
                 "Recompute both with the same model, projection, dim and seed."
             )
+    choice = (a.get("gradient_parameters", "trainable"), b.get("gradient_parameters", "trainable"))
+    if choice[0] != choice[1]:
+        raise ValueError(
+            f"{other_path} holds gradients of parameters={choice[1]!r} but {train_path} of parameters={choice[0]!r}; "
+            "compute every store of a run with the same parameters setting."
+        )
     if a.get("weights") != b.get("weights"):
         raise ValueError(
             f"{other_path} was computed on other model weights than {train_path}; pair each validation store with "

@@ -139,7 +139,7 @@ def _setup(model: nn.Module, dataset, settings: FeatureSettings, feature: str, o
     if feature not in FEATURES:
         raise ValueError(f"feature={feature!r} is not supported; choose one of: {', '.join(FEATURES)}.")
     device = model_device(model)
-    capture = LinearCapture(model)
+    capture = LinearCapture(model, settings.parameters)
     state = None
     if feature == "adam":
         if optimizer_state is None:
@@ -168,6 +168,8 @@ def _setup(model: nn.Module, dataset, settings: FeatureSettings, feature: str, o
         "on_bad_row": settings.on_bad_row,
         "max_length": settings.max_length,
     }
+    if settings.parameters != "trainable":  # stores of the default choice keep the layout they always had
+        config["gradient_parameters"] = settings.parameters
     if record_hash_column(dataset):
         config["record_hashes"] = fingerprint_rows(dataset, (RECORD_HASH,))
     else:  # no source-record identity: each row is identified by its model inputs (checked again at export)
