@@ -62,7 +62,7 @@ from datasets.fingerprint import Hasher, get_temporary_cache_files_directory
 
 from .pools import INPUT_HASH_COLUMN, RECORD_HASH_COLUMN
 from .provenance import Provenance, provenance
-from .settings import InfluenceSettings
+from .settings import FeatureSettings, InfluenceSettings
 from .specialists import SPECIALISTS as SPECIALIST_REGISTRY
 from .specialists import Specialist
 from .store import iter_store_batches, load_gradients, read_store_metadata
@@ -304,13 +304,16 @@ def compute_influence(
     plan = plan_influence(train, tasks, config)
     target = _result_path(plan, cache_file_name)
     cached = _load_cached(target, plan.fingerprint)
+    features = feature_provenance(plan.metas[0])
+    warn_feature_preset(features, preset)
     if cached is not None:
         logger.info("influence served from cache %s", target)
         return cached
     scores = _score_pool(plan, target, work_dir, cache_file_name)
     info = {"influence": influence_provenance(plan.train, plan.tasks, plan.weights, plan.metas,
                                               specialist=plan.specialist.name, settings=config.to_dict(),
-                                              fingerprint=plan.fingerprint)}
+                                              fingerprint=plan.fingerprint),
+            "features": features}
     files = [f["filename"] for f in scores.cache_files]
     _write_sidecar(target, {"fingerprint": plan.fingerprint, "files": files, "provenance": info})
     return _load_cached(target, plan.fingerprint) if files else Provenance.from_dict(info).attach(scores)
@@ -697,6 +700,50 @@ def influence_provenance(
     }
 
 
+# Feature settings that change what a feature is (the others change only how it is computed or stored).
+FEATURE_DEFINING = ("train_feature", "adam_variant", "parameters", "projection", "dim", "seed")
+
+
+def feature_provenance(meta: Mapping) -> dict:
+    """``{"settings": the train store's feature settings, "presets": the FeatureSettings presets they match}``
+    (``train_feature`` is the feature the store holds; a setting a store predates takes its value of that time,
+    the default). Stores that record no settings give ``{"settings": None, "presets": []}``."""
+    recorded = meta.get("settings")
+    if not isinstance(recorded, Mapping):
+        return {"settings": None, "presets": []}
+    settings = {**FeatureSettings().to_dict(), **recorded}
+    if meta.get("feature"):
+        settings["train_feature"] = meta["feature"]
+    presets = [name for name in FeatureSettings.presets if not feature_differences(settings, name)]
+    return {"settings": settings, "presets": presets}
+
+
+def feature_differences(settings: Mapping, preset: str) -> dict[str, tuple]:
+    """``setting -> (the stores' value, the preset's value)`` for the feature-defining settings that differ."""
+    want = FeatureSettings.from_preset(preset).to_dict()
+    out = {k: (settings.get(k), want[k]) for k in FEATURE_DEFINING if settings.get(k) != want[k]}
+    if settings.get("train_feature") == want["train_feature"] == "sgd":
+        out.pop("adam_variant", None)  # no Adam map: its variant changes nothing
+    if settings.get("projection") == want["projection"] == "identity":
+        out.pop("dim", None)
+        out.pop("seed", None)
+    return out
+
+
+def warn_feature_preset(features: Mapping, preset: str | None) -> None:
+    """Warn when ``compute_influence(preset=...)`` scores stores whose features are not that preset's."""
+    if preset is None or features.get("settings") is None or preset not in FeatureSettings.presets:
+        return
+    diffs = feature_differences(features["settings"], preset)
+    if diffs:
+        logger.warning(
+            "compute_influence(preset=%r) scores train stores whose features are not that preset's (%s): the scores "
+            "are the preset's specialist on other features. Compute the stores with preset=%r too (IconsCallback, "
+            "compute_gradients, icons-hf gradients --preset %s) for the preset's rule end to end.",
+            preset, ", ".join(f"{k}={a!r}, preset {b!r}" for k, (a, b) in diffs.items()), preset, preset,
+        )
+
+
 def input_hash_columns(parts: Sequence[str]) -> list[str] | None:
     """The columns the ``input_hash`` of a pool's stores covers (the union over its parts), or ``None`` when the
     stores carry no input hash."""
@@ -708,4 +755,5 @@ def input_hash_columns(parts: Sequence[str]) -> list[str] | None:
 
 
 __all__ = ["SPECIALISTS", "TASK_NAME", "InfluencePlan", "checkpoint_weights_from_stores", "compute_influence",
-           "influence_provenance", "plan_influence", "provenance", "resolve_inputs"]
+           "feature_differences", "feature_provenance", "influence_provenance", "plan_influence", "provenance",
+           "resolve_inputs"]
