@@ -78,10 +78,9 @@ def select(
     ``threshold_percentile=80``, ``method="vote"``, ``task_floor`` 1.0 for vote (0 for other methods).
     ``preset="paper"`` is the released ICONS rule (module docstring).
 
-    Returns the table with added columns: ``votes`` (``vote``), ``consensus`` (the primary ranking score of the
-    method), ``tiebreak`` and the boolean ``selected``. Its provenance (:mod:`icons_hf.provenance`) keeps the
-    influence part and adds the selection settings and results.
-    """
+    Returns the table with added columns: ``votes`` (``vote``), ``consensus`` (the method's primary ranking score),
+    ``tiebreak`` and the boolean ``selected``. Its provenance (:mod:`icons_hf.provenance`) keeps the influence part
+    and adds the selection settings and results."""
     _one_size(fraction, num_rows)
     config = SelectionSettings.resolve(
         settings, preset, fraction=fraction, threshold_percentile=threshold_percentile, method=method, task=task,
