@@ -63,3 +63,24 @@ def test_paper_preset_on_paper_features_is_quiet(stores, caplog):
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert provenance(scores)["features"]["presets"] == ["paper"]
     assert provenance(scores)["features"]["settings"]["parameters"] == "lora"
+
+
+def test_report_explains_a_selected_mean_below_the_pool_mean(tmp_path):
+    from icons_hf import write_report
+
+    rng = np.random.default_rng(3)
+    n = 300
+    records = [{"id": f"r{i}", "conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": "a"}]}
+               for i in range(n)]
+    (tmp_path / "pool.json").write_text(json.dumps(records))
+    x = rng.normal(size=n)
+    # Tasks b and c want exactly the rows task a likes least: a's share of the subset is a third, the rest ranks low.
+    table = Dataset.from_dict({"index": list(range(n)), "influence_a": x.tolist(),
+                               "influence_b": (-x + 0.1 * rng.normal(size=n)).tolist(),
+                               "influence_c": (-x + 0.1 * rng.normal(size=n)).tolist()})
+    export = export_selection(str(tmp_path / "pool.json"), select(table, fraction=0.3), tmp_path / "export")
+    markdown = open(write_report(export), encoding="utf-8").read()
+    data = json.load(open(os.path.join(export, "report", "report.json")))
+    ranks = data["mean_percentile_rank"]
+    assert ranks["a"]["selected"] < ranks["a"]["pool"] and ranks["b"]["selected"] > ranks["b"]["pool"]
+    assert "The selected rows' mean rank is below the pool's for `a`: the subset also holds the rows picked" in markdown
