@@ -50,8 +50,8 @@ class IconsCallback(TrainerCallback):
         preset: the ``FeatureSettings`` preset (``"default"``, ``"paper"``).
         settings: a ``FeatureSettings`` (or mapping of its fields) instead of a preset.
         show_progress: progress bars of the extraction on the main process.
-        **options: any other field of :class:`icons_hf.settings.FeatureSettings` (``projection``, ``dim``,
-            ``seed``, ``batch_size``, ``max_tokens_per_batch``, ``dtype``, ``on_bad_row``, ``max_length``,
+        **options: any other field of :class:`icons_hf.settings.FeatureSettings` (``parameters``, ``projection``,
+            ``dim``, ``seed``, ``batch_size``, ``max_tokens_per_batch``, ``dtype``, ``on_bad_row``, ``max_length``,
             ``pad_token_id``, ``shard_size``, ``adam_variant``), overriding the preset's (or ``settings``') value
             when given; an unknown name is refused.
 

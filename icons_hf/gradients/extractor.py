@@ -331,11 +331,11 @@ def compute_gradients(
         preset: the ``FeatureSettings`` preset to start from (``"default"``, ``"paper"``).
         settings: a ``FeatureSettings`` (or a mapping of its fields) to start from instead of a preset.
         show_progress: show a progress bar on the main process.
-        **options: any field of :class:`icons_hf.settings.FeatureSettings` (``projection``, ``dim``, ``seed``,
-            ``batch_size``, ``max_tokens_per_batch``, ``dtype``, ``on_bad_row``, ``max_length``, ``shard_size``,
-            ``pad_token_id``, ``adam_variant``; their help says what each does), overriding the preset's or
-            ``settings``' value when given (not ``None``); an unknown name is refused. Features never depend on
-            ``batch_size``, ``max_tokens_per_batch`` or ``pad_token_id``.
+        **options: any field of :class:`icons_hf.settings.FeatureSettings` (``parameters``, ``projection``, ``dim``,
+            ``seed``, ``batch_size``, ``max_tokens_per_batch``, ``dtype``, ``on_bad_row``, ``max_length``,
+            ``shard_size``, ``pad_token_id``, ``adam_variant``; their help says what each does), overriding the
+            preset's or ``settings``' value when given (not ``None``); an unknown name is refused. Features never
+            depend on ``batch_size``, ``max_tokens_per_batch`` or ``pad_token_id``.
 
     Under ``accelerate launch``/``torchrun``, call it in every process with the same arguments: one store results.
     """
