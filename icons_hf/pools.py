@@ -40,6 +40,8 @@ RECORD_KINDS = ("llava", "chat", "records")
 POOL_FORMATS = ("hf", *(f"{kind}_{ext}" for kind in RECORD_KINDS for ext in ("json", "jsonl")))
 _DETECT_ROWS = 1000
 _HASH_BATCH = 10_000
+# Rows whose input values are hashed together: few enough that wide columns (pixel_values) stay small in memory.
+_INPUT_HASH_ROWS = 64
 
 
 # --------------------------------------------------------------------------------------------------- reading
@@ -286,11 +288,8 @@ def input_hashes(dataset, columns: Sequence[str], rows: Sequence[int] | None = N
     view = dataset.with_format("arrow")
     positions = np.arange(len(dataset)) if rows is None else np.asarray(rows, dtype=np.int64)
     out: list[str] = []
-    for lo in range(0, len(positions), _HASH_BATCH):
-        chunk = positions[lo : lo + _HASH_BATCH]
-        table = view[chunk.tolist()] if len(chunk) else None
-        if table is None:
-            break
+    for lo in range(0, len(positions), _INPUT_HASH_ROWS):
+        table = view[positions[lo : lo + _INPUT_HASH_ROWS].tolist()]
         per_column = [_column_row_bytes(c, table.column(c).combine_chunks()) for c in sorted(columns)]
         rows_bytes = zip(*per_column, strict=True)
         out += [hashlib.blake2b(b"\x01".join(parts), digest_size=8).hexdigest() for parts in rows_bytes]

@@ -111,6 +111,11 @@ def test_input_hash_is_canonical_over_storage_types_and_order_of_columns():
     nested = Dataset.from_dict({"input_ids": ids, "labels": ids, "pixel_values": [[[0.5], [1.0]], [[2.0], [3.5]]]})
     assert input_hashes(nested, columns) != input_hashes(wide, columns)
     assert input_hashes(wide, columns, [1, 0]) == input_hashes(wide, columns)[::-1]
+    # Hashed in chunks of rows: a row's hash does not depend on the chunk it lands in.
+    many = _tokenized(150, seed=4)
+    together = input_hashes(many, ["input_ids", "labels"])
+    assert together == [input_hashes(many.select([i]), ["input_ids", "labels"])[0] for i in range(150)]
+    assert len(set(together)) == 150
 
 
 def test_a_store_written_before_input_hashes_exports_by_position_with_a_warning(tmp_path, caplog):
