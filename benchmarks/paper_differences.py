@@ -22,6 +22,7 @@ log-uniform over 20x), the rank correlation between the paper preset's ``"mean"`
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 
 import numpy as np
@@ -199,17 +200,11 @@ def feature_side(rows: int, seed: int, root: str) -> dict[str, tuple[float, floa
     projector.requires_grad_(True)  # a trainable non-LoRA layer, as LLaVA's LoRA recipe trains its projector
     out["all trainable parameters (projector included)"] = _compare(base, scores("trainable", parameters="trainable"))
     projector.requires_grad_(False)
-    out["fp16 model"] = _compare(base, scores("fp16", m=copy_model(model).half()))
-    doubled = copy_model(model)
+    out["fp16 model"] = _compare(base, scores("fp16", m=copy.deepcopy(model).half()))
+    doubled = copy.deepcopy(model)
     _double_adapter(doubled)
     out["adapter applied twice (W + 2 dW)"] = _compare(base, scores("double", m=doubled))
     return out
-
-
-def copy_model(model):
-    import copy
-
-    return copy.deepcopy(model)
 
 
 def zero_rows_case(rows: int = 40, fraction: float = 0.01) -> tuple[int, str]:
@@ -232,6 +227,8 @@ def tie_span(seeds: int) -> tuple[float, float, float]:
     """Smallest and largest share of the selected rows that the released sort picks differently (the cut-off
     vote count's ties), over table sizes 10..20,000, 3 and 10 tasks, fractions 1..60%, continuous and tie-heavy
     scores; and the share on tables of 10 rows."""
+    from icons_hf import select
+
     spans, tiny = [], []
     for kind in ("continuous", "tie-heavy"):
         for rows in (10, 100, 1000, 20000):
@@ -242,8 +239,6 @@ def tie_span(seeds: int) -> tuple[float, float, float]:
                     shares = []
                     for seed in range(seeds):
                         scores, cols = table(kind, rows, tasks, np.random.default_rng(seed))
-                        from icons_hf import select
-
                         paper = select(scores, fraction=fraction, preset="paper")["selected"]
                         shares.append(changed(paper, released_sort(cols, fraction)))
                     (tiny if rows == 10 else spans).append(float(np.mean(shares)))
@@ -289,7 +284,7 @@ def features_report(args) -> None:
 
     low, high, tiny = tie_span(args.seeds)
     print(f"released sort vs library tie-break: {low:.1%} to {high:.1%} of the selected rows (tables of 100 to "
-          f"{args.rows if args.rows > 20000 else 20000} rows), up to {tiny:.0%} on tables of 10 rows")
+          f"20000 rows), up to {tiny:.0%} on tables of 10 rows")
     kept, said = zero_rows_case()
     print(f"int(f N) = 0 (40 rows at 1%): the released sort keeps {kept} of 40 rows; the library: {said}")
     print(f"feature-side differences, switched alone from the paper preset (tiny Llama, {args.feature_rows} rows, "
