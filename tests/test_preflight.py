@@ -26,11 +26,12 @@ def _unsupervised(rows):
                  r"supervised tokens.*no validation example"),
         ("subtask", r"tasks\['t'\]\['b'\]: every one of its 3 rows would be skipped"),
         ("pool", r"pool: every one of its 3 rows would be skipped.*no row to select from"),
+        ("sub-pools", r"pool\['a'\]: every one of its 3 rows would be skipped.*no row to select from"),
     ],
 )
 def test_a_dataset_that_skip_would_empty_is_refused_when_the_callback_is_built(token_rows, where, message):
     good, empty = Dataset.from_list(token_rows(3, seed=1)), _unsupervised(token_rows(3, seed=2))
-    pool = empty if where == "pool" else good
+    pool = {"pool": empty, "sub-pools": {"a": empty, "b": empty}}.get(where, good)
     tasks = {"t": {"a": good, "b": empty}} if where == "subtask" else {"t": empty if where == "task" else good}
     with pytest.raises(ValueError, match=message):
         IconsCallback(pool, tasks, on_bad_row="skip", dim=8)
@@ -40,6 +41,8 @@ def test_a_dataset_that_skip_would_empty_is_refused_when_the_callback_is_built(t
                                 for i, r in enumerate(rows)])
     callback = IconsCallback(good, {"t": partly}, on_bad_row="skip", dim=8)
     assert callback.settings.on_bad_row == "skip"
+    # A sub-pool that loses every row is allowed while another part keeps rows.
+    assert IconsCallback({"a": empty, "b": good}, {"t": good}, on_bad_row="skip", dim=8).pool["b"] is good
 
 
 def test_a_row_too_long_for_every_row_is_refused_before_the_first_step(tmp_path, tiny_lora_llama, token_rows):
