@@ -258,8 +258,11 @@ def _leaf_values(array) -> tuple[list, object]:
     return levels, (values, mask)
 
 
-def _column_row_bytes(name: str, array) -> list[bytes]:
-    """Canonical bytes of each row of one numeric column (its name, list lengths at every level, leaf values)."""
+def _column_row_bytes(name: str, array) -> list[bytes | None]:
+    """Canonical bytes of each row of one numeric column (its name, list lengths at every level, leaf values);
+    ``None`` for a row without a value, which hashes as if the column were absent (a text row of a pool whose
+    image rows have ``pixel_values`` hashes alike in its own part and in the concatenated pool)."""
+    absent = array.is_null().to_numpy(zero_copy_only=False)
     levels, (values, mask) = _leaf_values(array)
     n = len(array)
     starts, ends = np.arange(n), np.arange(1, n + 1)
@@ -271,7 +274,7 @@ def _column_row_bytes(name: str, array) -> list[bytes]:
         starts, ends = bounds[starts], bounds[ends]
     for r in range(n):
         pieces[r] += [values[starts[r]:ends[r]].tobytes(), np.packbits(mask[starts[r]:ends[r]]).tobytes()]
-    return [b"\x00".join(p) for p in pieces]
+    return [None if absent[r] else b"\x00".join(p) for r, p in enumerate(pieces)]
 
 
 def input_hashes(dataset, columns: Sequence[str], rows: Sequence[int] | None = None) -> list[str]:
@@ -292,7 +295,8 @@ def input_hashes(dataset, columns: Sequence[str], rows: Sequence[int] | None = N
         table = view[positions[lo : lo + _INPUT_HASH_ROWS].tolist()]
         per_column = [_column_row_bytes(c, table.column(c).combine_chunks()) for c in sorted(columns)]
         rows_bytes = zip(*per_column, strict=True)
-        out += [hashlib.blake2b(b"\x01".join(parts), digest_size=8).hexdigest() for parts in rows_bytes]
+        out += [hashlib.blake2b(b"\x01".join(p for p in parts if p is not None), digest_size=8).hexdigest()
+                for parts in rows_bytes]
     return out
 
 

@@ -111,6 +111,11 @@ def test_input_hash_is_canonical_over_storage_types_and_order_of_columns():
     nested = Dataset.from_dict({"input_ids": ids, "labels": ids, "pixel_values": [[[0.5], [1.0]], [[2.0], [3.5]]]})
     assert input_hashes(nested, columns) != input_hashes(wide, columns)
     assert input_hashes(wide, columns, [1, 0]) == input_hashes(wide, columns)[::-1]
+    # A row without a value in a column hashes as if the column were absent (a text part beside an image part).
+    text = Dataset.from_dict({"input_ids": ids, "labels": ids})
+    mixed = Dataset.from_dict({"input_ids": ids, "labels": ids, "pixel_values": [None, [2.0, 3.5]]})
+    assert input_hashes(mixed, columns)[0] == input_hashes(text, ["input_ids", "labels"])[0]
+    assert input_hashes(mixed, columns)[1] == input_hashes(wide, columns)[1]
     # Hashed in chunks of rows: a row's hash does not depend on the chunk it lands in.
     many = _tokenized(150, seed=4)
     together = input_hashes(many, ["input_ids", "labels"])
@@ -146,3 +151,26 @@ def test_the_store_refuses_a_shard_without_the_hashes_it_keeps(tmp_path):
     writer.write_shard(0, 2, np.arange(2), np.ones((2, 2)), input_hash=["a", "b"])
     with pa.OSFile(str(tmp_path / "s" / "shards" / "rows-0000000000-0000000002.arrow"), "rb") as source:
         assert pa.ipc.open_stream(source).read_all().column("input_hash").to_pylist() == ["a", "b"]
+
+
+def test_sub_pools_with_other_columns_export_as_one_concatenated_pool(tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj"],
+                                                                init_lora_weights=False))
+    first = _tokenized(4, seed=7).map(lambda row: {"extra_ids": row["input_ids"][:2]})  # a column the model skips
+    second = _tokenized(3, seed=8)
+    parts = [compute_gradients(model, part, output_dir=tmp_path / name, **FAST)
+             for name, part in (("first", first), ("second", second))]
+    val = compute_gradients(model, _tokenized(2, seed=9), output_dir=tmp_path / "val", **FAST)
+    scores = select(compute_influence([parts], {"t": val}), fraction=0.5)
+    rows = [*first.to_list(), *({**r, "extra_ids": None} for r in second.to_list())]
+    out = export_selection(Dataset.from_list(rows), scores, tmp_path / "export")
+    assert "extra_ids" in json.load(open(os.path.join(out, "selection.json")))["row_identity"]
+    with pytest.raises(ValueError, match=r"row 3 holds record .* another order"):
+        export_selection(Dataset.from_list([*rows[:3], rows[4], rows[3], *rows[5:]]), scores, tmp_path / "bad")
