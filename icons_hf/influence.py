@@ -34,8 +34,9 @@ normalised to sum to one; equal weights when none were recorded; or an explicit 
 preset uses the same learning-rate-weighted sum as LESS when given several checkpoints (the released scripts
 score one checkpoint; with one it is their rule exactly).
 
-Row identity: when the train stores carry a string column ``record_hash``, the score table carries it too, in
-pool order (parts concatenated in order).
+Row identity: when the train stores carry a string column ``record_hash`` (or, for a tokenized pool without
+one, ``input_hash``), the score table carries it too, in pool order (parts concatenated in order); the provenance
+names the columns an ``input_hash`` covers.
 """
 
 from __future__ import annotations
@@ -59,8 +60,9 @@ import pyarrow as pa
 from datasets import Dataset, concatenate_datasets, is_caching_enabled
 from datasets.fingerprint import Hasher, get_temporary_cache_files_directory
 
+from .pools import INPUT_HASH_COLUMN, RECORD_HASH_COLUMN
 from .provenance import Provenance, provenance
-from .settings import InfluenceSettings
+from .settings import FeatureSettings, InfluenceSettings
 from .specialists import SPECIALISTS as SPECIALIST_REGISTRY
 from .specialists import Specialist
 from .store import iter_store_batches, load_gradients, read_store_metadata
@@ -71,6 +73,7 @@ TASK_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # a task name becomes the column i
 _TASK_NAME = TASK_NAME  # the earlier name, kept until every caller uses TASK_NAME
 SPECIALISTS = tuple(SPECIALIST_REGISTRY)  # registered when this module was imported; the registry is live
 CACHE_VERSION = "icons_hf.influence/2"
+IDENTITY_COLUMNS = (RECORD_HASH_COLUMN, INPUT_HASH_COLUMN)  # per-row identity carried from the stores
 _CHUNK_VALUES = 1 << 23  # float32 values converted at a time (32 MiB)
 
 
@@ -117,6 +120,12 @@ def _check_compatible(train_meta: Mapping, other_meta: Mapping, train_path: str,
                 f"{json.dumps(a.get(key))[:80]}); features of different projections or models cannot be compared. "
                 "Recompute both with the same model, projection, dim and seed."
             )
+    choice = (a.get("gradient_parameters", "trainable"), b.get("gradient_parameters", "trainable"))
+    if choice[0] != choice[1]:
+        raise ValueError(
+            f"{other_path} holds gradients of parameters={choice[1]!r} but {train_path} of parameters={choice[0]!r}; "
+            "compute every store of a run with the same parameters setting."
+        )
     if a.get("weights") != b.get("weights"):
         raise ValueError(
             f"{other_path} was computed on other model weights than {train_path}; pair each validation store with "
@@ -295,13 +304,16 @@ def compute_influence(
     plan = plan_influence(train, tasks, config)
     target = _result_path(plan, cache_file_name)
     cached = _load_cached(target, plan.fingerprint)
+    features = feature_provenance(plan.metas[0])
+    warn_feature_preset(features, preset)
     if cached is not None:
         logger.info("influence served from cache %s", target)
         return cached
     scores = _score_pool(plan, target, work_dir, cache_file_name)
     info = {"influence": influence_provenance(plan.train, plan.tasks, plan.weights, plan.metas,
                                               specialist=plan.specialist.name, settings=config.to_dict(),
-                                              fingerprint=plan.fingerprint)}
+                                              fingerprint=plan.fingerprint),
+            "features": features}
     files = [f["filename"] for f in scores.cache_files]
     _write_sidecar(target, {"fingerprint": plan.fingerprint, "files": files, "provenance": info})
     return _load_cached(target, plan.fingerprint) if files else Provenance.from_dict(info).attach(scores)
@@ -311,7 +323,7 @@ def _score_pool(plan: InfluencePlan, target: str, work_dir, cache_file_name):
     """The score table, written to ``target``: by the row-wise map, or by the per-example map and column step."""
     pools = [_pool_dataset(parts) for parts in plan.train]
     if plan.n_rows == 0:  # Dataset.map returns an empty dataset unchanged
-        hashes = {"record_hash": pa.array([], pa.string())} if "record_hash" in pools[0].data.column_names else {}
+        hashes = {c: pa.array([], pa.string()) for c in IDENTITY_COLUMNS if c in pools[0].data.column_names}
         empty = {**hashes, **{f"influence_{t}": pa.array([], pa.float32()) for t in plan.task_names}}
         return _write_table(pa.table({"index": pa.array([], pa.int64()), **empty}), target)
     if plan.specialist.per_example:
@@ -405,10 +417,11 @@ def _pool_dataset(parts: Sequence[str]) -> PoolDataset:
     stores = [load_gradients(p) for p in parts]
     sizes = [len(s) for s in stores]
     rows = [int(read_store_metadata(p)["num_rows"]) for p in parts]
-    hashes = ["record_hash" in s.column_names for s in stores]
-    if any(hashes) and not all(hashes):
-        raise ValueError(f"{parts[hashes.index(False)]} has no record_hash column while {parts[hashes.index(True)]} "
-                         "has one; recompute the parts with the same version of the extraction.")
+    for column in IDENTITY_COLUMNS:
+        hashes = [column in s.column_names for s in stores]
+        if any(hashes) and not all(hashes):
+            raise ValueError(f"{parts[hashes.index(False)]} has no {column} column while {parts[hashes.index(True)]} "
+                             "has one; recompute the parts with the same version of the extraction.")
     data = concatenate_datasets(stores) if len(stores) > 1 else stores[0]
     return PoolDataset(data.with_format("arrow"), np.cumsum([0] + sizes[:-1]), np.cumsum([0] + rows[:-1]), _name(parts))
 
@@ -484,8 +497,9 @@ def score_batch(batch: pa.Table, positions, *, pools, matrices, weights, special
     positions = np.asarray(positions, dtype=np.int64)
     index, total = weighted_products(batch, positions, pools, matrices, weights)
     out = {"index": pa.array(index)}
-    if "record_hash" in batch.column_names:
-        out["record_hash"] = batch.column("record_hash")
+    for column in IDENTITY_COLUMNS:
+        if column in batch.column_names:
+            out[column] = batch.column(column)
     if cosine_file is None:
         combine = SPECIALIST_REGISTRY[specialist].combine
         for task, cols in columns_of.items():
@@ -518,8 +532,9 @@ def _score_per_example(plan: InfluencePlan, pools: Sequence[PoolDataset], target
         identity = (
             {"index": keep.column("index").cast(pa.int64())} if len(keep) else {"index": pa.array([], pa.int64())}
         )
-        if "record_hash" in keep.column_names:
-            identity["record_hash"] = keep.column("record_hash")
+        for column in IDENTITY_COLUMNS:
+            if column in keep.column_names:
+                identity[column] = keep.column(column)
         table = pa.table({**identity, **{f"influence_{t}": pa.array(col, pa.float32()) for t, col in columns.items()}})
         if target is None:
             return Dataset(table)
@@ -681,9 +696,64 @@ def influence_provenance(
         },
         "skipped": metas[0].get("skipped", []),
         "pool_rows": metas[0]["num_rows"],
+        "input_hash_columns": input_hash_columns(train[0]),
     }
+
+
+# Feature settings that change what a feature is (the others change only how it is computed or stored).
+FEATURE_DEFINING = ("train_feature", "adam_variant", "parameters", "projection", "dim", "seed")
+
+
+def feature_provenance(meta: Mapping) -> dict:
+    """``{"settings": the train store's feature settings, "presets": the FeatureSettings presets they match}``
+    (``train_feature`` is the feature the store holds; a setting a store predates takes its value of that time,
+    the default). Stores that record no settings give ``{"settings": None, "presets": []}``."""
+    recorded = meta.get("settings")
+    if not isinstance(recorded, Mapping):
+        return {"settings": None, "presets": []}
+    settings = {**FeatureSettings().to_dict(), **recorded}
+    if meta.get("feature"):
+        settings["train_feature"] = meta["feature"]
+    presets = [name for name in FeatureSettings.presets if not feature_differences(settings, name)]
+    return {"settings": settings, "presets": presets}
+
+
+def feature_differences(settings: Mapping, preset: str) -> dict[str, tuple]:
+    """``setting -> (the stores' value, the preset's value)`` for the feature-defining settings that differ."""
+    want = FeatureSettings.from_preset(preset).to_dict()
+    out = {k: (settings.get(k), want[k]) for k in FEATURE_DEFINING if settings.get(k) != want[k]}
+    if settings.get("train_feature") == want["train_feature"] == "sgd":
+        out.pop("adam_variant", None)  # no Adam map: its variant changes nothing
+    if settings.get("projection") == want["projection"] == "identity":
+        out.pop("dim", None)
+        out.pop("seed", None)
+    return out
+
+
+def warn_feature_preset(features: Mapping, preset: str | None) -> None:
+    """Warn when ``compute_influence(preset=...)`` scores stores whose features are not that preset's."""
+    if preset is None or features.get("settings") is None or preset not in FeatureSettings.presets:
+        return
+    diffs = feature_differences(features["settings"], preset)
+    if diffs:
+        logger.warning(
+            "compute_influence(preset=%r) scores train stores whose features are not that preset's (%s): the scores "
+            "are the preset's specialist on other features. Compute the stores with preset=%r too (IconsCallback, "
+            "compute_gradients, icons-hf gradients --preset %s) for the preset's rule end to end.",
+            preset, ", ".join(f"{k}={a!r}, preset {b!r}" for k, (a, b) in diffs.items()), preset, preset,
+        )
+
+
+def input_hash_columns(parts: Sequence[str]) -> list[str] | None:
+    """The columns the ``input_hash`` of a pool's stores covers (the union over its parts), or ``None`` when the
+    stores carry no input hash."""
+    found = [read_store_metadata(p)["config"].get("input_hash_columns") for p in parts]
+    if any(f is None for f in found):
+        return None
+    return sorted({c for columns in found for c in columns})
 
 
 
 __all__ = ["SPECIALISTS", "TASK_NAME", "InfluencePlan", "checkpoint_weights_from_stores", "compute_influence",
-           "influence_provenance", "plan_influence", "provenance", "resolve_inputs"]
+           "feature_differences", "feature_provenance", "influence_provenance", "plan_influence", "provenance",
+           "resolve_inputs"]
