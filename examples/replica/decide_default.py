@@ -67,6 +67,18 @@ def choose(verdict: dict, pools: list[str]) -> dict:
             "worst_case": {c: worst(c) for c in complete}}
 
 
+def final_choice(groups: dict) -> dict:
+    """Step 4: the choice seeds' pick stands unless, over all seeds, it loses to random by more than one std on
+    some pool; then step 3 over all seeds decides."""
+    picked = groups["choice"]["choice"]["default"]
+    verdict = groups["all"]["verdict"][picked]
+    lost = [p for p in groups["all"]["pools"] if verdict.get(p, {}).get("loses_to_random")]
+    if not lost:
+        return {"default": picked, "overturned": False, "choice_seeds_pick": picked}
+    return {"default": groups["all"]["choice"]["default"], "overturned": True, "choice_seeds_pick": picked,
+            "loses_to_random_on": lost}
+
+
 def load(report_dir: str) -> tuple[dict, dict]:
     pools, choice = {}, {}
     for path in sorted(glob.glob(os.path.join(report_dir, "candidates_*.json"))):
@@ -94,6 +106,7 @@ def main(argv=None) -> dict:
         verdict = judge({p: pools[p] for p in usable}, seeds_of)
         groups[group] = {"seeds": seeds_of, "pools": usable, "verdict": verdict,
                          "choice": choose(verdict, usable) if usable else None}
+    groups["final"] = final_choice(groups)
     with open(os.path.join(args.report_dir, "decision.json"), "w") as handle:
         json.dump(groups, handle, indent=1)
     with open(os.path.join(args.report_dir, "decision.md"), "w") as handle:
@@ -106,6 +119,13 @@ def markdown(groups: dict) -> str:
              "`*` passes (beats random by more than one std and loses to no candidate by more than one std), "
              "`-` loses to random by more than one std.", ""]
     for group, data in groups.items():
+        if group == "final":
+            final = data
+            lines += ["## Step 4", "", f"The choice seeds picked `{final['choice_seeds_pick']}`. " + (
+                f"Over all seeds it loses to random by more than one std on {', '.join(final['loses_to_random_on'])}, "
+                f"so step 3 over all seeds decides: **{final['default']}**." if final["overturned"] else
+                "Over all seeds it loses to random by more than one std on no pool: the choice stands."), ""]
+            continue
         if not data["pools"]:
             continue
         pools = data["pools"]

@@ -45,7 +45,7 @@ class RealArguments:
     output_dir: str = field(default="replica_real_runs", metadata={"help": "Work folder (resumable)."})
     report_dir: str = field(default="benchmarks/results", metadata={"help": "Where the report goes."})
     report_name: str = field(default="replica_real", metadata={"help": "Report file name (no extension)."})
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds."})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4], metadata={"help": "Seeds."})
     choice_seeds: list[int] = field(default_factory=lambda: [0, 1], metadata={
         "help": "Seeds the default was chosen on; the others are reported apart as held out."})
     pools: list[str] = field(default_factory=lambda: ["R-clean", "R-noisy"], metadata={"help": "Pools."})
