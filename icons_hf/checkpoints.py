@@ -25,13 +25,12 @@ from .distributed import is_main_process
 from .gradients import compute_gradients
 from .gradients.inputs import check_dataset, check_model_batch, check_rows, max_positions, unwrap_model
 from .gradients.precondition import checkpoint_learning_rate
-from .settings import FeatureSettings
+from .settings import NAME_PATTERN, FeatureSettings
 
 logger = logging.getLogger(__name__)
 
 RUN_FILE = "icons_run.json"
 TRAIN_DIR = "train"
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
 _STEP = re.compile(r"checkpoint-(\d+)$")
 
 
@@ -264,7 +263,6 @@ def load_run(output_dir: str | os.PathLike) -> tuple[list, dict]:
 
 
 __all__ = [
-    "NAME_PATTERN",
     "RUN_FILE",
     "check_bad_rows",
     "check_inputs",

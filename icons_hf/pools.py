@@ -74,10 +74,6 @@ def load_records(path: str | os.PathLike) -> list[dict]:
     return records
 
 
-# The historical name, kept for existing callers.
-load_llava_records = load_records
-
-
 def write_records(records: Sequence[Mapping], path: str | os.PathLike) -> None:
     """Write records as ``.jsonl`` (one per line) or ``.json`` (a list), chosen by the file's extension."""
     path = os.fspath(path)
@@ -273,7 +269,6 @@ __all__ = [
     "dataset_record_hashes",
     "is_records_format",
     "iter_dataset_records",
-    "load_llava_records",
     "load_pool",
     "load_records",
     "record_hash",

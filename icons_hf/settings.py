@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import numbers
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -31,6 +32,8 @@ from .rules import RULES as RULE_REGISTRY
 from .specialists import SPECIALISTS as SPECIALIST_REGISTRY
 
 PRESETS = ("default", "paper")
+# A task, subtask, sub-pool or checkpoint name: it names a score column (influence_<task>) and a store folder.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 def validate_choice(name: str, value, choices: Sequence) -> None:
@@ -290,5 +293,6 @@ class SelectionSettings(_Settings):
 
 
 __all__ = [
-    "DEFAULT_VOTE_FLOOR", "PRESETS", "FeatureSettings", "InfluenceSettings", "SelectionSettings", "validate_choice",
+    "DEFAULT_VOTE_FLOOR", "NAME_PATTERN", "PRESETS", "FeatureSettings", "InfluenceSettings", "SelectionSettings",
+    "validate_choice",
 ]
