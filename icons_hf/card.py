@@ -11,7 +11,10 @@ import json
 from collections.abc import Sequence
 
 from .consensus import task_overlap, vote_histogram
+from .features import describe_features
+from .rules import RULES
 from .settings import FeatureSettings, InfluenceSettings, SelectionSettings
+from .specialists import SPECIALISTS
 
 ICONS_CITATION = """@article{wu2025icons,
   title   = {ICONS: Influence Consensus for Vision-Language Data Selection},
@@ -70,17 +73,7 @@ def _method_text(sel: dict) -> str:
             "turns so that a row wanted by several tasks counts once; the rest is ranked by votes "
             f"({votes}; ties by the mean within-task percentile rank, then by row position)"
         )
-    if method == "task":
-        text = f"the influence on the single task {sel.get('task')!r} (LESS-style)"
-    elif method == "random":
-        text = f"a uniformly random subset (seed {sel.get('seed')})"
-    else:
-        text = {
-            "mean": "the mean of the per-task influence scores",
-            "max": "the maximum of the per-task influence scores",
-            "rank": "the mean within-task percentile rank",
-            "norm": "the mean of per-task z-scored influence scores",
-        }.get(method, method)
+    text = RULES[method].describe(sel) if method in RULES else method
     if floor > 0:
         text += (
             f", after {floor:.0%} of the subset was reserved as equal per-task floors "
@@ -89,27 +82,9 @@ def _method_text(sel: dict) -> str:
     return text
 
 
-_SPECIALIST_TEXT = {
-    "mean": (
-        "Influence of a pool row on a task is the mean cosine similarity between its gradient feature and the task's "
-        "validation gradient features (the ICONS paper's specialist), summed over checkpoints with the weights below."
-    ),
-    "balanced": (
-        "Influence of a pool row on a task is the highest within-pool percentile rank it reaches for any one of the "
-        "task's validation examples, by the cosine similarity of gradient features summed over checkpoints with the "
-        "weights below; every validation example thus contributes about the same number of top rows."
-    ),
-    "zscore": (
-        "Influence of a pool row on a task is the mean over the task's validation examples of its z-scored cosine "
-        "similarity with that example's gradient feature (standardised over the pool, summed over checkpoints with "
-        "the weights below)."
-    ),
-}
-
-
-def _specialist(inf: dict) -> str:
-    name = inf.get("specialist", "mean")
-    return {"balanced-quota": "balanced", "balanced-zscore": "zscore"}.get(name, name)
+def specialist_entry(influence: dict):
+    """The registered specialist a score table's provenance names, or ``None`` when it is not registered here."""
+    return SPECIALISTS.get(influence.get("specialist", "mean"))
 
 
 _STAGE_SETTINGS = {"features": FeatureSettings, "influence": InfluenceSettings, "selection": SelectionSettings}
@@ -193,9 +168,10 @@ def _card_tasks(inf: dict, sel: dict, scores) -> list[str]:
     overlap = task_overlap(scores)
     thresholds = sel.get("thresholds") or {}
     rows = []
+    entry = specialist_entry(inf)
     for task, subs in inf["num_validation"].items():
         n_val = sum(subs.values())
-        pooled = "max over subtasks" if _specialist(inf) == "mean" else "examples pooled"
+        pooled = entry.subtasks if entry else "combined by the specialist"
         sub_text = "" if list(subs) == [task] else f" ({len(subs)} subtasks, {pooled})"
         rows.append(
             [
@@ -205,12 +181,11 @@ def _card_tasks(inf: dict, sel: dict, scores) -> list[str]:
                 f"{overlap[task]:.1%}",
             ]
         )
-    precond = inf["preconditioner"]
     return [
         "",
         "## Target tasks",
         "",
-        _SPECIALIST_TEXT.get(_specialist(inf), f"Specialist `{_specialist(inf)}`.")
+        (entry.card_text if entry else f"Specialist `{inf.get('specialist')}`.")
         + " *Overlap* is the share of the task's own top rows (as many as were selected) that the selection contains.",
         "",
         markdown_table(["task", "validation rows", "threshold", "overlap with task's top rows"], rows),
@@ -227,12 +202,20 @@ def _card_tasks(inf: dict, sel: dict, scores) -> list[str]:
             ],
         ),
         "",
-        f"Projection: `{inf['projection']['kind']}`, dimension {inf['projection']['dim']}, "
-        f"seed {inf['projection']['seed']}. "
-        f"Train-side feature: `{precond['feature']}`"
-        + (f" (Adam variant `{precond['adam_variant']}`)" if precond["feature"] == "adam" else "")
-        + "; validation side: SGD gradients.",
+        features_text(inf),
     ]
+
+
+def features_text(inf: dict) -> str:
+    """The features' sentence: the train side's feature type and projection, as their registry entries describe
+    them, with their recorded parameters."""
+    precond, projection = inf["preconditioner"], inf["projection"]
+    params = {k: v for k, v in precond.items() if k != "feature"}
+    extra = ", ".join(f"{k} `{json.dumps(v)}`" for k, v in params.items())
+    return (
+        f"Train side: {describe_features(precond['feature'], projection['kind'])}; dimension {projection['dim']}, "
+        f"seed {projection['seed']}" + (f"; {extra}" if extra else "") + ". Validation side: plain gradients (`sgd`)."
+    )
 
 
 def _card_skipped(inf: dict) -> list[str]:
@@ -298,4 +281,5 @@ def render_card(
     return f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(parts)
 
 
-__all__ = ["ICONS_CITATION", "NOT_VERIFIED", "markdown_table", "render_card", "size_category", "stage_settings"]
+__all__ = ["ICONS_CITATION", "NOT_VERIFIED", "features_text", "markdown_table", "render_card", "size_category",
+           "specialist_entry", "stage_settings"]

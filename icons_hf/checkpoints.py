@@ -22,6 +22,7 @@ import re
 from collections.abc import Iterator, Mapping
 
 from .distributed import is_main_process
+from .features import FEATURE_TYPES
 from .gradients import compute_gradients
 from .gradients.inputs import check_dataset, check_model_batch, check_rows, max_positions, unwrap_model
 from .gradients.precondition import checkpoint_learning_rate
@@ -128,13 +129,14 @@ def check_bad_rows(pool, tasks: Mapping, settings: FeatureSettings, model=None) 
 
 def _checkpoint_facts(checkpoint, learning_rate, optimizer_state, step, train_feature: str):
     """``(name, learning rate, optimizer state, step)``: a Trainer checkpoint folder gives its name, its logged
-    learning rate, its ``optimizer.pt`` (for Adam features) and its step unless they are given."""
+    learning rate, its ``optimizer.pt`` (for a feature type that needs optimizer state) and its step unless they
+    are given."""
     folder = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else None
     if folder is not None and os.path.isdir(folder):
         name = os.path.basename(os.path.normpath(folder))
         if learning_rate is None:
             learning_rate = checkpoint_learning_rate(folder)
-        if optimizer_state is None and train_feature == "adam":
+        if optimizer_state is None and FEATURE_TYPES[train_feature].needs_optimizer_state:
             optimizer_state = folder
     elif folder is not None:
         if os.sep in folder or (os.altsep and os.altsep in folder):

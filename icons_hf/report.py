@@ -11,11 +11,13 @@
     subset_overlap.png          per task: share of the task's own top rows that the subset holds
     composition.png             pool vs subset by group (source, image folder, question type, ...)
 
-Definitions (the same as :func:`icons_hf.select`): task ``k``'s *top set* is the rows whose influence exceeds
-``tau_k``, the task's ``threshold_percentile``-th percentile (NumPy's linear interpolation); a row's *votes*
-are the number of top sets holding it. The overlap of task ``a`` with task ``b`` is
-``|top_a & top_b| / |top_a|``. A selection made with another method than ``vote`` is reported against the
-thresholds of the 80th percentile.
+Definitions (the same as :func:`icons_hf.select`, counted with the same function,
+:func:`icons_hf.rules.vote_hits`): task ``k``'s *top set* is the rows whose influence exceeds ``tau_k`` (or
+reaches it, when the selection used ``threshold_inclusive``), the task's ``threshold_percentile``-th percentile
+(NumPy's linear interpolation); a row's *votes* are the number of top sets holding it. The overlap of task ``a``
+with task ``b`` is ``|top_a & top_b| / |top_a|``. A selection made with another method than ``vote`` is reported
+against the thresholds of the 80th percentile. The numbers are :mod:`icons_hf.report_numbers`, the figures
+:mod:`icons_hf.report_figures`; the method, specialist and features are described by their registry entries.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import numpy as np
 
 from .card import markdown_table
 from .export import ExportFolder, read_export
+from .features import describe_features
 from .pools import column_values, is_records_format, load_pool
 from .ranks import column_arrays, task_columns
 from .report_figures import (
@@ -40,6 +43,7 @@ from .report_figures import (
     plot_votes,
 )
 from .report_numbers import composition_rows, report_numbers
+from .rules import RULES
 
 logger = logging.getLogger(__name__)
 
@@ -210,10 +214,16 @@ def _floor_text(sel: Mapping) -> str:
     )
 
 
+def _features_text(influence: Mapping) -> str:
+    precond, projection = influence.get("preconditioner") or {}, influence.get("projection") or {}
+    return describe_features(precond.get("feature"), projection.get("kind")) or "not recorded"
+
+
 def _md_settings(metadata: Mapping, data: dict) -> list[str]:
     sel, pool = metadata["selection"], metadata["pool"]
     tasks, n, n_sel, pct = data["tasks"], data["num_candidates"], data["num_selected"], data["threshold_percentile"]
-    skipped = metadata.get("influence", {}).get("skipped", [])
+    influence = metadata.get("influence", {})
+    skipped = influence.get("skipped", [])
     lines = [
         f"# Selection report: {pool['name']}",
         "",
@@ -227,9 +237,11 @@ def _md_settings(metadata: Mapping, data: dict) -> list[str]:
                     + ")",
                 ],
                 ["selected rows", f"{n_sel:,} ({_pct(n_sel / n) if n else '-'} of the scored rows)"],
-                ["method", f"`{sel['method']}`" + (f" (task `{sel['task']}`)" if sel.get("task") else "")],
+                ["method", f"`{sel['method']}`" + (f": {RULES[sel['method']].describe(sel)}" if sel["method"] in RULES
+                                                   else "")],
                 ["per-task floor", _floor_text(sel)],
-                ["specialist", f"`{metadata.get('influence', {}).get('specialist', 'mean')}`"],
+                ["specialist", f"`{influence.get('specialist', 'mean')}` ({data['score_kind']})"],
+                ["features", _features_text(influence)],
                 ["target tasks", ", ".join(f"`{t}`" for t in tasks)],
                 [
                     "threshold percentile",
@@ -250,8 +262,9 @@ def _md_distributions(data: dict) -> list[str]:
     return [
         "## Influence score distributions",
         "",
-        f"Scores are {data['score_label']}s. Each task's threshold is the {pct:g}th percentile of its scores; rows "
-        "above it form the task's *top set* and give the row that task's vote. In each task's panel the selected "
+        f"Scores are {data['score_kind']}. Each task's threshold is the {pct:g}th percentile of its scores; rows "
+        f"{'at or above' if data['threshold_inclusive'] else 'above'} it form the task's *top set* and give the row "
+        "that task's vote. In each task's panel the selected "
         "rows are split at that task's threshold: light orange marks selected rows below it, picked for the other "
         "tasks.",
         "",

@@ -14,15 +14,34 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from .consensus import task_overlap, vote_histogram
-from .ranks import column_arrays, percentile_ranks, task_columns
+from .ranks import TASK_PREFIX, column_arrays, percentile_ranks, score_matrix, task_columns
+from .rules import column_thresholds, vote_hits
+from .specialists import SPECIALISTS
 
 DEFAULT_THRESHOLD_PERCENTILE = 80.0
 
 
 def score_label(metadata: Mapping) -> str:
-    """What a task's score column holds: percentile ranks in 0-1 (the balanced specialist) or influence scores."""
-    specialist = str(metadata.get("influence", {}).get("specialist", "mean"))
-    return "percentile rank (0-1)" if specialist.startswith("balanced") else "influence score"
+    """The axis label of a task's scores: the specialist's own (:class:`icons_hf.specialists.Specialist`)."""
+    entry = SPECIALISTS.get(str(metadata.get("influence", {}).get("specialist", "mean")))
+    return entry.axis_label if entry else "influence score"
+
+
+def score_kind(metadata: Mapping) -> str:
+    """What a task's scores are, in words: the specialist's own."""
+    entry = SPECIALISTS.get(str(metadata.get("influence", {}).get("specialist", "mean")))
+    return entry.score_kind if entry else "influence scores"
+
+
+def vote_settings(selection: Mapping) -> tuple[float, bool, dict]:
+    """``(threshold percentile, inclusive, stored thresholds)`` of a selection: its own for ``vote``; for another
+    method the 80th percentile, strict, computed here."""
+    settings = selection.get("settings") or {}
+    inclusive = bool(selection.get("threshold_inclusive", settings.get("threshold_inclusive", False)))
+    percentile = selection.get("threshold_percentile")
+    if percentile is None:
+        return DEFAULT_THRESHOLD_PERCENTILE, inclusive, {}
+    return float(percentile), inclusive, dict(selection.get("thresholds") or {})
 
 
 def _pairwise(top: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -59,23 +78,18 @@ def _mean_ranks(mat: np.ndarray, selected: np.ndarray, tasks: list[str]) -> dict
 def report_numbers(metadata: Mapping, scores) -> dict:
     sel = metadata["selection"]
     columns = task_columns(scores)
-    tasks = [c[len("influence_") :] for c in columns]
+    tasks = [c[len(TASK_PREFIX) :] for c in columns]
+    mat = score_matrix(scores, columns)
     arrays = column_arrays(scores, [*columns, "index", "selected"])
-    mat = np.stack([np.asarray(arrays[c], dtype=np.float64) for c in columns], axis=1)
-    if not np.all(np.isfinite(mat)):
-        row, col = np.argwhere(~np.isfinite(mat))[0]
-        raise ValueError(f"scores.parquet row {int(row)} has a non-finite {columns[col]}; recompute the influence.")
     index = arrays["index"].astype(np.int64)
     selected = arrays["selected"].astype(bool)
     n, n_sel = len(index), int(selected.sum())
 
-    percentile = sel.get("threshold_percentile")
-    stored = sel.get("thresholds") or {}
-    if percentile is None:
-        percentile = DEFAULT_THRESHOLD_PERCENTILE
-    computed = np.percentile(mat, percentile, axis=0) if n else np.zeros(len(tasks))
-    thresholds = np.asarray([float(stored.get(t, computed[j])) for j, t in enumerate(tasks)])
-    top = mat > thresholds[None, :]
+    percentile, inclusive, stored = vote_settings(sel)
+    own = [arrays[c] for c in columns]  # each column in its own dtype, as select compares them
+    computed = column_thresholds(own, percentile) if n else [0.0] * len(tasks)
+    thresholds = [stored[t] if t in stored else computed[j] for j, t in enumerate(tasks)]
+    top = vote_hits(own, thresholds, inclusive) if n else np.zeros((0, len(tasks)), dtype=bool)
 
     histogram = _vote_counts(scores, top)
     sizes, share, jaccard = _pairwise(top)
@@ -88,6 +102,7 @@ def report_numbers(metadata: Mapping, scores) -> dict:
         "threshold_percentile": float(percentile),
         "thresholds_from": "selection" if stored else "computed",
         "thresholds": {t: float(x) for t, x in zip(tasks, thresholds, strict=True)},
+        "threshold_inclusive": inclusive,
         "top_set_sizes": {t: int(s) for t, s in zip(tasks, sizes, strict=True)},
         "vote_histogram": {int(v): h for v, h in histogram.items()},
         "pairwise_overlap": {a: {b: float(share[i, j]) for j, b in enumerate(tasks)} for i, a in enumerate(tasks)},
@@ -96,6 +111,7 @@ def report_numbers(metadata: Mapping, scores) -> dict:
         "subset_overlap_above_threshold": above,
         "random_expectation": n_sel / n if n else 0.0,
         "score_label": score_label(metadata),
+        "score_kind": score_kind(metadata),
         "floor_rows_per_task": int(sel.get("floor_rows_per_task") or 0) if float(sel.get("task_floor") or 0) > 0 else 0,
         "mean_percentile_rank": _mean_ranks(mat, selected, tasks),
         "_matrix": mat,
@@ -122,4 +138,5 @@ def composition_rows(sub_labels: Sequence[str], pool_labels: Sequence[str] | Non
     return rows
 
 
-__all__ = ["DEFAULT_THRESHOLD_PERCENTILE", "composition_rows", "report_numbers", "score_label"]
+__all__ = ["DEFAULT_THRESHOLD_PERCENTILE", "composition_rows", "report_numbers", "score_kind", "score_label",
+           "vote_settings"]
