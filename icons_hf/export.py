@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,17 +39,16 @@ from .pools import (
     Pool,
     check_row_identity,
     column_values,
+    is_records_format,
     load_pool,
     load_records,
     record_hash,
-    write_records,
 )
 from .provenance import provenance
 from .ranks import column_arrays
 
 logger = logging.getLogger(__name__)
 
-_ROWS_PER_PARQUET = 100_000
 EXPORT_FILES = ("README.md", "selection.json", "indices.json", "scores.parquet", "data")
 __all__ = ["ExportFolder", "export_selection", "read_export"]
 
@@ -135,26 +133,6 @@ def _prepare_output_dir(output_dir: str, subset_file: str | None) -> None:
     os.makedirs(output_dir, exist_ok=True)
 
 
-def _write_subset(pool: Pool, positions: np.ndarray, output_dir: str, subset_file: str | None) -> bool:
-    """Write the selected rows; returns whether the pool has images (for the card's task category)."""
-    if pool.dataset is not None:
-        dataset = pool.dataset
-        subset = dataset.select(positions.tolist())
-        data_dir = os.path.join(output_dir, "data")
-        os.makedirs(data_dir, exist_ok=True)
-        shards = max(1, math.ceil(len(subset) / _ROWS_PER_PARQUET))
-        for k in range(shards):
-            subset.shard(shards, k, contiguous=True).to_parquet(
-                os.path.join(data_dir, f"train-{k:05d}-of-{shards:05d}.parquet")
-            )
-        return (
-            any(type(f).__name__ == "Image" for f in dataset.features.values())
-            or "pixel_values" in dataset.column_names
-        )
-    write_records([pool.records[i] for i in positions], os.path.join(output_dir, subset_file))
-    return any("image" in r for r in pool.records[: min(len(pool.records), 1000)])
-
-
 def _score_table(scores):
     from datasets import Dataset, load_from_disk
 
@@ -215,14 +193,15 @@ def export_selection(
     tags = [tags] if isinstance(tags, str) else list(tags)
     matched = _match_pool(pool, scores, pool_name)
     _prepare_output_dir(output_dir, matched.subset_file)
-    has_images = _write_subset(matched.pool, matched.positions, output_dir, matched.subset_file)
+    matched.pool.write_subset(matched.positions, output_dir)
     metadata = _write_tables(output_dir, matched)
     card = render_card(
         metadata,
         matched.scores,
         license=license or "other",
         pretty_name=pretty_name,
-        task_categories=list(task_categories or (["visual-question-answering"] if has_images else ["text-generation"])),
+        task_categories=list(task_categories or (["visual-question-answering"] if matched.pool.has_images()
+                                                 else ["text-generation"])),
         tags=list(tags),
     )
     with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as handle:
@@ -256,11 +235,7 @@ def _match_pool(pool, scores, pool_name: str | None) -> _MatchedSelection:
     pool = load_pool(pool, name=pool_name)
     identity = _verify_identity(pool, scores, info.get("influence", {}).get("pool_rows"))
     positions = _selected_positions(scores, pool)
-    subset_file = None
-    if pool.records is not None:
-        stem, ext = os.path.splitext(os.path.basename(pool.path))
-        subset_file = f"{stem}_icons{ext}"
-    return _MatchedSelection(pool, scores, info, identity, positions, subset_file)
+    return _MatchedSelection(pool, scores, info, identity, positions, pool.subset_file())
 
 
 def _write_tables(output_dir: str, matched: _MatchedSelection) -> dict[str, Any]:
@@ -344,6 +319,18 @@ class ExportFolder:
         columns = zip(table["index"], table[RECORD_HASH_COLUMN], table["selected"], strict=True)
         chosen = sorted((i, h) for i, h, s in columns if s)
         return [h for _, h in chosen]
+
+    def subset_pool(self) -> Pool:
+        """The selected rows as a :class:`~icons_hf.pools.Pool` of the pool's format: the records file (checked
+        as :meth:`subset_records` checks it) or the ``data/train-*.parquet`` shards as one ``datasets.Dataset``."""
+        name = self.metadata["pool"].get("name", self.path.name)
+        if is_records_format(self.format):
+            records, path = self.subset_records()
+            return Pool(name=name, format=self.format, path=str(path), records=records)
+        from datasets import Dataset
+
+        shards = [str(p) for p in self.subset_shards()]
+        return Pool(name=name, format=self.format, path=str(self.path / "data"), dataset=Dataset.from_parquet(shards))
 
     def subset_shards(self) -> list[Path]:
         """The ``data/train-*.parquet`` shards of a datasets-pool export, in order."""

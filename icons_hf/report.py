@@ -32,7 +32,7 @@ import numpy as np
 from .card import markdown_table
 from .export import ExportFolder, read_export
 from .features import describe_features
-from .pools import column_values, is_records_format, load_pool
+from .pools import group_label, is_records_format, load_pool
 from .ranks import column_arrays, task_columns
 from .report_figures import (
     FIGURES,
@@ -73,39 +73,6 @@ def _read(export_dir: str) -> tuple[ExportFolder, object]:
     return export, scores
 
 
-def _groups_from_records(records: Sequence[Mapping], field: str | None, where: str) -> tuple[list[str], str] | None:
-    """One group label per record and the grouping's name: ``field``'s value, or (``field=None``) the default."""
-    if field is not None:
-        out = []
-        for i, record in enumerate(records):
-            if field not in record:
-                raise ValueError(
-                    f"{where}: record {i} has no {field!r} field; pass group_column= a field every record has, or "
-                    "groups= a mapping from pool row to group."
-                )
-            out.append(_label(record[field]))
-        return out, field
-    if records and all("source" in r for r in records):
-        return [_label(r["source"]) for r in records], "source"
-    # LLaVA-665K: the image's top folder names the source (coco, gqa, ocr_vqa, textvqa, vg); no image = text-only.
-    images = [r.get("image") for r in records]
-    if any(isinstance(im, str) and "/" in im for im in images):
-        labels = [
-            im.split("/")[0] if isinstance(im, str) and "/" in im else ("text-only" if not im else "(no folder)")
-            for im in images
-        ]
-        return labels, "image folder"
-    return None
-
-
-def _label(value) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (list, dict)):
-        return json.dumps(value, sort_keys=True)
-    return str(value)
-
-
 def _lookup_groups(groups, rows) -> list[str]:
     out = []
     for row in rows:
@@ -118,7 +85,7 @@ def _lookup_groups(groups, rows) -> list[str]:
                 f"groups= has {len(groups)} entries but the scores refer to pool row {row}; give one group per pool "
                 "row, in pool order."
             )
-        out.append(_label(groups[row]))
+        out.append(group_label(groups[row]))
     return out
 
 
@@ -139,9 +106,13 @@ def _reachable_pool(export: ExportFolder):
     return pool
 
 
-def _record_groups(export: ExportFolder, pool_index, group_column):
-    records, subset_file = export.subset_records()
-    found = _groups_from_records(records, group_column, str(subset_file))
+def _pool_groups(export: ExportFolder, pool_index, group_column):
+    """The subset's group labels, and the scored pool rows' when the pool is still reachable (the grouping is
+    the pool's own: :meth:`icons_hf.pools.Pool.group_labels`)."""
+    if group_column is None and not is_records_format(export.format):
+        logger.info("No group_column= given for a datasets pool; the report has no composition section.")
+        return None
+    found = export.subset_pool().group_labels(group_column)
     if found is None:
         logger.info(
             "The records have no source field or image folders; pass group_column= or groups= for a "
@@ -151,32 +122,11 @@ def _record_groups(export: ExportFolder, pool_index, group_column):
     sub_labels, name = found
     pool_labels = None
     pool = _reachable_pool(export)
-    if pool is not None and pool.records is not None:
-        pool_found = _groups_from_records(pool.records, group_column, pool.path)
+    if pool is not None:
+        pool_found = pool.group_labels(group_column)
         if pool_found is not None:
             pool_labels = [pool_found[0][int(i)] for i in pool_index]
     return sub_labels, pool_labels, name
-
-
-def _column_groups(export: ExportFolder, pool_index, group_column):
-    import pyarrow.parquet as pq
-
-    sub_labels = []
-    for path in export.subset_shards():
-        names = pq.read_schema(path).names
-        if group_column not in names:
-            raise ValueError(
-                f"{path} has no column {group_column!r} (columns: {', '.join(names)}); pass another group_column=."
-            )
-        sub_labels += [_label(v) for v in pq.read_table(path, columns=[group_column]).column(0).to_pylist()]
-    pool_labels = None
-    pool = _reachable_pool(export)
-    if pool is not None and pool.dataset is not None:
-        if group_column not in pool.dataset.column_names:
-            raise ValueError(f"the pool {pool.path} has no column {group_column!r}; pass another group_column=.")
-        values = column_values(pool.dataset, group_column)
-        pool_labels = [_label(values[int(i)]) for i in pool_index]
-    return sub_labels, pool_labels, group_column
 
 
 def _resolve_groups(export: ExportFolder, positions, pool_index, group_column, groups):
@@ -188,12 +138,7 @@ def _resolve_groups(export: ExportFolder, positions, pool_index, group_column, g
         if group_column is not None:
             raise ValueError("pass either group_column= or groups=, not both.")
         return _lookup_groups(groups, positions), _lookup_groups(groups, pool_index), "group"
-    if is_records_format(export.format):
-        return _record_groups(export, pool_index, group_column)
-    if group_column is None:
-        logger.info("No group_column= given for a datasets pool; the report has no composition section.")
-        return None
-    return _column_groups(export, pool_index, group_column)
+    return _pool_groups(export, pool_index, group_column)
 
 # --------------------------------------------------------------------------------------------------- page
 
