@@ -160,7 +160,7 @@ def _checkpoint_facts(checkpoint, learning_rate, optimizer_state, step, train_fe
 def compute_checkpoint_stores(
     model, pool, tasks: Mapping, output_dir: str | os.PathLike, *, settings: FeatureSettings | Mapping | None = None,
     preset: str | None = None, optimizer_state=None, learning_rate: float | None = None,
-    checkpoint: str | os.PathLike | None = None, step: int | None = None, show_progress: bool = True,
+    checkpoint: str | os.PathLike | None = None, step: int | None = None, show_progress: bool = True, **options,
 ) -> dict:
     """Compute one checkpoint's gradient stores and record them in ``output_dir/icons_run.json``.
 
@@ -170,8 +170,8 @@ def compute_checkpoint_stores(
             scored later as one pool in the mapping's order).
         tasks: ``task -> validation Dataset`` or ``task -> {subtask -> Dataset}``.
         output_dir: the run's folder; the stores go under ``output_dir/<checkpoint name>/`` (module docstring).
-        settings, preset: the :class:`~icons_hf.settings.FeatureSettings` (default: the ``"default"`` preset).
-            The pool gets ``settings.train_feature``, validation sets plain gradients.
+        settings, preset: the :class:`~icons_hf.settings.FeatureSettings` to start from (default: the
+            ``"default"`` preset). The pool gets ``train_feature``, validation sets plain gradients.
         optimizer_state: the checkpoint's Adam state, needed for ``train_feature="adam"`` (see
             :func:`icons_hf.compute_gradients`); default: the checkpoint folder's ``optimizer.pt``.
         learning_rate: the checkpoint's learning rate (weights it in influence); default: the one its
@@ -180,13 +180,16 @@ def compute_checkpoint_stores(
             folder (its name, learning rate and optimizer state are then read from it).
         step: the training step (default: from a ``checkpoint-<step>`` name).
         show_progress: progress bars on the main process.
+        **options: any field of :class:`~icons_hf.settings.FeatureSettings` (``train_feature``, ``projection``,
+            ``dim``, ``batch_size``, ...), overriding the preset's or ``settings``' value when given (not ``None``);
+            an unknown name is refused.
 
     Returns:
         The run entry ``{"checkpoint", "step", "learning_rate", "train": path (or [paths] for sub-pools),
         "tasks": {task: path or {subtask: path}}}``, as :func:`icons_hf.load_run` reads it back. Under
         ``accelerate launch``/``torchrun`` call it in every process with the same arguments.
     """
-    settings = FeatureSettings.resolve(settings, preset)
+    settings = FeatureSettings.resolve(settings, preset, **options)
     check_inputs(pool, tasks)
     name, lr, state, step = _checkpoint_facts(checkpoint, learning_rate, optimizer_state, step, settings.train_feature)
     root = os.path.join(os.fspath(output_dir), name)

@@ -255,7 +255,7 @@ def task_overlap(scores, top_fraction: float | None = None) -> dict[str, float]:
     out = {}
     for j, col in enumerate(columns):
         top = np.lexsort((index, -mat[:, j]))[:k]
-        out[col[len("influence_"):]] = float(selected[top].mean()) if k else 0.0
+        out[col[len(TASK_PREFIX):]] = float(selected[top].mean()) if k else 0.0
     return out
 
 

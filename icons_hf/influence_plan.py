@@ -156,7 +156,8 @@ def _merged_metadata(parts: Sequence[str]) -> dict:
 
 def resolve_inputs(train, tasks: Mapping, checkpoint_weights: Sequence[float] | None):
     """Validated ``(train store parts per checkpoint, tasks, merged train store metadata, normalised checkpoint
-    weights)``."""
+    weights)``; ``checkpoint_weights`` come from :class:`~icons_hf.settings.InfluenceSettings`, which checked their
+    values (non-negative, positive sum): here only their number is checked against the checkpoints'."""
     train = _train_parts(train)
     if not train:
         raise ValueError("train must name at least one train store.")
@@ -165,14 +166,10 @@ def resolve_inputs(train, tasks: Mapping, checkpoint_weights: Sequence[float] | 
     if checkpoint_weights is None:
         weights = checkpoint_weights_from_stores([parts[0] for parts in train])
     else:
-        if (
-            len(checkpoint_weights) != len(train)
-            or any(w < 0 for w in checkpoint_weights)
-            or sum(checkpoint_weights) <= 0
-        ):
+        if len(checkpoint_weights) != len(train):
             raise ValueError(
                 f"checkpoint_weights={list(checkpoint_weights)} must hold {len(train)} non-negative numbers "
-                "with a positive sum."
+                "with a positive sum, one per train store."
             )
         weights = [float(w) / float(sum(checkpoint_weights)) for w in checkpoint_weights]
     return train, tasks, metas, weights
