@@ -47,15 +47,12 @@ import numpy as np
 import pyarrow as pa
 from datasets.fingerprint import Hasher
 
-from .provenance import Provenance, provenance
-from .ranks import TASK_PREFIX, column_arrays, percentile_ranks, score_matrix, task_columns
+from .provenance import Provenance
+from .ranks import TASK_PREFIX, column_arrays, score_matrix, task_columns
 from .rules import RULES, Ranking, RuleInput
-from .settings import DEFAULT_VOTE_FLOOR, SelectionSettings
+from .settings import SelectionSettings
 
 logger = logging.getLogger(__name__)
-
-METHODS = tuple(RULES)  # the rules registered when this module was imported; RULES is the live registry
-
 
 def select(
     scores,
@@ -259,5 +256,4 @@ def task_overlap(scores, top_fraction: float | None = None) -> dict[str, float]:
     return out
 
 
-__all__ = ["DEFAULT_VOTE_FLOOR", "METHODS", "column_arrays", "percentile_ranks", "provenance", "select",
-           "selected_rows", "task_columns", "task_overlap", "vote_histogram", "with_columns"]
+__all__ = ["select", "selected_rows", "task_overlap", "vote_histogram", "with_columns"]
