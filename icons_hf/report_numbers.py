@@ -2,8 +2,8 @@
 
 Task ``k``'s *top set* is the rows that give it a vote, counted with the consensus rules' own
 :func:`icons_hf.rules.vote_hits` (``>`` the threshold, or ``>=`` when the selection was made with
-``threshold_inclusive``); a selection made with another method is reported against the thresholds of the 80th
-percentile. The overlap of task ``a`` with task ``b`` is ``|top_a & top_b| / |top_a|``.
+``threshold_inclusive``); a selection made with another method is reported against the thresholds of the default
+selection settings' percentile (the 80th). The overlap of task ``a`` with task ``b`` is ``|top_a & top_b| / |top_a|``.
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ import numpy as np
 from .consensus import task_overlap, vote_histogram
 from .ranks import TASK_PREFIX, column_arrays, percentile_ranks, score_matrix, task_columns
 from .rules import column_thresholds, vote_hits
+from .settings import SelectionSettings
 from .specialists import SPECIALISTS
 
-DEFAULT_THRESHOLD_PERCENTILE = 80.0
+# A selection made without thresholds is reported against the default selection's (SelectionSettings).
+DEFAULT_THRESHOLD_PERCENTILE = float(SelectionSettings().threshold_percentile)
 
 
 def score_label(metadata: Mapping) -> str:
