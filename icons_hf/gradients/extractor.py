@@ -305,9 +305,8 @@ def compute_gradients(
             string column ``record_hash`` (a hash of each row's source record) is kept per row in the store.
         output_dir: the store folder. The same call again resumes an interrupted run; a rerun with settings that
             change the features is refused, naming the setting. ``store.json`` records the settings whole.
-        feature: this dataset's feature type (:mod:`icons_hf.features`): ``"sgd"`` (the gradient; validation rows
-            always) or ``"adam"`` (needs ``optimizer_state``); ``None``: the settings' ``train_feature``, the pool's
-            feature
+        feature: this dataset's feature type (:mod:`icons_hf.features`): ``"sgd"`` (validation rows always) or
+            ``"adam"`` (needs ``optimizer_state``); ``None``: the settings' ``train_feature``, the pool's feature
             (:func:`icons_hf.compute_checkpoint_stores` passes it for the pool).
         optimizer_state: a Trainer checkpoint folder (``optimizer.pt``), a live torch optimizer, or a mapping
             ``parameter name -> {"exp_avg", "exp_avg_sq"[, "step"]}``. Never modified.
