@@ -121,7 +121,8 @@ def _choose(inputs: RuleInput, ranking: Ranking, n_keep: int, config: SelectionS
     n_total, n_tasks = inputs.matrix.shape
     share = config.floor_share()
     selected = np.zeros(n_total, dtype=bool)
-    floor_rows = _reserve_task_floors(inputs.matrix, inputs.index, n_keep, share, selected) if share > 0 else None
+    floor_keys = inputs.matrix if ranking.floor_keys is None else ranking.floor_keys
+    floor_rows = _reserve_task_floors(floor_keys, inputs.index, n_keep, share, selected) if share > 0 else None
     if floor_rows == 0:
         logger.warning(
             "task_floor=%g reserves no row: %d rows are selected for %d tasks (floor(%g x %d / %d) = 0 per task), so "
@@ -186,7 +187,8 @@ def _reserve_task_floors(
     mat: np.ndarray, index: np.ndarray, n_keep: int, task_floor: float, selected: np.ndarray
 ) -> int:
     """Marks every task's reserved rows in ``selected`` (in place): ``floor(task_floor * n_keep / K)`` per task,
-    its best rows by its own score (then ascending index), tasks taking turns. Returns the rows per task."""
+    its best rows by its column of ``mat`` (its own score, or the rule's ``floor_keys``; then ascending index),
+    tasks taking turns. Returns the rows per task."""
     n_tasks = mat.shape[1]
     per_task = math.floor(task_floor * n_keep / n_tasks)
     # A task's pointer passes its own picks and rows other tasks took first: at most n_keep rows of its order, so

@@ -97,6 +97,13 @@ def percentile_ranks(values: np.ndarray) -> np.ndarray:
     return doubled_ranks(values) / (2.0 * (n - 1))
 
 
+def percentile_rank_matrix(mat: np.ndarray) -> np.ndarray:
+    """Each column of a ``rows x tasks`` matrix as within-column percentile ranks (:func:`percentile_ranks`)."""
+    if mat.shape[0] == 0:
+        return np.zeros(mat.shape)
+    return np.stack([percentile_ranks(mat[:, j]) for j in range(mat.shape[1])], axis=1)
+
+
 def mean_rank(mat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean within-task percentile rank of each row, and an exact integer key that orders rows the same way
     (the sum of doubled ranks), so rows with equal mean ranks compare equal whatever the float rounding."""
@@ -109,5 +116,6 @@ def mean_rank(mat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return key / (2.0 * (n - 1) * k), key
 
 
-__all__ = ["TASK_PREFIX", "column_arrays", "doubled_ranks", "mean_rank", "percentile_ranks", "score_matrix",
+__all__ = ["TASK_PREFIX", "column_arrays", "doubled_ranks", "mean_rank", "percentile_rank_matrix", "percentile_ranks",
+           "score_matrix",
            "task_columns"]

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .ranks import mean_rank
+from .ranks import mean_rank, percentile_rank_matrix
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,7 @@ class Ranking:
     extra_columns: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
     tiebreak_text: str = "ascending index"
+    floor_keys: np.ndarray | None = None  # rows x tasks: the order of each task's floor (None: its own scores)
 
     @classmethod
     def of(cls, primary: np.ndarray) -> Ranking:
@@ -70,6 +71,7 @@ class Rule:
     name: str
     function: Callable[[RuleInput], Ranking]
     card_text: str
+    task_floor: float = 0.0
 
     def __call__(self, inputs: RuleInput) -> Ranking:
         return self.function(inputs)
@@ -80,18 +82,23 @@ class Rule:
 
 
 RULES: dict[str, Rule] = {}
+RULE_FLOORS: dict[str, float] = {}  # each rule's default task_floor
 
 
-def consensus_rule(name: str, *, card_text: str | None = None):
+def consensus_rule(name: str, *, task_floor: float = 0.0, card_text: str | None = None):
     """Registers ``function(RuleInput) -> Ranking`` as the consensus rule ``name`` (its docstring holds the
-    formula). ``card_text`` is the phrase the dataset card and the report use for it (default: the docstring's
-    first sentence)."""
+    formula); ``task_floor`` is the share of the subset the rule reserves as per-task floors when ``select`` is not
+    told; ``card_text`` is the phrase the dataset card and the report use for it (default: the docstring's first
+    sentence)."""
+    if not 0.0 <= task_floor <= 1.0:
+        raise ValueError(f"task_floor={task_floor!r} of consensus rule {name!r} must be between 0 and 1.")
 
     def register(function):
         if name in RULES:
             raise ValueError(f"a consensus rule named {name!r} is already registered.")
         text = card_text or first_sentence(function.__doc__).replace("{", "{{").replace("}", "}}") or name
-        RULES[name] = Rule(name, function, text)
+        RULES[name] = Rule(name, function, text, float(task_floor))
+        RULE_FLOORS[name] = float(task_floor)
         return function
 
     return register
@@ -122,7 +129,7 @@ def vote_hits(columns, thresholds, inclusive: bool) -> np.ndarray:
     return np.stack(hits, axis=1) if hits else np.zeros((0, 0), dtype=bool)
 
 
-@consensus_rule("vote", card_text="ICONS consensus voting")
+@consensus_rule("vote", task_floor=1.0, card_text="ICONS consensus voting")
 def vote(inputs: RuleInput) -> Ranking:
     """ICONS: ``votes(z) = sum_k 1[I_k(z) > tau_k]`` (``>=`` when ``inclusive``), ``tau_k`` the ``percentile`` of
     task ``k``'s scores; rows ranked by votes, ties by the mean within-task percentile rank, then by index."""
@@ -182,5 +189,46 @@ def uniform(inputs: RuleInput) -> Ranking:
     return Ranking.of(np.random.default_rng(inputs.seed).random(len(inputs.index)))
 
 
-__all__ = ["RULES", "Ranking", "Rule", "RuleInput", "column_thresholds", "consensus_rule", "first_sentence",
-           "vote_hits", "vote_thresholds"]
+# Below this within-task percentile rank a task vetoes a row (method "veto").
+VETO_RANK = 0.05
+
+
+@consensus_rule("gain", task_floor=1.0)
+def gain(inputs: RuleInput) -> Ranking:
+    """Floors filled by summed gain: ``q_k(z)`` the within-task percentile rank, ``gain(z) = sum_k q_k(z)``. Each
+    task's floor takes, in turns, the rows above its vote threshold (``q_k`` over the ``percentile`` of ranks) in
+    order of ``gain`` (then by index), and only then its other rows by its own rank; rows left after the floors
+    go by ``gain``. A row that several tasks rank high (a conversation answering several tasks) comes first
+    within each of those tasks' top rows, and no task takes a row it ranks below its threshold while it has
+    rows above it."""
+    q = percentile_rank_matrix(inputs.matrix)
+    n, k = q.shape
+    rank, total_key = mean_rank(inputs.matrix)
+    total = rank * k  # sum_k q_k, equal for rows whose exact integer keys are equal
+    above = q > inputs.percentile / 100.0
+    # Rows above the threshold first (offset past any own rank), by gain; the rest by their own rank.
+    keys = np.where(above, k + 1.0 + total[:, None], q)
+    zeros = np.zeros(n)
+    return Ranking(primary=total, primary_key=total_key, tiebreak=zeros, tiebreak_key=zeros, floor_keys=keys,
+                   info={"gain_threshold_rank": inputs.percentile / 100.0},
+                   tiebreak_text="ascending index")
+
+
+@consensus_rule("veto")
+def veto(inputs: RuleInput) -> Ranking:
+    """Votes among unvetoed rows: ``votes(z)`` as in ``vote``, but a row that some task ranks in its bottom
+    ``VETO_RANK`` (within-task percentile rank ``q_k(z) < 0.05``) gets ``-1`` and comes after every unvetoed row;
+    ties by the mean within-task percentile rank, then by index. A row several tasks want is kept only if no task
+    finds it among its most harmful rows."""
+    ranking = vote(inputs)
+    vetoed = (percentile_rank_matrix(inputs.matrix) < VETO_RANK).any(axis=1)
+    votes = np.where(vetoed, -1, ranking.primary_key)
+    return Ranking(
+        primary=votes.astype(np.float64), primary_key=votes, tiebreak=ranking.tiebreak,
+        tiebreak_key=ranking.tiebreak_key, extra_columns=ranking.extra_columns,
+        info={**ranking.info, "veto_rank": VETO_RANK, "vetoed_rows": int(vetoed.sum())},
+        tiebreak_text=ranking.tiebreak_text)
+
+
+__all__ = ["RULES", "RULE_FLOORS", "VETO_RANK", "Ranking", "Rule", "RuleInput", "column_thresholds", "consensus_rule",
+           "first_sentence", "vote_hits", "vote_thresholds"]

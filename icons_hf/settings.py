@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .features import FEATURE_TYPES, PROJECTIONS
+from .rules import RULE_FLOORS
 from .rules import RULES as RULE_REGISTRY
 from .specialists import SPECIALISTS as SPECIALIST_REGISTRY
 
@@ -218,7 +219,7 @@ class InfluenceSettings(_Settings):
             object.__setattr__(self, "checkpoint_weights", weights)
 
 
-DEFAULT_VOTE_FLOOR = 1.0  # select(method="vote") reserves the whole subset as per-task floors by default
+DEFAULT_VOTE_FLOOR = RULE_FLOORS["vote"]  # select(method="vote") reserves the whole subset as per-task floors
 
 
 @dataclass(frozen=True)
@@ -287,10 +288,11 @@ class SelectionSettings(_Settings):
         return 100.0 - round(100.0 * float(self.fraction), 10)
 
     def floor_share(self) -> float:
-        """``task_floor``, or its method-dependent default (1.0 for vote, 0 otherwise)."""
+        """``task_floor``, or the method's own default (``consensus_rule(..., task_floor=)``: 1.0 for vote and gain,
+        0 for the others)."""
         if self.task_floor is not None:
             return float(self.task_floor)
-        return DEFAULT_VOTE_FLOOR if self.method == "vote" else 0.0
+        return RULE_FLOORS.get(self.method, 0.0)
 
 
 __all__ = [
