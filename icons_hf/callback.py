@@ -6,6 +6,7 @@ import logging
 import os
 from collections.abc import Mapping
 
+import torch
 from transformers import TrainerCallback
 
 from .checkpoints import (
@@ -50,8 +51,8 @@ class IconsCallback(TrainerCallback):
         preset: the ``FeatureSettings`` preset (``"default"``, ``"paper"``).
         settings: a ``FeatureSettings`` (or mapping of its fields) instead of a preset.
         show_progress: progress bars of the extraction on the main process.
-        **options: any other field of :class:`icons_hf.settings.FeatureSettings` (``projection``, ``dim``,
-            ``seed``, ``batch_size``, ``max_tokens_per_batch``, ``dtype``, ``on_bad_row``, ``max_length``,
+        **options: any other field of :class:`icons_hf.settings.FeatureSettings` (``parameters``, ``projection``,
+            ``dim``, ``seed``, ``batch_size``, ``max_tokens_per_batch``, ``dtype``, ``on_bad_row``, ``max_length``,
             ``pad_token_id``, ``shard_size``, ``adam_variant``), overriding the preset's (or ``settings``') value
             when given; an unknown name is refused.
 
@@ -97,6 +98,7 @@ class IconsCallback(TrainerCallback):
         check_bad_rows(self.pool, self.tasks, self.settings, model)
         if model is not None:
             check_model_inputs(model, self.pool, self.tasks, self.settings.pad_token_id)
+            check_collator(kwargs.get("train_dataloader"), model)
         if self.needs_optimizer_state and optimizer is not None:
             groups = getattr(getattr(optimizer, "optimizer", optimizer), "param_groups", None) or [{}]
             if "betas" not in groups[0]:
@@ -136,6 +138,60 @@ class IconsCallback(TrainerCallback):
         return run_stores(self.checkpoints)
 
 
+_COLLATOR_HINT = (
+    "pass data_collator=icons_hf.data.IconsCollator(pad_token_id=tokenizer.pad_token_id) to the Trainer: it pads "
+    "input_ids, labels (-100) and attention_mask and stacks the other model inputs, as extraction does"
+)
+
+
+def _collated_problem(batch) -> str | None:
+    if not isinstance(batch, dict) or not batch:
+        return f"it returned a {type(batch).__name__}, not a dict of tensors"
+    for key, value in batch.items():
+        if not isinstance(value, torch.Tensor):
+            return f"its {key!r} is a {type(value).__name__}, not a tensor"
+    if "labels" not in batch:
+        return "it returned no 'labels', so the Trainer would have no loss"
+    if "input_ids" in batch and batch["labels"].shape != batch["input_ids"].shape:
+        return f"its labels have shape {tuple(batch['labels'].shape)} but input_ids {tuple(batch['input_ids'].shape)}"
+    return None
+
+
+def check_collator(train_dataloader, model, rows: int = 2) -> None:
+    """Collate the first ``rows`` training rows with the Trainer's own data collator and run ``model`` on the batch
+    (eval mode, no gradient, so neither dropout's random state nor any weight changes): a collator that cannot
+    batch the rows, or batches them into something the model cannot take, is refused before the first step with
+    an error naming :class:`icons_hf.data.IconsCollator` (instead of a traceback from inside the training loop)."""
+    collate = getattr(train_dataloader, "collate_fn", None)
+    dataset = getattr(train_dataloader, "dataset", None)
+    try:
+        size = len(dataset)
+    except TypeError:  # an iterable dataset: its rows cannot be read without consuming them
+        return
+    if collate is None or size == 0:
+        return
+    name = type(getattr(collate, "data_collator", collate)).__name__
+    try:
+        batch = collate([dataset[i] for i in range(min(rows, size))])
+        problem = _collated_problem(batch)
+        if problem is None:
+            device = next(model.parameters()).device
+            was_training = model.training
+            model.eval()
+            try:
+                with torch.no_grad():
+                    model(**{k: v.to(device) for k, v in batch.items()})
+            finally:
+                model.train(was_training)
+    except (ValueError, TypeError, RuntimeError, KeyError, IndexError) as err:
+        problem = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    if problem is not None:
+        raise ValueError(
+            f"the Trainer's data collator ({name}) cannot batch the training rows for the model: {problem}. "
+            f"IconsCallback checked this before the first step; {_COLLATOR_HINT}."
+        )
+
+
 def check_training_arguments(args) -> None:
     """Refuse, before the first step, a Trainer setup in which the callback would compute nothing or could not
     compute features: no checkpoint is ever saved, or parameters/optimizer states are sharded (DeepSpeed, FSDP)."""
@@ -155,4 +211,4 @@ def check_training_arguments(args) -> None:
         )
 
 
-__all__ = ["RUN_FILE", "IconsCallback", "check_training_arguments", "load_run", "run_stores"]
+__all__ = ["RUN_FILE", "IconsCallback", "check_collator", "check_training_arguments", "load_run", "run_stores"]

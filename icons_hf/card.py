@@ -218,6 +218,19 @@ def features_text(inf: dict) -> str:
     )
 
 
+def _card_features(metadata: dict) -> list[str]:
+    """Which feature settings the scores came from (``features`` of the provenance), in one sentence."""
+    features = metadata.get("features")
+    if not isinstance(features, dict) or not isinstance(features.get("settings"), dict):
+        return []
+    values = features["settings"]
+    described = ", ".join(f"`{k}={json.dumps(values.get(k))}`" for k in
+                          ("train_feature", "parameters", "projection", "dim", "seed"))
+    presets = features.get("presets") or []
+    match = f"those of the `{'`/`'.join(presets)}` preset" if presets else "those of no preset"
+    return ["", f"Feature settings of the stores: {described}; {match}."]
+
+
 def _card_skipped(inf: dict) -> list[str]:
     skipped = inf.get("skipped", [])
     parts = ["", "## Skipped rows", ""]
@@ -250,7 +263,7 @@ def render_card(
         tags=sorted({"icons", "data-selection", "influence-functions", *tags}),
         configs=[{"config_name": "default", "data_files": [{"split": "train", "path": data_files}]}],
     )
-    parts = _card_selection(metadata, title) + _card_tasks(inf, sel, scores)
+    parts = _card_selection(metadata, title) + _card_tasks(inf, sel, scores) + _card_features(metadata)
     if sel["method"] == "vote" and "votes" in scores.column_names:
         hist = vote_histogram(scores)
         parts += [

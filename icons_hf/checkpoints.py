@@ -24,7 +24,14 @@ from collections.abc import Iterator, Mapping
 from .distributed import is_main_process
 from .features import FEATURE_TYPES
 from .gradients import compute_gradients
-from .gradients.inputs import check_dataset, check_model_batch, check_rows, max_positions, unwrap_model
+from .gradients.inputs import (
+    check_dataset,
+    check_model_batch,
+    check_rows,
+    count_bad_rows,
+    max_positions,
+    unwrap_model,
+)
 from .gradients.precondition import checkpoint_learning_rate
 from .settings import NAME_PATTERN, FeatureSettings
 
@@ -119,12 +126,30 @@ def check_model_inputs(model, pool, tasks, pad_token_id: int = 0) -> None:
 def check_bad_rows(pool, tasks: Mapping, settings: FeatureSettings, model=None) -> None:
     """With ``on_bad_row="error"``, refuse now (naming the dataset and row) a row that extraction would refuse at
     the first checkpoint and that its tokens show: no supervised token, or, with ``model``, more tokens than its
-    position limit."""
-    if settings.on_bad_row != "error":
-        return
+    position limit. With ``"skip"``, refuse a dataset that would lose every row (a task left without validation
+    examples, or an empty pool), which would otherwise only fail in ``compute_influence`` after the warmup."""
     limit = None if model is None else max_positions(unwrap_model(model))
+    pool_left = []
     for label, data in labelled_datasets(pool, tasks):
-        check_rows(data, label, max_length=settings.max_length, limit=limit)
+        if settings.on_bad_row == "error":
+            check_rows(data, label, max_length=settings.max_length, limit=limit)
+            continue
+        bad, problem = count_bad_rows(data, max_length=settings.max_length, limit=limit)
+        if label.startswith("pool"):  # sub-pools: only a pool left with no row at all is refused
+            pool_left.append((len(data) - bad, label, bad, problem))
+        elif bad == len(data):
+            _refuse_emptied(label, bad, problem, limit, "that task would have no validation example, and influence "
+                            "needs at least one")
+    if pool_left and not any(left for left, *_ in pool_left):
+        _refuse_emptied(*pool_left[0][1:], limit, "the pool would have no row to select from")
+
+
+def _refuse_emptied(label: str, bad: int, problem: str | None, limit: int | None, what: str) -> None:
+    raise ValueError(
+        f"{label}: every one of its {bad} rows would be skipped under on_bad_row='skip' (row 0: {problem}), so "
+        f"{what}. Fix the rows (each needs a supervised token in labels, -100 elsewhere"
+        f"{'' if limit is None else f', and at most {limit} tokens or max_length='}) before training."
+    )
 
 
 def _checkpoint_facts(checkpoint, learning_rate, optimizer_state, step, train_feature: str):

@@ -310,9 +310,14 @@ def _select(args) -> None:
 
 def _export(args) -> None:
     from .export import export_selection
+    from .provenance import provenance
 
     check_output(args.output_dir, [args.scores, args.pool], "--output-dir")
-    print(export_selection(args.pool, load_table(args.scores, "--scores"), args.output_dir, pool_name=args.pool_name,
+    table = load_table(args.scores, "--scores")
+    if "selection" not in provenance(table) or "selected" not in table.column_names:
+        raise UsageError(f"--scores {args.scores} holds influence scores without a selection; run 'icons-hf select "
+                         f"{args.scores} --output SELECTED' first and pass --scores SELECTED")
+    print(export_selection(args.pool, table, args.output_dir, pool_name=args.pool_name,
                            license=args.license, pretty_name=args.pretty_name, tags=args.tag))
 
 

@@ -68,17 +68,17 @@ def select(
     preset: str | None = None,
     settings: SelectionSettings | dict | None = None,
 ):
-    """Select ``int(fraction * N)`` rows (or exactly ``num_rows``) from a score table.
+    """Select ``int(fraction * N)`` rows (or exactly ``num_rows``; giving both is refused) from a score table.
 
     Every argument left ``None`` takes its value from ``settings`` or the ``preset`` (``"default"`` or
     ``"paper"``, :class:`icons_hf.settings.SelectionSettings`); the default preset is ``fraction=0.2``,
     ``threshold_percentile=80``, ``method="vote"``, ``task_floor`` 1.0 for vote (0 for other methods).
     ``preset="paper"`` is the released ICONS rule (module docstring).
 
-    Returns the table with added columns: ``votes`` (``vote``), ``consensus`` (the primary ranking score of the
-    method), ``tiebreak`` and the boolean ``selected``. Its provenance (:mod:`icons_hf.provenance`) keeps the
-    influence part and adds the selection settings and results.
-    """
+    Returns the table with added columns: ``votes`` (``vote``), ``consensus`` (the method's primary ranking score),
+    ``tiebreak`` and the boolean ``selected``. Its provenance (:mod:`icons_hf.provenance`) keeps the influence part
+    and adds the selection settings and results."""
+    _one_size(fraction, num_rows)
     config = SelectionSettings.resolve(
         settings, preset, fraction=fraction, threshold_percentile=threshold_percentile, method=method, task=task,
         seed=seed, num_rows=num_rows, task_floor=task_floor, threshold_inclusive=threshold_inclusive)
@@ -172,6 +172,13 @@ def with_columns(table, columns: dict[str, np.ndarray], *, fingerprint: str):
         fn_kwargs={"columns": columns},
         new_fingerprint=fingerprint, desc="select",
     ).with_format(table.format["type"], **table.format["format_kwargs"])
+
+
+def _one_size(fraction, num_rows) -> None:
+    if fraction is not None and num_rows is not None:
+        raise ValueError(
+            f"select got both fraction={fraction} and num_rows={num_rows}, which size the subset two ways; pass one."
+        )
 
 
 def selected_rows(scores):

@@ -19,12 +19,41 @@ def launched_world_size() -> int:
         raise ValueError(f"the environment variable WORLD_SIZE={value!r} is not an integer.") from None
 
 
+_warned_single = False
+
+
+def lost_processes() -> bool:
+    """Whether a launcher was asked for several processes but started this one alone: ``accelerate launch --cpu
+    --num_processes 2`` runs its one-process launcher, which sets ``MASTER_PORT`` (asked for several) and
+    ``ACCELERATE_USE_CPU`` but no ``WORLD_SIZE``."""
+    env = os.environ
+    return "ACCELERATE_USE_CPU" in env and "MASTER_PORT" in env and "WORLD_SIZE" not in env
+
+
+def warn_lost_processes() -> None:
+    """Log once, on this (only) process, that the run has one process although several were asked for."""
+    global _warned_single
+    if _warned_single or not lost_processes():
+        return
+    _warned_single = True
+    logger.warning(
+        "accelerate launch was asked for several processes but this run has one: with --cpu it starts a single "
+        "process, which computes every row. For several CPU processes use 'accelerate launch --multi_gpu "
+        "--num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no ...' or "
+        "'torchrun --nproc_per_node 2 ...'."
+    )
+
+
 def init_distributed() -> None:
     """Join the process group that ``accelerate launch``/``torchrun`` describe in the environment, if not joined.
 
-    Without this, every process of a launched job would believe it is alone and compute every row.
+    Without this, every process of a launched job would believe it is alone and compute every row. A launch that
+    asked for several processes but started one is logged as a warning (:func:`warn_lost_processes`).
     """
-    if not dist.is_available() or dist.is_initialized() or launched_world_size() <= 1:
+    if not dist.is_available() or dist.is_initialized():
+        return
+    if launched_world_size() <= 1:
+        warn_lost_processes()
         return
     import torch
     from accelerate import PartialState

@@ -34,11 +34,13 @@ import numpy as np
 from . import __version__
 from .card import NOT_VERIFIED, render_card
 from .pools import (
+    INPUT_HASH_COLUMN,
     POOL_FORMATS,
     RECORD_HASH_COLUMN,
     Pool,
     check_row_identity,
     column_values,
+    input_hashes,
     is_records_format,
     load_pool,
     load_records,
@@ -86,14 +88,30 @@ def _verify_identity(pool: Pool, scores, expected_rows: int | None) -> str:
         )
     if hashed:
         return f"verified: every scored row's {RECORD_HASH_COLUMN} matches the pool's record at that position"
+    if INPUT_HASH_COLUMN in scores.column_names and pool.dataset is not None:
+        return _verify_input_hashes(pool, scores)
     logger.warning(
         "Row identity not verified: the score table has no %r column (the pool was not formatted with "
-        "icons_hf.data.prepare_*), so rows are taken by position only. Make sure %r is the pool the features were "
+        "icons_hf.data.prepare_*)%s, so rows are taken by position only. Make sure %r is the pool the features were "
         "computed on, in the same order.",
         RECORD_HASH_COLUMN,
+        "" if INPUT_HASH_COLUMN not in scores.column_names else
+        f" and its {INPUT_HASH_COLUMN} (of tokenized rows) cannot be checked against a records file",
         pool.name,
     )
     return f"{NOT_VERIFIED}: the score table has no {RECORD_HASH_COLUMN} column, rows were taken by position"
+
+
+def _verify_input_hashes(pool: Pool, scores) -> str:
+    """Refuse a tokenized pool whose rows' model inputs are not the scored ones at the scored positions."""
+    columns = (provenance(scores).get("influence") or {}).get("input_hash_columns") or ["input_ids", "labels"]
+    index = column_arrays(scores, ["index"])["index"].astype(np.int64)
+    hashes = np.asarray(column_values(scores, INPUT_HASH_COLUMN), dtype=object)
+    found = np.full(len(pool), None, dtype=object)
+    found[index] = input_hashes(pool.dataset, columns, index.tolist())
+    check_row_identity(found, index, hashes, pool.name)
+    return (f"verified: every scored row's {INPUT_HASH_COLUMN} (of {', '.join(columns)}) matches the pool's row at "
+            "that position")
 
 
 def _previous_export(output_dir: str) -> dict | None:

@@ -38,8 +38,9 @@ normalised to sum to one; equal weights when none were recorded; or an explicit 
 preset uses the same learning-rate-weighted sum as LESS when given several checkpoints (the released scripts
 score one checkpoint; with one it is their rule exactly).
 
-Row identity: when the train stores carry a string column ``record_hash``, the score table carries it too, in
-pool order (parts concatenated in order).
+Row identity: when the train stores carry a string column ``record_hash`` (or, for a tokenized pool without
+one, ``input_hash``), the score table carries it too, in pool order (parts concatenated in order); the provenance
+names the columns an ``input_hash`` covers.
 """
 
 from __future__ import annotations
@@ -54,8 +55,9 @@ import pyarrow as pa
 from datasets import Dataset
 
 from .influence_cache import load_cached, result_path, write_sidecar, write_table
-from .influence_plan import InfluencePlan, influence_provenance, plan_influence
+from .influence_plan import InfluencePlan, feature_provenance, influence_provenance, plan_influence, warn_feature_preset
 from .influence_scoring import (
+    IDENTITY_COLUMNS,
     PoolDataset,
     combine_examples,
     cosine_folder,
@@ -113,13 +115,16 @@ def compute_influence(
     plan = plan_influence(train, tasks, config)
     target = result_path(plan.fingerprint, plan.train[0][0], cache_file_name)
     cached = load_cached(target, plan.fingerprint)
+    features = feature_provenance(plan.metas[0])
+    warn_feature_preset(features, preset)
     if cached is not None:
         logger.info("influence served from cache %s", target)
         return cached
     scores = score_pool(plan, target, work_dir, cache_file_name)
     info = {"influence": influence_provenance(plan.train, plan.tasks, plan.weights, plan.metas,
                                               specialist=plan.specialist.name, settings=config.to_dict(),
-                                              fingerprint=plan.fingerprint)}
+                                              fingerprint=plan.fingerprint),
+            "features": features}
     files = [f["filename"] for f in scores.cache_files]
     write_sidecar(target, {"fingerprint": plan.fingerprint, "files": files, "provenance": info})
     return load_cached(target, plan.fingerprint) if files else Provenance.from_dict(info).attach(scores)
@@ -129,7 +134,7 @@ def score_pool(plan: InfluencePlan, target: str, work_dir, cache_file_name):
     """The score table, written to ``target``: by the row-wise map, or by the per-example map and column step."""
     pools = [pool_dataset(parts) for parts in plan.train]
     if plan.n_rows == 0:  # Dataset.map returns an empty dataset unchanged
-        hashes = {"record_hash": pa.array([], pa.string())} if "record_hash" in pools[0].data.column_names else {}
+        hashes = {c: pa.array([], pa.string()) for c in IDENTITY_COLUMNS if c in pools[0].data.column_names}
         empty = {**hashes, **{f"{TASK_PREFIX}{t}": pa.array([], pa.float32()) for t in plan.task_names}}
         return write_table(pa.table({"index": pa.array([], pa.int64()), **empty}), target)
     if plan.specialist.per_example:
@@ -161,8 +166,9 @@ def score_per_example(plan: InfluencePlan, pools: Sequence[PoolDataset], target:
         identity = (
             {"index": keep.column("index").cast(pa.int64())} if len(keep) else {"index": pa.array([], pa.int64())}
         )
-        if "record_hash" in keep.column_names:
-            identity["record_hash"] = keep.column("record_hash")
+        for column in IDENTITY_COLUMNS:
+            if column in keep.column_names:
+                identity[column] = keep.column(column)
         scores = {f"{TASK_PREFIX}{t}": pa.array(col, pa.float32()) for t, col in columns.items()}
         table = pa.table({**identity, **scores})
         if target is None:

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 from datasets.fingerprint import Hasher
 
-from .settings import NAME_PATTERN, InfluenceSettings
+from .features import PROJECTIONS
+from .settings import NAME_PATTERN, FeatureSettings, InfluenceSettings
 from .specialists import SPECIALISTS, Specialist
 from .store import iter_store_batches, read_store_metadata
 
@@ -69,6 +70,12 @@ def _check_compatible(train_meta: Mapping, other_meta: Mapping, train_path: str,
                 f"{json.dumps(a.get(key))[:80]}); features of different projections or models cannot be compared. "
                 "Recompute both with the same model, projection, dim and seed."
             )
+    choice = (a.get("gradient_parameters", "trainable"), b.get("gradient_parameters", "trainable"))
+    if choice[0] != choice[1]:
+        raise ValueError(
+            f"{other_path} holds gradients of parameters={choice[1]!r} but {train_path} of parameters={choice[0]!r}; "
+            "compute every store of a run with the same parameters setting."
+        )
     if a.get("weights") != b.get("weights"):
         raise ValueError(
             f"{other_path} was computed on other model weights than {train_path}; pair each validation store with "
@@ -285,8 +292,65 @@ def influence_provenance(
         },
         "skipped": metas[0].get("skipped", []),
         "pool_rows": metas[0]["num_rows"],
+        "input_hash_columns": input_hash_columns(train[0]),
     }
 
 
-__all__ = ["CACHE_VERSION", "InfluencePlan", "checkpoint_weights_from_stores", "influence_provenance",
+# Feature settings that change what a feature is (the others change only how it is computed or stored).
+FEATURE_DEFINING = ("train_feature", "adam_variant", "parameters", "projection", "dim", "seed")
+
+
+def feature_provenance(meta: Mapping) -> dict:
+    """``{"settings": the train store's feature settings, "presets": the FeatureSettings presets they match}``
+    (``train_feature`` is the feature the store holds; a setting a store predates takes its value of that time,
+    the default). Stores that record no settings give ``{"settings": None, "presets": []}``."""
+    recorded = meta.get("settings")
+    if not isinstance(recorded, Mapping):
+        return {"settings": None, "presets": []}
+    settings = {**FeatureSettings().to_dict(), **recorded}
+    if meta.get("feature"):
+        settings["train_feature"] = meta["feature"]
+    presets = [name for name in FeatureSettings.presets if not feature_differences(settings, name)]
+    return {"settings": settings, "presets": presets}
+
+
+def feature_differences(settings: Mapping, preset: str) -> dict[str, tuple]:
+    """``setting -> (the stores' value, the preset's value)`` for the feature-defining settings that differ."""
+    want = FeatureSettings.from_preset(preset).to_dict()
+    out = {k: (settings.get(k), want[k]) for k in FEATURE_DEFINING if settings.get(k) != want[k]}
+    if settings.get("train_feature") == want["train_feature"] == "sgd":
+        out.pop("adam_variant", None)  # no Adam map: its variant changes nothing
+    same_projection = settings.get("projection") == want["projection"]
+    if same_projection and not PROJECTIONS[want["projection"]].uses_dim:
+        out.pop("dim", None)
+        out.pop("seed", None)
+    return out
+
+
+def warn_feature_preset(features: Mapping, preset: str | None) -> None:
+    """Warn when ``compute_influence(preset=...)`` scores stores whose features are not that preset's."""
+    if preset is None or features.get("settings") is None or preset not in FeatureSettings.presets:
+        return
+    diffs = feature_differences(features["settings"], preset)
+    if diffs:
+        logger.warning(
+            "compute_influence(preset=%r) scores train stores whose features are not that preset's (%s): the scores "
+            "are the preset's specialist on other features. Compute the stores with preset=%r too (IconsCallback, "
+            "compute_gradients, icons-hf gradients --preset %s) for the preset's rule end to end.",
+            preset, ", ".join(f"{k}={a!r}, preset {b!r}" for k, (a, b) in diffs.items()), preset, preset,
+        )
+
+
+def input_hash_columns(parts: Sequence[str]) -> list[str] | None:
+    """The columns the ``input_hash`` of a pool's stores covers (the union over its parts), or ``None`` when the
+    stores carry no input hash."""
+    found = [read_store_metadata(p)["config"].get("input_hash_columns") for p in parts]
+    if any(f is None for f in found):
+        return None
+    return sorted({c for columns in found for c in columns})
+
+
+__all__ = ["CACHE_VERSION", "FEATURE_DEFINING", "InfluencePlan", "checkpoint_weights_from_stores",
+           "feature_differences", "feature_provenance", "influence_provenance", "input_hash_columns",
+           "warn_feature_preset",
            "plan_influence", "resolve_inputs", "store_name", "validation_matrices"]

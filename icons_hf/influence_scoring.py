@@ -29,12 +29,14 @@ import pyarrow as pa
 from datasets import Dataset, concatenate_datasets
 
 from .influence_plan import InfluencePlan, store_name
+from .pools import INPUT_HASH_COLUMN, RECORD_HASH_COLUMN
 from .ranks import TASK_PREFIX
 from .specialists import SPECIALISTS
 from .store import load_gradients, read_store_metadata
 
 logger = logging.getLogger(__name__)
 
+IDENTITY_COLUMNS = (RECORD_HASH_COLUMN, INPUT_HASH_COLUMN)  # per-row identity carried from the stores
 _CHUNK_VALUES = 1 << 23  # float32 values converted at a time (32 MiB)
 
 
@@ -57,10 +59,11 @@ def pool_dataset(parts: Sequence[str]) -> PoolDataset:
     stores = [load_gradients(p) for p in parts]
     sizes = [len(s) for s in stores]
     rows = [int(read_store_metadata(p)["num_rows"]) for p in parts]
-    hashes = ["record_hash" in s.column_names for s in stores]
-    if any(hashes) and not all(hashes):
-        raise ValueError(f"{parts[hashes.index(False)]} has no record_hash column while {parts[hashes.index(True)]} "
-                         "has one; recompute the parts with the same version of the extraction.")
+    for column in IDENTITY_COLUMNS:
+        hashes = [column in s.column_names for s in stores]
+        if any(hashes) and not all(hashes):
+            raise ValueError(f"{parts[hashes.index(False)]} has no {column} column while {parts[hashes.index(True)]} "
+                             "has one; recompute the parts with the same version of the extraction.")
     data = concatenate_datasets(stores) if len(stores) > 1 else stores[0]
     return PoolDataset(data.with_format("arrow"), np.cumsum([0] + sizes[:-1]), np.cumsum([0] + rows[:-1]),
                        store_name(parts))
@@ -137,8 +140,9 @@ def score_batch(batch: pa.Table, positions, *, pools, matrices, weights, special
     positions = np.asarray(positions, dtype=np.int64)
     index, total = weighted_products(batch, positions, pools, matrices, weights)
     out = {"index": pa.array(index)}
-    if "record_hash" in batch.column_names:
-        out["record_hash"] = batch.column("record_hash")
+    for column in IDENTITY_COLUMNS:
+        if column in batch.column_names:
+            out[column] = batch.column(column)
     if cosine_file is None:
         combine = SPECIALISTS[specialist].combine
         for task, cols in columns_of.items():
@@ -228,6 +232,6 @@ def cosine_folder(work_dir, cache_file_name, nbytes: int) -> str:
     return folder
 
 
-__all__ = ["PoolDataset", "combine_examples", "cosine_folder", "create_cosine_file", "pool_dataset",
+__all__ = ["IDENTITY_COLUMNS", "PoolDataset", "combine_examples", "cosine_folder", "create_cosine_file", "pool_dataset",
            "read_cosine_column", "release_pages", "score_batch", "unit_products", "weighted_products",
            "write_cosine_rows"]

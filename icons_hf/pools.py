@@ -30,6 +30,10 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 RECORD_HASH_COLUMN = "record_hash"
+# A tokenized pool without record_hash is identified by a hash of each row's model inputs instead.
+INPUT_HASH_COLUMN = "input_hash"
+# Columns of a dataset row that are never model inputs (and so never part of its input hash).
+_NOT_INPUTS = ("index", RECORD_HASH_COLUMN, INPUT_HASH_COLUMN)
 RECORD_EXTENSIONS = (".json", ".jsonl")
 # Record pool formats are "<kind>_<json|jsonl>"; a datasets pool (object or save_to_disk folder) is "hf".
 RECORD_KINDS = ("llava", "chat", "records")
@@ -37,6 +41,8 @@ POOL_FORMATS = ("hf", *(f"{kind}_{ext}" for kind in RECORD_KINDS for ext in ("js
 _DETECT_ROWS = 1000
 ROWS_PER_PARQUET = 100_000  # rows per data/train-*.parquet shard of a datasets pool's subset
 _HASH_BATCH = 10_000
+# Rows whose input values are hashed together: few enough that wide columns (pixel_values) stay small in memory.
+_INPUT_HASH_ROWS = 64
 
 
 # --------------------------------------------------------------------------------------------------- reading
@@ -338,6 +344,81 @@ def dataset_record_hashes(dataset, columns: Sequence[str] | None = None) -> list
     return out
 
 
+def _numeric(arrow_type) -> bool:
+    import pyarrow as pa
+
+    while pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type) or pa.types.is_fixed_size_list(arrow_type):
+        arrow_type = arrow_type.value_type
+    return pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type) or pa.types.is_boolean(arrow_type)
+
+
+def input_columns(dataset) -> list[str]:
+    """The columns an input hash covers: ``input_ids``, ``labels`` and every other numeric column (model inputs
+    such as ``attention_mask`` or ``pixel_values``), sorted; text columns, ``index`` and the hash columns are not
+    model inputs and are left out."""
+    schema = dataset.with_format("arrow").features.arrow_schema
+    return sorted(f.name for f in schema if f.name not in _NOT_INPUTS and _numeric(f.type))
+
+
+def _leaf_values(array) -> tuple[list, object]:
+    """``(per nesting level the list lengths, leaf values)`` of an Arrow array of (nested lists of) numbers, as
+    int64 / float64 NumPy arrays (nulls as -1 lengths / 0 values with their mask): the same values stored as int32
+    or int64, float32 or float64, give the same bytes."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    levels = []
+    while pa.types.is_list(array.type) or pa.types.is_large_list(array.type) or pa.types.is_fixed_size_list(array.type):
+        levels.append(pc.fill_null(pc.list_value_length(array), -1).to_numpy(zero_copy_only=False).astype(np.int64))
+        array = pc.list_flatten(array)
+    mask = array.is_null().to_numpy(zero_copy_only=False)
+    kind = np.float64 if pa.types.is_floating(array.type) else np.int64
+    values = pc.fill_null(array, 0).to_numpy(zero_copy_only=False).astype(kind)
+    return levels, (values, mask)
+
+
+def _column_row_bytes(name: str, array) -> list[bytes | None]:
+    """Canonical bytes of each row of one numeric column (its name, list lengths at every level, leaf values);
+    ``None`` for a row without a value, which hashes as if the column were absent (a text row of a pool whose
+    image rows have ``pixel_values`` hashes alike in its own part and in the concatenated pool)."""
+    absent = array.is_null().to_numpy(zero_copy_only=False)
+    levels, (values, mask) = _leaf_values(array)
+    n = len(array)
+    starts, ends = np.arange(n), np.arange(1, n + 1)
+    pieces = [[name.encode()] for _ in range(n)]
+    for lengths in levels:
+        bounds = np.concatenate([[0], np.cumsum(np.maximum(lengths, 0))])
+        for r in range(n):
+            pieces[r].append(lengths[starts[r]:ends[r]].tobytes())
+        starts, ends = bounds[starts], bounds[ends]
+    for r in range(n):
+        pieces[r] += [values[starts[r]:ends[r]].tobytes(), np.packbits(mask[starts[r]:ends[r]]).tobytes()]
+    return [None if absent[r] else b"\x00".join(p) for r, p in enumerate(pieces)]
+
+
+def input_hashes(dataset, columns: Sequence[str], rows: Sequence[int] | None = None) -> list[str]:
+    """Per row (of ``rows``, default all, in that order) a hash of its model inputs: 16 hex characters of BLAKE2b
+    over the canonical bytes of its values in ``columns`` (see :func:`input_columns`; integers as int64, floats
+    as float64, list lengths included). A row hashes alike wherever it sits, so a tokenized pool shuffled after
+    scoring is found by comparing these hashes. A column of ``columns`` that ``dataset`` lacks is an error."""
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"the pool lacks column {missing[0]!r}, which the scored rows' input_hash covers ({', '.join(columns)}); "
+            "pass the tokenized pool with the columns it had when its gradients were computed."
+        )
+    view = dataset.with_format("arrow")
+    positions = np.arange(len(dataset)) if rows is None else np.asarray(rows, dtype=np.int64)
+    out: list[str] = []
+    for lo in range(0, len(positions), _INPUT_HASH_ROWS):
+        table = view[positions[lo : lo + _INPUT_HASH_ROWS].tolist()]
+        per_column = [_column_row_bytes(c, table.column(c).combine_chunks()) for c in sorted(columns)]
+        rows_bytes = zip(*per_column, strict=True)
+        out += [hashlib.blake2b(b"\x01".join(p for p in parts if p is not None), digest_size=8).hexdigest()
+                for parts in rows_bytes]
+    return out
+
+
 def column_values(dataset, name: str) -> list:
     """One column of a ``datasets.Dataset`` as a Python list, in row order (read from Arrow in one piece: the
     row-by-row ``Column`` of ``dataset[name]`` is some 30x slower on large pools)."""
@@ -385,6 +466,7 @@ def check_row_identity(pool_hashes: Sequence[str], index: np.ndarray, table_hash
 
 __all__ = [
     "POOL_FORMATS",
+    "INPUT_HASH_COLUMN",
     "RECORD_HASH_COLUMN",
     "Pool",
     "ROWS_PER_PARQUET",
@@ -392,6 +474,8 @@ __all__ = [
     "column_values",
     "dataset_record_hashes",
     "group_label",
+    "input_columns",
+    "input_hashes",
     "is_records_format",
     "iter_dataset_records",
     "load_pool",

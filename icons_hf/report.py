@@ -202,17 +202,38 @@ def _md_settings(metadata: Mapping, data: dict) -> list[str]:
     return lines
 
 
+def _scale_notes(data: dict) -> list[str]:
+    """Why scores pile up near 1 (balanced specialist) and why a task's selected rows can score below its pool."""
+    notes = []
+    if data["score_label"].startswith("percentile"):
+        notes.append(
+            "Scores pile up near 1 by construction: a row's score is the highest percentile rank it reaches for any "
+            "one of the task's validation examples, and the maximum of many ranks is close to 1 for most rows (with "
+            "V examples about V / (V + 1) on average). What matters is the order near the top, not the value."
+        )
+    below = [t for t in data["tasks"]
+             if data["mean_percentile_rank"][t]["selected"] < data["mean_percentile_rank"][t]["pool"]]
+    if below:
+        notes.append(
+            f"The selected rows' mean rank is below the pool's for {', '.join(f'`{t}`' for t in below)}: the "
+            "subset also holds the rows picked for the other tasks, and where tasks want different rows (a task "
+            "with its own cluster, such as yes/no questions beside shape and colour) those rows rank low for this "
+            "task. Each task's own share is in the overlap table below."
+        )
+    return [line for note in notes for line in (note, "")]
+
+
 def _md_distributions(data: dict) -> list[str]:
     tasks, pct = data["tasks"], data["threshold_percentile"]
     return [
         "## Influence score distributions",
         "",
-        f"Scores are {data['score_kind']}. Each task's threshold is the {pct:g}th percentile of its scores; rows "
-        f"{'at or above' if data['threshold_inclusive'] else 'above'} it form the task's *top set* and give the row "
-        "that task's vote. In each task's panel the selected "
-        "rows are split at that task's threshold: light orange marks selected rows below it, picked for the other "
-        "tasks.",
+        f"Each task's score is its {data['score_label']}. Each task's threshold is the {pct:g}th percentile of its "
+        f"scores; rows {'at or above' if data['threshold_inclusive'] else 'above'} it form the task's *top set* and "
+        "give the row that task's vote. In each task's panel the selected rows are split at that task's threshold: "
+        "light orange marks selected rows below it, picked for the other tasks.",
         "",
+        *_scale_notes(data),
         f"![Influence score distributions per task with thresholds]({FIGURES['scores']})",
         "",
         markdown_table(

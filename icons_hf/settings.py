@@ -143,6 +143,10 @@ class FeatureSettings(_Settings):
     adam_variant: str = field(default="less", **_help(
         "Adam feature: 'less' m'/sqrt(v'+eps) (LESS released code) or 'torch' (bias-corrected AdamW update)",
         choices=("less", "torch")))
+    parameters: str = field(default="trainable", **_help(
+        "parameters whose gradients make the features: 'trainable' (every trainable parameter, each a linear layer: "
+        "LoRA adapters and, e.g., a trainable multimodal projector) or 'lora' (only LoRA parameters, names holding "
+        "'lora_', as the released ICONS code; the paper preset)", choices=("trainable", "lora")))
     projection: str = field(default="countsketch", **_help(
         "random projection (icons_hf.features): 'countsketch' (hashed, any device), 'rademacher' (dense "
         "TRAK-style), 'identity' (none)", choices=PROJECTIONS))
@@ -163,12 +167,13 @@ class FeatureSettings(_Settings):
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "default": {},
-        # The released ICONS scripts: plain gradients, TRAK Rademacher projection at dim 5120.
-        "paper": {"train_feature": "sgd", "projection": "rademacher", "dim": 5120},
+        # The released ICONS scripts: plain gradients of the LoRA parameters only, TRAK Rademacher projection at
+        # dim 5120.
+        "paper": {"train_feature": "sgd", "parameters": "lora", "projection": "rademacher", "dim": 5120},
     }
 
     def __post_init__(self):
-        for name in ("train_feature", "adam_variant", "projection", "dtype", "on_bad_row"):
+        for name in ("train_feature", "adam_variant", "parameters", "projection", "dtype", "on_bad_row"):
             validate_choice(name, getattr(self, name), dataclasses.fields(self)[self._index(name)].metadata["choices"])
         _positive_int("dim", self.dim, minimum=1 if PROJECTIONS[self.projection].uses_dim else 0)
         _positive_int("seed", self.seed, minimum=0)

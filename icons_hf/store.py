@@ -4,7 +4,8 @@ Layout::
 
     <store>/store.json                       configuration, row count, completion, skipped rows
     <store>/shards/rows-<start>-<end>.arrow  Arrow stream files with columns index, features, norm
-                                             (and record_hash when the dataset had that column)
+                                             (and record_hash when the dataset had that column,
+                                             else input_hash: a hash of the row's model inputs)
 
 Rows are sharded by pool position in fixed ranges ``[start, end)``, so the shard a row lands in does not depend
 on the number of processes, and concatenating the shards in name order gives the rows in pool order. A shard is
@@ -39,12 +40,14 @@ _SHARD_RE = re.compile(r"^rows-(\d{10})-(\d{10})\.arrow$")
 _NOTES_KEY = b"icons_hf.notes"
 
 
-def _features_schema(dim: int, dtype: str, record_hash: bool = False) -> pa.Schema:
+def _features_schema(dim: int, dtype: str, record_hash: bool = False, input_hash: bool = False) -> pa.Schema:
     from datasets import Features, List, Value
 
     columns = {"index": Value("int64"), "features": List(Value(dtype), length=dim), "norm": Value("float32")}
     if record_hash:
         columns["record_hash"] = Value("string")
+    if input_hash:
+        columns["input_hash"] = Value("string")
     return Features(columns).arrow_schema
 
 
@@ -138,7 +141,7 @@ class StoreWriter:
     arguments; each handles the shards ``shard_number % world_size == rank``."""
 
     def __init__(self, path, *, config: Mapping, num_rows: int, shard_size: int, dim: int, dtype: str, extra=None,
-                 record_hash: bool = False):
+                 record_hash: bool = False, input_hash: bool = False):
         if dtype not in ("float16", "float32"):
             raise ValueError(f"dtype={dtype!r} is not supported; choose 'float16' (default) or 'float32'.")
         self.path = os.fspath(path)
@@ -151,7 +154,10 @@ class StoreWriter:
         self.rank, self.world = process_info()
         self.shard_dir = os.path.join(self.path, "shards")
         self.record_hash = bool(record_hash)
-        self.schema = _features_schema(self.dim, dtype, self.record_hash)
+        self.input_hash = bool(input_hash)
+        if self.record_hash and self.input_hash:
+            raise ValueError("a store keeps either record_hash or input_hash per row, not both.")
+        self.schema = _features_schema(self.dim, dtype, self.record_hash, self.input_hash)
         self.skipped = 0
 
     def open(self) -> list[tuple[int, int]]:
@@ -187,8 +193,8 @@ class StoreWriter:
     def _check_existing(self, meta: Mapping) -> None:
         diffs = _config_differences(meta["config"], self.config)
         for key, value in (("num_rows", self.num_rows), ("shard_size", self.shard_size), ("dim", self.dim),
-                           ("dtype", self.dtype), ("record_hash", self.record_hash)):
-            if meta.get(key, False if key == "record_hash" else None) != value:
+                           ("dtype", self.dtype), ("record_hash", self.record_hash), ("input_hash", self.input_hash)):
+            if meta.get(key, False if key in ("record_hash", "input_hash") else None) != value:
                 diffs.append(f"{key}: stored {meta.get(key)}, requested {value}")
         if diffs:
             raise ValueError(
@@ -211,6 +217,7 @@ class StoreWriter:
             "skipped": skipped,
             "bytes_per_row": self.dim * (2 if self.dtype == "float16" else 4) + 12,
             "record_hash": self.record_hash,
+            "input_hash": self.input_hash,
             **self.extra,
         }
 
@@ -226,15 +233,17 @@ class StoreWriter:
 
     def write_shard(
         self, start: int, end: int, indices: np.ndarray, features: np.ndarray, notes: Mapping[str, list] | None = None,
-        record_hash=None,
+        record_hash=None, input_hash=None,
     ) -> None:
         """Atomically write rows ``[start, end)`` (``indices`` ascending, features float32 ``n x dim``, and with a
-        store of ``record_hash=True`` one hash string per row)."""
-        if self.record_hash != (record_hash is not None):
-            raise ValueError(
-                f"{self.path}: this store {'keeps' if self.record_hash else 'has no'} record_hash per row; "
-                f"write_shard got {'none' if record_hash is None else 'some'}."
-            )
+        store of ``record_hash=True`` / ``input_hash=True`` one hash string per row)."""
+        for name, keeps, given in (("record_hash", self.record_hash, record_hash),
+                                   ("input_hash", self.input_hash, input_hash)):
+            if keeps != (given is not None):
+                raise ValueError(
+                    f"{self.path}: this store {'keeps' if keeps else 'has no'} {name} per row; "
+                    f"write_shard got {'none' if given is None else 'some'}."
+                )
         features = np.asarray(features, dtype=np.float32).reshape(len(indices), self.dim)
         norms = np.linalg.norm(features.astype(np.float64), axis=1).astype(np.float32)
         stored = features.astype(self.dtype)
@@ -254,6 +263,10 @@ class StoreWriter:
             if len(record_hash) != len(indices):
                 raise ValueError(f"{self.path}: {len(record_hash)} record hashes for {len(indices)} rows.")
             columns["record_hash"] = pa.array(list(record_hash), type=pa.string())
+        if self.input_hash:
+            if len(input_hash) != len(indices):
+                raise ValueError(f"{self.path}: {len(input_hash)} input hashes for {len(indices)} rows.")
+            columns["input_hash"] = pa.array(list(input_hash), type=pa.string())
         table = pa.table(columns, schema=schema)
         final = os.path.join(self.shard_dir, _shard_name(start, end))
         tmp = f"{final}.tmp-{os.getpid()}"
@@ -384,7 +397,9 @@ def load_gradients(path: str | os.PathLike):
 
     Columns: ``index`` (row position in the dataset the features were computed on), ``features`` (raw, not
     normalised, length ``dim``), ``norm`` (float32 L2 norm of the feature before storage rounding) and, when the
-    dataset had one (``store.json``: ``"record_hash": true``), ``record_hash`` (the row's source-record hash).
+    dataset had one (``store.json``: ``"record_hash": true``), ``record_hash`` (the row's source-record hash), or
+    else, in stores written since it exists (``"input_hash": true``), ``input_hash`` (a hash of the row's model
+    inputs, :func:`icons_hf.pools.input_hashes`).
     Rows are in ascending ``index`` order; skipped rows (see ``store.json``) are absent. ``path`` may also be a
     Dataset this function returned.
     """

@@ -261,7 +261,8 @@ CASES = [
     (
         "export_scores_not_selected",
         ["export", "--pool", "{t}/pool.json", "--scores", "{t}/scores", "--output-dir", "{t}/out"],
-        r"scores carry no selection; call icons_hf.select",
+        r"--scores .*/scores holds influence scores without a selection; run 'icons-hf select .*/scores --output "
+        r"SELECTED' first and pass --scores SELECTED$",
     ),
     (
         "report_not_an_export",

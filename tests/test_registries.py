@@ -94,7 +94,7 @@ def test_toy_entries_run_end_to_end_and_describe_themselves(toys, tmp_path, one_
     assert "feature `toy_sign` (the sign of every gradient coordinate (a toy))" in card
     assert "projection `toy_modulo` (coordinate i into bucket i mod dim (a toy))" in card
     report = " ".join(open(write_report(export), encoding="utf-8").read().split())
-    assert "`toy_best` (toy scores)" in report and "Scores are toy scores." in report
+    assert "`toy_best` (toy scores)" in report and "Each task's score is its toy score." in report
     assert "`toy_min`: `score(z) = min_k I_k(z)`" in report
     assert "feature `toy_sign` (the sign of every gradient coordinate (a toy))" in report
 

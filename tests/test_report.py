@@ -280,7 +280,9 @@ def test_report_names_the_score_scale_and_the_floors(tmp_path, specialist, task_
     report = write_report(export_dir)
     markdown = open(report, encoding="utf-8").read()
     data = json.load(open(os.path.join(export_dir, "report", "report.json")))
-    assert data["score_label"] == label and f"Scores are {data['score_kind']}." in markdown
+    assert data["score_label"] == label and f"Each task's score is its {label}." in markdown
+    assert "(0-1)s" not in markdown
+    assert ("Scores pile up near 1 by construction" in markdown) == label.startswith("percentile")
     assert f"| per-task floor | {floor_text} |" in markdown
     floors = data["floor_rows_per_task"]
     assert (f"Per-task floors reserve each task's own top {floors} rows" in markdown) == bool(floors)

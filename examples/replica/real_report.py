@@ -17,7 +17,7 @@ def _mean_std(values) -> list[float]:
     values = np.asarray(list(values), dtype=float)
     if not len(values):
         return [float("nan"), float("nan")]
-    return [float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0]
+    return [float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else float("nan")]
 
 
 def relative(accuracy: dict, full: dict) -> float:
@@ -73,7 +73,9 @@ def collect(args, invocations) -> dict:
 
 
 def _fmt(ms) -> str:
-    return "n/a" if ms[0] != ms[0] else f"{ms[0]:.1f} +- {ms[1]:.1f}"
+    if ms[0] != ms[0]:
+        return "n/a"
+    return f"{ms[0]:.1f} (one seed)" if ms[1] != ms[1] else f"{ms[0]:.1f} +- {ms[1]:.1f}"
 
 
 def _composition_means(entry, rule) -> dict:

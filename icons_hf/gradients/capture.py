@@ -11,7 +11,8 @@ The backward pass is ``torch.autograd.grad`` with respect to the trainable param
 returns are dropped and parameter ``.grad`` fields are never written, so a training run's state is left alone.
 Products are formed in float32 whatever the model's dtype.
 
-Every trainable parameter must be the ``weight`` or ``bias`` of an ``nn.Linear`` (true for LoRA adapters of
+Every trainable parameter (with ``parameters="lora"``: every trainable LoRA parameter; other trainable ones are
+then left out) must be the ``weight`` or ``bias`` of an ``nn.Linear`` (true for LoRA adapters of
 peft, whose ``lora_A``/``lora_B`` are linear layers). Anything else is reported by name. Each call of a layer
 must keep one leading batch dimension per example (true for the language model of HF causal LMs and VLMs; not
 for vision towers that pack the patches of all images into one sequence, such as Qwen2-VL's).
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+LORA_MARK = "lora_"  # peft names its adapter parameters lora_A / lora_B (lora_embedding_A/B, lora_magnitude...)
 
 CHECKPOINT_HINT = (
     "If the model uses gradient checkpointing with use_reentrant=True (or torch.utils.checkpoint without "
@@ -57,9 +60,18 @@ class LinearCapture:
     and a callback that receives ``(parameter name, batch x numel float32 gradients)`` once per parameter.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, parameters: str = "trainable"):
         self.model = model
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if parameters == "lora":  # the released ICONS code: gradients of LoRA parameters only
+            trainable = {n: p for n, p in trainable.items() if LORA_MARK in n}
+            if not trainable:
+                raise ValueError(
+                    f"parameters='lora' but the model has no trainable LoRA parameter (a name holding {LORA_MARK!r}); "
+                    "attach a peft LoRA adapter, or use parameters='trainable'."
+                )
+        elif parameters != "trainable":
+            raise ValueError(f"parameters={parameters!r} is not supported; choose 'trainable' or 'lora'.")
         if not trainable:
             raise ValueError("the model has no trainable parameters; attach a LoRA adapter (peft) or unfreeze layers.")
         owners: set[int] = set()

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..distributed import is_main_process
 from ..features import FEATURE_TYPES
+from ..pools import input_columns, input_hashes
 from ..settings import FeatureSettings, validate_choice
 from ..store import StoreWriter
 from .badrows import (
@@ -137,7 +138,7 @@ class _Setup:
 def _setup(model: nn.Module, dataset, settings: FeatureSettings, feature: str, optimizer_state, learning_rate):
     validate_choice("feature", feature, FEATURE_TYPES)
     device = model_device(model)
-    capture = LinearCapture(model)
+    capture = LinearCapture(model, settings.parameters)
     state = None
     if FEATURE_TYPES[feature].needs_optimizer_state:
         if optimizer_state is None:
@@ -166,8 +167,12 @@ def _setup(model: nn.Module, dataset, settings: FeatureSettings, feature: str, o
         "on_bad_row": settings.on_bad_row,
         "max_length": settings.max_length,
     }
+    if settings.parameters != "trainable":  # stores of the default choice keep the layout they always had
+        config["gradient_parameters"] = settings.parameters
     if record_hash_column(dataset):
         config["record_hashes"] = fingerprint_rows(dataset, (RECORD_HASH,))
+    else:  # no source-record identity: each row is identified by its model inputs (checked again at export)
+        config["input_hash_columns"] = input_columns(dataset)
     return _Setup(model, capture, precondition, projector, device, config, learning_rate)
 
 
@@ -181,6 +186,7 @@ class _Extraction:
         self.inputs = ModelInputs(setup.model)
         self.lengths = row_lengths(dataset)
         self.hashes = dataset.with_format("arrow")[RECORD_HASH] if "record_hashes" in setup.config else None
+        self.input_columns = setup.config.get("input_hash_columns")
 
     def shard(self, start: int, end: int, progress) -> tuple[np.ndarray, np.ndarray, dict]:
         """``(rows kept, their features, notes)`` of rows ``[start, end)``."""
@@ -200,6 +206,12 @@ class _Extraction:
 
     def record_hashes(self, rows: np.ndarray):
         return None if self.hashes is None else self.hashes.take(rows.astype(np.int64)).to_pylist()
+
+    def input_hashes(self, rows: np.ndarray):
+        """The input hash of each of ``rows`` (``None`` when the dataset has a ``record_hash`` column)."""
+        if self.input_columns is None:
+            return None
+        return input_hashes(self.dataset, self.input_columns, rows.astype(np.int64).tolist())
 
     def batch(self, idx: np.ndarray, notes: dict) -> tuple[np.ndarray, list[int]]:
         """Features of rows ``idx`` (zeros for bad rows) and the bad rows, recorded in ``notes``."""
@@ -302,7 +314,9 @@ def compute_gradients(
         dataset: a ``datasets.Dataset`` with ``input_ids`` and ``labels`` (-100 = not supervised, unshifted),
             optionally ``attention_mask``; further numeric columns the model's forward takes (``pixel_values``)
             are stacked and passed to it, other columns (``id``, an image path) are left out (logged once). A
-            string column ``record_hash`` (a hash of each row's source record) is kept per row in the store.
+            string column ``record_hash`` (a hash of each row's source record) is kept per row in the store;
+            without one, ``input_hash`` (a hash of the row's model-input columns) is kept instead, so that an
+            export of this dataset can check its rows are still the scored ones, in the scored order.
         output_dir: the store folder. The same call again resumes an interrupted run; a rerun with settings that
             change the features is refused, naming the setting. ``store.json`` records the settings whole.
         feature: this dataset's feature type (:mod:`icons_hf.features`): ``"sgd"`` (validation rows always) or
@@ -316,11 +330,11 @@ def compute_gradients(
         preset: the ``FeatureSettings`` preset to start from (``"default"``, ``"paper"``).
         settings: a ``FeatureSettings`` (or a mapping of its fields) to start from instead of a preset.
         show_progress: show a progress bar on the main process.
-        **options: any field of :class:`icons_hf.settings.FeatureSettings` (``projection``, ``dim``, ``seed``,
-            ``batch_size``, ``max_tokens_per_batch``, ``dtype``, ``on_bad_row``, ``max_length``, ``shard_size``,
-            ``pad_token_id``, ``adam_variant``; their help says what each does), overriding the preset's or
-            ``settings``' value when given (not ``None``); an unknown name is refused. Features never depend on
-            ``batch_size``, ``max_tokens_per_batch`` or ``pad_token_id``.
+        **options: any field of :class:`icons_hf.settings.FeatureSettings` (``parameters``, ``projection``, ``dim``,
+            ``seed``, ``batch_size``, ``max_tokens_per_batch``, ``dtype``, ``on_bad_row``, ``max_length``,
+            ``shard_size``, ``pad_token_id``, ``adam_variant``; their help says what each does), overriding the
+            preset's or ``settings``' value when given (not ``None``); an unknown name is refused. Features never
+            depend on ``batch_size``, ``max_tokens_per_batch`` or ``pad_token_id``.
 
     Under ``accelerate launch``/``torchrun``, call it in every process with the same arguments: one store results.
     """
@@ -334,6 +348,7 @@ def compute_gradients(
     writer = StoreWriter(
         output_dir, config=setup.config, num_rows=len(dataset), shard_size=settings.shard_size,
         dim=setup.projector.dim, dtype=settings.dtype, record_hash="record_hashes" in setup.config,
+        input_hash="input_hash_columns" in setup.config,
         extra={"learning_rate": setup.learning_rate, "checkpoint": checkpoint, "feature": feature,
                "settings": settings.to_dict()},
     )
@@ -357,7 +372,8 @@ def _write_shards(writer: StoreWriter, extraction: _Extraction, todo: list, show
         with _extraction_mode(extraction.setup.model):
             for start, end in todo:
                 rows, feats, notes = extraction.shard(start, end, progress)
-                writer.write_shard(start, end, rows, feats, notes, record_hash=extraction.record_hashes(rows))
+                writer.write_shard(start, end, rows, feats, notes, record_hash=extraction.record_hashes(rows),
+                                   input_hash=extraction.input_hashes(rows))
     finally:
         progress.close()
 

@@ -208,10 +208,9 @@ def _supervised_counts(labels: pa.ListArray, max_length: int | None) -> np.ndarr
     return total[starts[1:]] - total[starts[:-1]]
 
 
-def check_rows(dataset, name: str, *, max_length: int | None = None, limit: int | None = None) -> None:
-    """Refuse, naming ``name`` and the row, a row that extraction with ``on_bad_row="error"`` would refuse and
-    that can be seen from its tokens: no supervised token (after truncation to ``max_length``), or more tokens
-    than the model's position ``limit``."""
+def _row_problems(dataset, max_length: int | None, limit: int | None):
+    """``(first row of the chunk, {row in chunk: problem})`` per chunk: the rows whose tokens show they cannot give
+    a feature (no supervised token, or over the position ``limit``)."""
     table = dataset.with_format("arrow")
     for start in range(0, len(dataset), _CHUNK_ROWS):
         chunk = table[start : start + _CHUNK_ROWS]
@@ -220,7 +219,24 @@ def check_rows(dataset, name: str, *, max_length: int | None = None, limit: int 
         problems = {int(i): NO_SUPERVISED for i in np.flatnonzero(counts == 0)}
         for i in np.flatnonzero(lengths > (limit or np.inf)):
             problems.setdefault(int(i), length_problem(int(lengths[i]), max_length, limit))
-        problems = {i: p for i, p in problems.items() if p}
+        yield start, {i: p for i, p in problems.items() if p}
+
+
+def count_bad_rows(dataset, *, max_length: int | None = None, limit: int | None = None) -> tuple[int, str | None]:
+    """``(rows that on_bad_row='skip' would skip for what their tokens show, the first such row's problem)``."""
+    total, first = 0, None
+    for _, problems in _row_problems(dataset, max_length, limit):
+        total += len(problems)
+        if problems and first is None:
+            first = problems[min(problems)]
+    return total, first
+
+
+def check_rows(dataset, name: str, *, max_length: int | None = None, limit: int | None = None) -> None:
+    """Refuse, naming ``name`` and the row, a row that extraction with ``on_bad_row="error"`` would refuse and
+    that can be seen from its tokens: no supervised token (after truncation to ``max_length``), or more tokens
+    than the model's position ``limit``."""
+    for start, problems in _row_problems(dataset, max_length, limit):
         if problems:
             first = min(problems)
             raise BadRowError(
@@ -250,6 +266,7 @@ __all__ = [
     "check_model_batch",
     "check_rows",
     "collate_rows",
+    "count_bad_rows",
     "is_numeric",
     "max_positions",
     "model_device",
