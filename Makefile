@@ -1,6 +1,7 @@
 # Two commands on a fresh machine with Python 3.11 and pip:
 #   make demo   creates .venv, installs icons_hf, runs the embedded easy-VQA demo (CPU, offline)
 #   make test   creates .venv, installs icons_hf with test extras, runs the linter (ruff) and the test suite (offline)
+#   make docs   the API reference from the docstrings (pdoc) in build/api/; fails on a broken reference
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo lint test clean
+.PHONY: install demo lint test docs clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,5 +37,9 @@ lint: install
 test: lint $(BIN)/.smollm2
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# One HTML page per module of icons_hf; tests/test_docs.py (in make test) runs the same build and reference check.
+docs: install
+	HF_HUB_OFFLINE=1 $(BIN)/python docs/api.py build/api
+
 clean:
-	rm -rf $(VENV) icons_demo
+	rm -rf $(VENV) icons_demo build/api

@@ -23,7 +23,6 @@ _EXPORTS = {
     "IconsCallback": "callback",
     "compute_checkpoint_stores": "checkpoints",
     "load_run": "checkpoints",
-    "METHODS": "consensus",
     "select": "consensus",
     "export_selection": "export",
     "compute_gradients": "gradients",

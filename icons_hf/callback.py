@@ -18,6 +18,7 @@ from .checkpoints import (
     load_run,
     run_stores,
 )
+from .features import FEATURE_TYPES
 from .gradients.precondition import AdamState
 from .settings import FeatureSettings
 
@@ -84,6 +85,11 @@ class IconsCallback(TrainerCallback):
     def train_feature(self) -> str:
         return self.settings.train_feature
 
+    @property
+    def needs_optimizer_state(self) -> bool:
+        """Whether the pool's feature type reads the optimizer's state (``"adam"``)."""
+        return FEATURE_TYPES[self.train_feature].needs_optimizer_state
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.output_dir is None:
             self.output_dir = os.path.join(args.output_dir, "icons")
@@ -93,11 +99,11 @@ class IconsCallback(TrainerCallback):
         if model is not None:
             check_model_inputs(model, self.pool, self.tasks, self.settings.pad_token_id)
             check_collator(kwargs.get("train_dataloader"), model)
-        if self.settings.train_feature == "adam" and optimizer is not None:
+        if self.needs_optimizer_state and optimizer is not None:
             groups = getattr(getattr(optimizer, "optimizer", optimizer), "param_groups", None) or [{}]
             if "betas" not in groups[0]:
                 raise ValueError(
-                    f"train_feature='adam' needs an Adam/AdamW optimizer, but the Trainer's is "
+                    f"train_feature={self.train_feature!r} needs an Adam/AdamW optimizer, but the Trainer's is "
                     f"{type(getattr(optimizer, 'optimizer', optimizer)).__name__}; use an Adam optimizer (optim= in "
                     "TrainingArguments) or train_feature='sgd'."
                 )
@@ -112,9 +118,10 @@ class IconsCallback(TrainerCallback):
         if model is None:
             raise RuntimeError("IconsCallback needs the model in on_save; it is meant for transformers.Trainer.")
         state_arg = None
-        if self.settings.train_feature == "adam":
+        if self.needs_optimizer_state:
             if optimizer is None:
-                raise RuntimeError("train_feature='adam' needs the Trainer's optimizer; it was not passed to on_save.")
+                raise RuntimeError(f"train_feature={self.train_feature!r} needs the Trainer's optimizer; it was not "
+                                   "passed to on_save.")
             state_arg = AdamState.from_optimizer(optimizer, model)
         entry = compute_checkpoint_stores(
             model, self.pool, self.tasks, self.output_dir, settings=self.settings, optimizer_state=state_arg,

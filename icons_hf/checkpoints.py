@@ -22,6 +22,7 @@ import re
 from collections.abc import Iterator, Mapping
 
 from .distributed import is_main_process
+from .features import FEATURE_TYPES
 from .gradients import compute_gradients
 from .gradients.inputs import (
     check_dataset,
@@ -32,13 +33,12 @@ from .gradients.inputs import (
     unwrap_model,
 )
 from .gradients.precondition import checkpoint_learning_rate
-from .settings import FeatureSettings
+from .settings import NAME_PATTERN, FeatureSettings
 
 logger = logging.getLogger(__name__)
 
 RUN_FILE = "icons_run.json"
 TRAIN_DIR = "train"
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
 _STEP = re.compile(r"checkpoint-(\d+)$")
 
 
@@ -154,13 +154,14 @@ def _refuse_emptied(label: str, bad: int, problem: str | None, limit: int | None
 
 def _checkpoint_facts(checkpoint, learning_rate, optimizer_state, step, train_feature: str):
     """``(name, learning rate, optimizer state, step)``: a Trainer checkpoint folder gives its name, its logged
-    learning rate, its ``optimizer.pt`` (for Adam features) and its step unless they are given."""
+    learning rate, its ``optimizer.pt`` (for a feature type that needs optimizer state) and its step unless they
+    are given."""
     folder = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else None
     if folder is not None and os.path.isdir(folder):
         name = os.path.basename(os.path.normpath(folder))
         if learning_rate is None:
             learning_rate = checkpoint_learning_rate(folder)
-        if optimizer_state is None and train_feature == "adam":
+        if optimizer_state is None and FEATURE_TYPES[train_feature].needs_optimizer_state:
             optimizer_state = folder
     elif folder is not None:
         if os.sep in folder or (os.altsep and os.altsep in folder):
@@ -184,7 +185,7 @@ def _checkpoint_facts(checkpoint, learning_rate, optimizer_state, step, train_fe
 def compute_checkpoint_stores(
     model, pool, tasks: Mapping, output_dir: str | os.PathLike, *, settings: FeatureSettings | Mapping | None = None,
     preset: str | None = None, optimizer_state=None, learning_rate: float | None = None,
-    checkpoint: str | os.PathLike | None = None, step: int | None = None, show_progress: bool = True,
+    checkpoint: str | os.PathLike | None = None, step: int | None = None, show_progress: bool = True, **options,
 ) -> dict:
     """Compute one checkpoint's gradient stores and record them in ``output_dir/icons_run.json``.
 
@@ -194,8 +195,8 @@ def compute_checkpoint_stores(
             scored later as one pool in the mapping's order).
         tasks: ``task -> validation Dataset`` or ``task -> {subtask -> Dataset}``.
         output_dir: the run's folder; the stores go under ``output_dir/<checkpoint name>/`` (module docstring).
-        settings, preset: the :class:`~icons_hf.settings.FeatureSettings` (default: the ``"default"`` preset).
-            The pool gets ``settings.train_feature``, validation sets plain gradients.
+        settings, preset: the :class:`~icons_hf.settings.FeatureSettings` to start from (default: the
+            ``"default"`` preset). The pool gets ``train_feature``, validation sets plain gradients.
         optimizer_state: the checkpoint's Adam state, needed for ``train_feature="adam"`` (see
             :func:`icons_hf.compute_gradients`); default: the checkpoint folder's ``optimizer.pt``.
         learning_rate: the checkpoint's learning rate (weights it in influence); default: the one its
@@ -204,13 +205,16 @@ def compute_checkpoint_stores(
             folder (its name, learning rate and optimizer state are then read from it).
         step: the training step (default: from a ``checkpoint-<step>`` name).
         show_progress: progress bars on the main process.
+        **options: any field of :class:`~icons_hf.settings.FeatureSettings` (``train_feature``, ``projection``,
+            ``dim``, ``batch_size``, ...), overriding the preset's or ``settings``' value when given (not ``None``);
+            an unknown name is refused.
 
     Returns:
         The run entry ``{"checkpoint", "step", "learning_rate", "train": path (or [paths] for sub-pools),
         "tasks": {task: path or {subtask: path}}}``, as :func:`icons_hf.load_run` reads it back. Under
         ``accelerate launch``/``torchrun`` call it in every process with the same arguments.
     """
-    settings = FeatureSettings.resolve(settings, preset)
+    settings = FeatureSettings.resolve(settings, preset, **options)
     check_inputs(pool, tasks)
     name, lr, state, step = _checkpoint_facts(checkpoint, learning_rate, optimizer_state, step, settings.train_feature)
     root = os.path.join(os.fspath(output_dir), name)
@@ -289,7 +293,6 @@ def load_run(output_dir: str | os.PathLike) -> tuple[list, dict]:
 
 
 __all__ = [
-    "NAME_PATTERN",
     "RUN_FILE",
     "check_bad_rows",
     "check_inputs",

@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 
+from .features import FEATURE_TYPES
 from .options import add_dataclass_options, given_options
 from .settings import PRESETS, FeatureSettings, InfluenceSettings, SelectionSettings
 
@@ -78,9 +79,9 @@ def _add_gradients(sub):
                    help="a tokenized dataset saved with save_to_disk (input_ids, labels, ...) or LLaVA .json/.jsonl")
     p.add_argument("--image-folder", help="folder that LLaVA 'image' paths are relative to")
     p.add_argument("--output-dir", required=True, help="the gradient store to write (resumed if it exists)")
-    p.add_argument("--feature", choices=FeatureSettings.__dataclass_fields__["train_feature"].metadata["choices"],
-                   default="sgd", help="feature of these rows: 'sgd' plain gradients (default; validation rows always) "
-                                       "or 'adam' (pool rows as LESS; needs --optimizer-state)")
+    p.add_argument("--feature", choices=FEATURE_TYPES, default="sgd", help="feature type of these rows (default: "
+                   "%(default)s): " + "; ".join(f"{e.name!r} {e.description}" + (" (needs --optimizer-state)" if
+                                                e.needs_optimizer_state else "") for e in FEATURE_TYPES.values()))
     p.add_argument("--optimizer-state", help="Trainer checkpoint folder with optimizer.pt (default: --adapter)")
     p.add_argument("--learning-rate", type=float, help="checkpoint learning rate (default: from trainer_state.json)")
     p.add_argument("--torch-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
@@ -252,16 +253,17 @@ def _gradients(args) -> None:
     from .distributed import init_distributed, is_main_process
     from .gradients import compute_gradients
 
-    if args.feature == "adam" and not (args.optimizer_state or args.adapter):
-        raise UsageError("--feature adam needs the checkpoint's optimizer state: pass --optimizer-state (or --adapter) "
-                         "a Trainer checkpoint folder with optimizer.pt")
+    needs_state = FEATURE_TYPES[args.feature].needs_optimizer_state
+    if needs_state and not (args.optimizer_state or args.adapter):
+        raise UsageError(f"--feature {args.feature} needs the checkpoint's optimizer state: pass --optimizer-state (or "
+                         "--adapter) a Trainer checkpoint folder with optimizer.pt")
     check_output(args.output_dir, [args.dataset], "--output-dir")
     init_distributed()
     model, config = _load_model(args)
     dataset = _load_dataset(args, config)
     kwargs = stage_kwargs(args, FeatureSettings, skip=_GRADIENTS_SKIP)
     kwargs.setdefault("pad_token_id", getattr(config, "pad_token_id", None) or 0)
-    state = args.optimizer_state or (args.adapter if args.feature == "adam" else None)
+    state = args.optimizer_state or (args.adapter if needs_state else None)
     path = compute_gradients(
         model, dataset, output_dir=args.output_dir, feature=args.feature, optimizer_state=state,
         learning_rate=args.learning_rate,

@@ -47,15 +47,12 @@ import numpy as np
 import pyarrow as pa
 from datasets.fingerprint import Hasher
 
-from .provenance import Provenance, provenance
-from .ranks import TASK_PREFIX, column_arrays, percentile_ranks, score_matrix, task_columns
+from .provenance import Provenance
+from .ranks import TASK_PREFIX, column_arrays, score_matrix, task_columns
 from .rules import RULES, Ranking, RuleInput
-from .settings import DEFAULT_VOTE_FLOOR, SelectionSettings
+from .settings import SelectionSettings
 
 logger = logging.getLogger(__name__)
-
-METHODS = tuple(RULES)  # the rules registered when this module was imported; RULES is the live registry
-
 
 def select(
     scores,
@@ -264,9 +261,8 @@ def task_overlap(scores, top_fraction: float | None = None) -> dict[str, float]:
     out = {}
     for j, col in enumerate(columns):
         top = np.lexsort((index, -mat[:, j]))[:k]
-        out[col[len("influence_"):]] = float(selected[top].mean()) if k else 0.0
+        out[col[len(TASK_PREFIX):]] = float(selected[top].mean()) if k else 0.0
     return out
 
 
-__all__ = ["DEFAULT_VOTE_FLOOR", "METHODS", "column_arrays", "percentile_ranks", "provenance", "select",
-           "selected_rows", "task_columns", "task_overlap", "vote_histogram", "with_columns"]
+__all__ = ["select", "selected_rows", "task_overlap", "vote_histogram", "with_columns"]

@@ -14,7 +14,8 @@ records are written unchanged in their original order. When the score table carr
 ``record_hash`` (pools formatted by ``icons_hf.data.prepare_*``), the pool given here must hold the same records
 in the same order, or the export is refused; without it the export says the row identity was not verified.
 
-:func:`read_export` reads such a folder back (``icons_hf.push_selection`` and ``icons_hf.write_report`` use it).
+The card's text is :mod:`icons_hf.card`. :func:`read_export` reads such a folder back
+(``icons_hf.push_selection`` and ``icons_hf.write_report`` use it).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,8 +32,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .consensus import column_arrays, task_overlap, vote_histogram
-from .influence import provenance
+from .card import NOT_VERIFIED, render_card
 from .pools import (
     INPUT_HASH_COLUMN,
     POOL_FORMATS,
@@ -42,40 +41,18 @@ from .pools import (
     check_row_identity,
     column_values,
     input_hashes,
-    load_llava_records,
+    is_records_format,
     load_pool,
+    load_records,
     record_hash,
-    write_records,
 )
-from .settings import FeatureSettings, InfluenceSettings, SelectionSettings
+from .provenance import provenance
+from .ranks import column_arrays
 
 logger = logging.getLogger(__name__)
 
-ICONS_CITATION = """@article{wu2025icons,
-  title   = {ICONS: Influence Consensus for Vision-Language Data Selection},
-  author  = {Wu, Xindi and Xia, Mengzhou and Shao, Rulin and Deng, Zhiwei and Koh, Pang Wei and Russakovsky, Olga},
-  journal = {arXiv preprint arXiv:2501.00654},
-  year    = {2025}
-}"""
-
-_ROWS_PER_PARQUET = 100_000
 EXPORT_FILES = ("README.md", "selection.json", "indices.json", "scores.parquet", "data")
-NOT_VERIFIED = "not verified"
-__all__ = ["ExportFolder", "export_selection", "load_llava_records", "markdown_table", "read_export", "render_card"]
-
-
-def size_category(n: int) -> str:
-    for bound, label in (
-        (1_000, "n<1K"),
-        (10_000, "1K<n<10K"),
-        (100_000, "10K<n<100K"),
-        (1_000_000, "100K<n<1M"),
-        (10_000_000, "1M<n<10M"),
-        (100_000_000, "10M<n<100M"),
-    ):
-        if n < bound:
-            return label
-    return "100M<n<1B"
+__all__ = ["ExportFolder", "export_selection", "read_export"]
 
 
 def _selected_positions(scores, pool: Pool) -> np.ndarray:
@@ -174,26 +151,6 @@ def _prepare_output_dir(output_dir: str, subset_file: str | None) -> None:
     os.makedirs(output_dir, exist_ok=True)
 
 
-def _write_subset(pool: Pool, positions: np.ndarray, output_dir: str, subset_file: str | None) -> bool:
-    """Write the selected rows; returns whether the pool has images (for the card's task category)."""
-    if pool.dataset is not None:
-        dataset = pool.dataset
-        subset = dataset.select(positions.tolist())
-        data_dir = os.path.join(output_dir, "data")
-        os.makedirs(data_dir, exist_ok=True)
-        shards = max(1, math.ceil(len(subset) / _ROWS_PER_PARQUET))
-        for k in range(shards):
-            subset.shard(shards, k, contiguous=True).to_parquet(
-                os.path.join(data_dir, f"train-{k:05d}-of-{shards:05d}.parquet")
-            )
-        return (
-            any(type(f).__name__ == "Image" for f in dataset.features.values())
-            or "pixel_values" in dataset.column_names
-        )
-    write_records([pool.records[i] for i in positions], os.path.join(output_dir, subset_file))
-    return any("image" in r for r in pool.records[: min(len(pool.records), 1000)])
-
-
 def _score_table(scores):
     from datasets import Dataset, load_from_disk
 
@@ -254,14 +211,15 @@ def export_selection(
     tags = [tags] if isinstance(tags, str) else list(tags)
     matched = _match_pool(pool, scores, pool_name)
     _prepare_output_dir(output_dir, matched.subset_file)
-    has_images = _write_subset(matched.pool, matched.positions, output_dir, matched.subset_file)
+    matched.pool.write_subset(matched.positions, output_dir)
     metadata = _write_tables(output_dir, matched)
     card = render_card(
         metadata,
         matched.scores,
         license=license or "other",
         pretty_name=pretty_name,
-        task_categories=list(task_categories or (["visual-question-answering"] if has_images else ["text-generation"])),
+        task_categories=list(task_categories or (["visual-question-answering"] if matched.pool.has_images()
+                                                 else ["text-generation"])),
         tags=list(tags),
     )
     with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as handle:
@@ -295,11 +253,7 @@ def _match_pool(pool, scores, pool_name: str | None) -> _MatchedSelection:
     pool = load_pool(pool, name=pool_name)
     identity = _verify_identity(pool, scores, info.get("influence", {}).get("pool_rows"))
     positions = _selected_positions(scores, pool)
-    subset_file = None
-    if pool.records is not None:
-        stem, ext = os.path.splitext(os.path.basename(pool.path))
-        subset_file = f"{stem}_icons{ext}"
-    return _MatchedSelection(pool, scores, info, identity, positions, subset_file)
+    return _MatchedSelection(pool, scores, info, identity, positions, pool.subset_file())
 
 
 def _write_tables(output_dir: str, matched: _MatchedSelection) -> dict[str, Any]:
@@ -356,7 +310,7 @@ class ExportFolder:
                 "'subset_file'; re-run export_selection."
             )
         path = self.file(name)
-        records = load_llava_records(path)
+        records = load_records(path)
         expected = self.selected_hashes()
         if expected is not None:
             if len(expected) != len(records):
@@ -383,6 +337,18 @@ class ExportFolder:
         columns = zip(table["index"], table[RECORD_HASH_COLUMN], table["selected"], strict=True)
         chosen = sorted((i, h) for i, h, s in columns if s)
         return [h for _, h in chosen]
+
+    def subset_pool(self) -> Pool:
+        """The selected rows as a :class:`~icons_hf.pools.Pool` of the pool's format: the records file (checked
+        as :meth:`subset_records` checks it) or the ``data/train-*.parquet`` shards as one ``datasets.Dataset``."""
+        name = self.metadata["pool"].get("name", self.path.name)
+        if is_records_format(self.format):
+            records, path = self.subset_records()
+            return Pool(name=name, format=self.format, path=str(path), records=records)
+        from datasets import Dataset
+
+        shards = [str(p) for p in self.subset_shards()]
+        return Pool(name=name, format=self.format, path=str(self.path / "data"), dataset=Dataset.from_parquet(shards))
 
     def subset_shards(self) -> list[Path]:
         """The ``data/train-*.parquet`` shards of a datasets-pool export, in order."""
@@ -432,280 +398,3 @@ def read_export(folder: str | os.PathLike, *, need: Sequence[str] = ("README.md"
         )
     metadata["num_selected"] = num_selected
     return dataclasses.replace(export, metadata=metadata, indices=indices)
-
-
-# -------------------------------------------------------------------------------------------- dataset card
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _method_text(sel: dict) -> str:
-    method = sel["method"]
-    floor = float(sel.get("task_floor") or 0.0)
-    if floor > 0 and sel.get("floor_rows_per_task") == 0:
-        floor = 0.0  # fewer rows than tasks: the floors held no row and the method's ranking alone decided
-    settings = sel.get("settings") or {}
-    inclusive = settings.get("threshold_inclusive", sel.get("threshold_inclusive", False))
-    tied = "threshold_percentile" in settings and settings["threshold_percentile"] is None
-    votes = (
-        f"a row gets one vote from each task whose influence score {'reaches' if inclusive else 'exceeds'} that task's "
-        f"{sel['threshold_percentile']:g}th percentile"
-        + (" (100 x (1 - fraction), as the released code)" if tied else "")
-        if method == "vote"
-        else ""
-    )
-    if method == "vote" and floor == 0:
-        return (
-            f"ICONS consensus voting (the paper's rule): {votes}; the rows with the most votes are kept (ties broken "
-            "by the mean within-task percentile rank, then by row position)"
-        )
-    if method == "vote":
-        return (
-            f"ICONS consensus with per-task floors: {floor:.0%} of the subset is reserved in equal shares "
-            f"({sel.get('floor_rows_per_task')} rows per task), each task taking its own highest-influence rows in "
-            "turns so that a row wanted by several tasks counts once; the rest is ranked by votes "
-            f"({votes}; ties by the mean within-task percentile rank, then by row position)"
-        )
-    if method == "task":
-        text = f"the influence on the single task {sel.get('task')!r} (LESS-style)"
-    elif method == "random":
-        text = f"a uniformly random subset (seed {sel.get('seed')})"
-    else:
-        text = {
-            "mean": "the mean of the per-task influence scores",
-            "max": "the maximum of the per-task influence scores",
-            "rank": "the mean within-task percentile rank",
-            "norm": "the mean of per-task z-scored influence scores",
-        }.get(method, method)
-    if floor > 0:
-        text += (
-            f", after {floor:.0%} of the subset was reserved as equal per-task floors "
-            f"({sel.get('floor_rows_per_task')} rows per task) of each task's own highest-influence rows"
-        )
-    return text
-
-
-_SPECIALIST_TEXT = {
-    "mean": (
-        "Influence of a pool row on a task is the mean cosine similarity between its gradient feature and the task's "
-        "validation gradient features (the ICONS paper's specialist), summed over checkpoints with the weights below."
-    ),
-    "balanced": (
-        "Influence of a pool row on a task is the highest within-pool percentile rank it reaches for any one of the "
-        "task's validation examples, by the cosine similarity of gradient features summed over checkpoints with the "
-        "weights below; every validation example thus contributes about the same number of top rows."
-    ),
-    "zscore": (
-        "Influence of a pool row on a task is the mean over the task's validation examples of its z-scored cosine "
-        "similarity with that example's gradient feature (standardised over the pool, summed over checkpoints with "
-        "the weights below)."
-    ),
-}
-
-
-def _specialist(inf: dict) -> str:
-    name = inf.get("specialist", "mean")
-    return {"balanced-quota": "balanced", "balanced-zscore": "zscore"}.get(name, name)
-
-
-_STAGE_SETTINGS = {"features": FeatureSettings, "influence": InfluenceSettings, "selection": SelectionSettings}
-
-
-def stage_settings(metadata: dict) -> dict[str, dict]:
-    """Every stage's settings found in the provenance: a stage's ``"settings"`` dict when it has one, else the
-    values of that stage's settings fields that the provenance records."""
-    out = {}
-    for stage, cls in _STAGE_SETTINGS.items():
-        part = metadata.get(stage)
-        if not isinstance(part, dict):
-            continue
-        if isinstance(part.get("settings"), dict):
-            out[stage] = dict(part["settings"])
-        else:
-            found = {f.name: part[f.name] for f in dataclasses.fields(cls) if f.name in part}
-            if found:
-                out[stage] = found
-    return out
-
-
-def _settings_section(metadata: dict) -> list[str]:
-    settings = stage_settings(metadata)
-    if not settings:
-        return []
-    rows = [
-        [stage, f"`{name}`", "none" if value is None else f"`{json.dumps(value)}`"]
-        for stage, values in settings.items()
-        for name, value in values.items()
-    ]
-    return [
-        "",
-        "## Settings",
-        "",
-        "Every setting of the stages that made this selection (also in `selection.json`):",
-        "",
-        markdown_table(["stage", "setting", "value"], rows),
-    ]
-
-
-def _card_selection(metadata: dict, title: str) -> list[str]:
-    sel, pool = metadata["selection"], metadata["pool"]
-    n_sel, n_pool = metadata["num_selected"], pool["num_rows"]
-    identity = str(metadata.get("row_identity") or NOT_VERIFIED)
-    parts = [
-        f"# {title}",
-        "",
-        f"This dataset holds **{n_sel:,} of the {n_pool:,} rows** ({n_sel / max(n_pool, 1):.1%}) of the "
-        f"instruction pool `{pool['name']}`, chosen with ICONS (Influence Consensus, arXiv:2501.00654) for several "
-        "target tasks at once. "
-        f"Rows are the pool's original records, unchanged, in their original order.",
-        "",
-        "## Selection",
-        "",
-        markdown_table(
-            ["setting", "value"],
-            [
-                ["pool", f"`{pool['name']}` ({pool['format']}, {n_pool:,} rows)"],
-                ["rows selected", f"{n_sel:,}"],
-                ["method", f"`{sel['method']}`: {_method_text(sel)}"],
-                ["fraction", sel["fraction"] if sel["fraction"] is not None else "n/a (fixed count)"],
-                ["row identity", identity],
-                ["library", f"icons_hf {metadata['library']['version']}"],
-            ],
-        ),
-    ]
-    if identity.startswith(NOT_VERIFIED):
-        parts += [
-            "",
-            "**Row identity not verified**: the score table carried no per-row record hash, so the rows were "
-            "taken from the pool by position only. Use this subset only if the pool was passed to the "
-            "gradient stage unchanged and in this order.",
-        ]
-    return parts
-
-
-def _card_tasks(inf: dict, sel: dict, scores) -> list[str]:
-    if not inf:
-        return []
-    overlap = task_overlap(scores)
-    thresholds = sel.get("thresholds") or {}
-    rows = []
-    for task, subs in inf["num_validation"].items():
-        n_val = sum(subs.values())
-        pooled = "max over subtasks" if _specialist(inf) == "mean" else "examples pooled"
-        sub_text = "" if list(subs) == [task] else f" ({len(subs)} subtasks, {pooled})"
-        rows.append(
-            [
-                task,
-                f"{n_val}{sub_text}",
-                f"{thresholds[task]:.4g}" if task in thresholds else "-",
-                f"{overlap[task]:.1%}",
-            ]
-        )
-    precond = inf["preconditioner"]
-    return [
-        "",
-        "## Target tasks",
-        "",
-        _SPECIALIST_TEXT.get(_specialist(inf), f"Specialist `{_specialist(inf)}`.")
-        + " *Overlap* is the share of the task's own top rows (as many as were selected) that the selection contains.",
-        "",
-        markdown_table(["task", "validation rows", "threshold", "overlap with task's top rows"], rows),
-        "",
-        "## Gradient features",
-        "",
-        markdown_table(
-            ["checkpoint", "learning rate", "weight"],
-            [
-                [c or f"#{k}", "-" if lr is None else f"{lr:.3g}", f"{w:.3f}"]
-                for k, (c, lr, w) in enumerate(
-                    zip(inf["checkpoints"], inf["learning_rates"], inf["checkpoint_weights"], strict=True)
-                )
-            ],
-        ),
-        "",
-        f"Projection: `{inf['projection']['kind']}`, dimension {inf['projection']['dim']}, "
-        f"seed {inf['projection']['seed']}. "
-        f"Train-side feature: `{precond['feature']}`"
-        + (f" (Adam variant `{precond['adam_variant']}`)" if precond["feature"] == "adam" else "")
-        + "; validation side: SGD gradients.",
-    ]
-
-
-def _card_features(metadata: dict) -> list[str]:
-    """Which feature settings the scores came from (``features`` of the provenance), in one sentence."""
-    features = metadata.get("features")
-    if not isinstance(features, dict) or not isinstance(features.get("settings"), dict):
-        return []
-    values = features["settings"]
-    described = ", ".join(f"`{k}={json.dumps(values.get(k))}`" for k in
-                          ("train_feature", "parameters", "projection", "dim", "seed"))
-    presets = features.get("presets") or []
-    match = f"those of the `{'`/`'.join(presets)}` preset" if presets else "those of no preset"
-    return ["", f"Feature settings of the stores: {described}; {match}."]
-
-
-def _card_skipped(inf: dict) -> list[str]:
-    skipped = inf.get("skipped", [])
-    parts = ["", "## Skipped rows", ""]
-    if not skipped:
-        return parts + ["None: every pool row was scored."]
-    parts += [
-        f"{len(skipped)} pool rows gave no gradient feature and could not be selected:",
-        "",
-        markdown_table(["row", "reason"], [[s["index"], s["reason"]] for s in skipped[:50]]),
-    ]
-    if len(skipped) > 50:
-        parts.append(f"\n... and {len(skipped) - 50} more (see `selection.json`).")
-    return parts
-
-
-def render_card(
-    metadata: dict, scores, *, license: str, pretty_name: str | None, task_categories: list[str], tags: list[str]
-) -> str:
-    """The dataset card (README.md) text: Hub YAML metadata followed by a readable account of the selection."""
-    from huggingface_hub import DatasetCardData
-
-    sel, inf, pool = metadata["selection"], metadata.get("influence", {}), metadata["pool"]
-    title = pretty_name or f"{pool['name']}: ICONS selection of {metadata['num_selected']:,} rows"
-    data_files = "data/*.parquet" if pool["format"] == "hf" else metadata["subset_file"]
-    card_data = DatasetCardData(
-        license=license,
-        pretty_name=title,
-        task_categories=task_categories,
-        size_categories=[size_category(metadata["num_selected"])],
-        tags=sorted({"icons", "data-selection", "influence-functions", *tags}),
-        configs=[{"config_name": "default", "data_files": [{"split": "train", "path": data_files}]}],
-    )
-    parts = _card_selection(metadata, title) + _card_tasks(inf, sel, scores) + _card_features(metadata)
-    if sel["method"] == "vote" and "votes" in scores.column_names:
-        hist = vote_histogram(scores)
-        parts += [
-            "",
-            "## Votes",
-            "",
-            markdown_table(
-                ["votes", "pool rows", "selected rows"], [[v, h["pool"], h["selected"]] for v, h in hist.items()]
-            ),
-        ]
-    parts += _settings_section(metadata) + _card_skipped(inf)
-    parts += [
-        "",
-        "## Files",
-        "",
-        f"- `{data_files}`: the selected rows.",
-        "- `scores.parquet`: one row per pool row with its per-task influence, votes and whether it was selected; "
-        "re-threshold without recomputing gradients.",
-        "- `indices.json`: the selected pool positions. `selection.json`: every setting above, machine-readable.",
-        "",
-        "## Citation",
-        "",
-        "```bibtex",
-        ICONS_CITATION,
-        "```",
-        "",
-    ]
-    return f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(parts)

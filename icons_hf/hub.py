@@ -25,9 +25,8 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from datasets import Dataset, Image
+from datasets import Dataset
 from huggingface_hub import DatasetCard, HfApi
 
 from .export import ExportFolder, read_export
@@ -174,57 +173,17 @@ def _check_image_arguments(export: ExportFolder, *, embed_images: bool,
 
 
 def _load_subset(export: ExportFolder, *, embed_images: bool, image_folder: str | os.PathLike | None) -> Dataset:
-    if not is_records_format(export.format):
-        subset = Dataset.from_parquet([str(p) for p in export.subset_shards()])
-    else:
-        records, path = export.subset_records()
-        if embed_images:
-            records = _resolve_images(records, image_folder, path)
-        subset = _records_to_dataset(records)
-        if embed_images and "image" in subset.column_names:
-            subset = subset.cast_column("image", Image())
+    if embed_images and image_folder is None:
+        raise ValueError(
+            "embed_images=True needs image_folder=: the folder the LLaVA 'image' paths are relative to."
+        )
+    subset = export.subset_pool().to_dataset(image_folder=image_folder if embed_images else None)
     if len(subset) != export.metadata["num_selected"]:
         raise ValueError(
             f"{export.path}: the subset has {len(subset)} rows but {export.metadata['num_selected']} were selected; "
             "re-run export_selection."
         )
     return subset
-
-
-def _records_to_dataset(records: list[dict]) -> Dataset:
-    # Union of keys in first-seen order: a record without "image" (text-only LLaVA rows) gets None
-    # instead of the column being dropped because the first record lacked it.
-    columns: dict[str, list] = {}
-    for record in records:
-        for key in record:
-            columns.setdefault(key, [])
-    for key, values in columns.items():
-        values.extend(record.get(key) for record in records)
-    return Dataset.from_dict(columns)
-
-
-def _resolve_images(records: list[dict], image_folder: str | os.PathLike | None, source: Path) -> list[dict]:
-    if image_folder is None:
-        raise ValueError(
-            "embed_images=True needs image_folder=: the folder the LLaVA 'image' paths are relative to."
-        )
-    root = Path(image_folder)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image_folder {root} is not a folder; pass the root of the LLaVA images.")
-    out = []
-    for row, record in enumerate(records):
-        rel = record.get("image")
-        if rel is None:
-            out.append(record)
-            continue
-        full = root / rel
-        if not full.is_file():
-            raise FileNotFoundError(
-                f"{source}: row {row} (id={record.get('id')!r}) refers to image {rel!r}, but {full} does not exist; "
-                "pass image_folder= the folder the LLaVA image paths are relative to."
-            )
-        out.append({**record, "image": str(full)})
-    return out
 
 
 # -- dataset card -------------------------------------------------------------------------------

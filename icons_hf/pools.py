@@ -39,6 +39,7 @@ RECORD_EXTENSIONS = (".json", ".jsonl")
 RECORD_KINDS = ("llava", "chat", "records")
 POOL_FORMATS = ("hf", *(f"{kind}_{ext}" for kind in RECORD_KINDS for ext in ("json", "jsonl")))
 _DETECT_ROWS = 1000
+ROWS_PER_PARQUET = 100_000  # rows per data/train-*.parquet shard of a datasets pool's subset
 _HASH_BATCH = 10_000
 # Rows whose input values are hashed together: few enough that wide columns (pixel_values) stay small in memory.
 _INPUT_HASH_ROWS = 64
@@ -80,10 +81,6 @@ def load_records(path: str | os.PathLike) -> list[dict]:
     return records
 
 
-# The historical name, kept for existing callers.
-load_llava_records = load_records
-
-
 def write_records(records: Sequence[Mapping], path: str | os.PathLike) -> None:
     """Write records as ``.jsonl`` (one per line) or ``.json`` (a list), chosen by the file's extension."""
     path = os.fspath(path)
@@ -118,7 +115,10 @@ def is_records_format(fmt: str) -> bool:
 
 @dataclass
 class Pool:
-    """A pool as given by the user: exactly one of ``dataset`` / ``records`` is set."""
+    """A pool as given by the user, and everything that depends on its format: exactly one of ``dataset`` /
+    ``records`` is set. It reads itself (:func:`load_pool`), hashes its rows, writes a subset in its own format
+    (:meth:`write_subset`), says whether it holds images, groups its rows (:meth:`group_labels`) and becomes a
+    ``datasets.Dataset`` with or without its images (:meth:`to_dataset`)."""
 
     name: str
     format: str
@@ -137,6 +137,125 @@ class Pool:
         if RECORD_HASH_COLUMN in self.dataset.column_names:
             return column_values(self.dataset, RECORD_HASH_COLUMN)
         return dataset_record_hashes(self.dataset)
+
+    def subset_file(self) -> str | None:
+        """The name of the subset's records file (``<stem>_icons.json(l)``); ``None`` for a datasets pool, whose
+        subset is written as ``data/train-*.parquet``."""
+        if self.records is None:
+            return None
+        stem, ext = os.path.splitext(os.path.basename(self.path))
+        return f"{stem}_icons{ext}"
+
+    def write_subset(self, positions: Sequence[int], output_dir: str) -> None:
+        """Writes the rows at ``positions`` in the pool's own format into ``output_dir``: the records, unchanged
+        and in order, as :meth:`subset_file`; or a datasets pool's rows as ``data/train-*.parquet`` shards."""
+        positions = [int(p) for p in positions]
+        if self.records is not None:
+            write_records([self.records[i] for i in positions], os.path.join(output_dir, self.subset_file()))
+            return
+        subset = self.dataset.select(positions)
+        data_dir = os.path.join(output_dir, "data")
+        os.makedirs(data_dir, exist_ok=True)
+        shards = max(1, math.ceil(len(subset) / ROWS_PER_PARQUET))
+        for k in range(shards):
+            subset.shard(shards, k, contiguous=True).to_parquet(
+                os.path.join(data_dir, f"train-{k:05d}-of-{shards:05d}.parquet")
+            )
+
+    def has_images(self) -> bool:
+        """Whether rows carry images (an ``Image`` feature or ``pixel_values``; an ``image`` field in the first
+        records)."""
+        if self.dataset is not None:
+            features = self.dataset.features.values()
+            return any(type(f).__name__ == "Image" for f in features) or "pixel_values" in self.dataset.column_names
+        return any("image" in r for r in self.records[:_DETECT_ROWS])
+
+    def group_labels(self, field: str | None = None) -> tuple[list[str], str] | None:
+        """One group label per row and the grouping's name: ``field``'s value (a record field or a column); without
+        ``field``, a records pool's ``source`` field when every record has one, else LLaVA's image top folder
+        (``coco``, ``gqa``, ...; ``text-only`` without image); ``None`` when no grouping applies."""
+        where = self.path or self.name
+        if self.dataset is not None:
+            if field is None:
+                return None
+            if field not in self.dataset.column_names:
+                raise ValueError(f"{where} has no column {field!r} (columns: {', '.join(self.dataset.column_names)}); "
+                                 "pass another group_column=.")
+            return [group_label(v) for v in column_values(self.dataset, field)], field
+        return _record_groups(self.records, field, where)
+
+    def to_dataset(self, *, image_folder: str | os.PathLike | None = None):
+        """The pool as a ``datasets.Dataset``: a datasets pool as it is; records with the union of their fields
+        (a record without a field gets ``None``), and with ``image_folder`` their ``image`` paths resolved under it
+        and stored as a ``datasets.Image()`` column (each missing image is an error naming the row)."""
+        from datasets import Dataset, Image
+
+        if self.dataset is not None:
+            return self.dataset
+        records = self.records if image_folder is None else _resolve_images(self.records, image_folder, self.path)
+        columns: dict[str, list] = {}
+        for record in records:
+            for key in record:
+                columns.setdefault(key, [])
+        for key, values in columns.items():
+            values.extend(record.get(key) for record in records)
+        dataset = Dataset.from_dict(columns)
+        if image_folder is not None and "image" in dataset.column_names:
+            dataset = dataset.cast_column("image", Image())
+        return dataset
+
+
+def group_label(value) -> str:
+    """A group's label: a string as it is, lists and objects as sorted JSON, anything else ``str``."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def _record_groups(records: Sequence[Mapping], field: str | None, where: str) -> tuple[list[str], str] | None:
+    if field is not None:
+        out = []
+        for i, record in enumerate(records):
+            if field not in record:
+                raise ValueError(
+                    f"{where}: record {i} has no {field!r} field; pass group_column= a field every record has, or "
+                    "groups= a mapping from pool row to group."
+                )
+            out.append(group_label(record[field]))
+        return out, field
+    if records and all("source" in r for r in records):
+        return [group_label(r["source"]) for r in records], "source"
+    # LLaVA-665K: the image's top folder names the source (coco, gqa, ocr_vqa, textvqa, vg); no image = text-only.
+    images = [r.get("image") for r in records]
+    if any(isinstance(im, str) and "/" in im for im in images):
+        labels = [
+            im.split("/")[0] if isinstance(im, str) and "/" in im else ("text-only" if not im else "(no folder)")
+            for im in images
+        ]
+        return labels, "image folder"
+    return None
+
+
+def _resolve_images(records: list[dict], image_folder: str | os.PathLike, source) -> list[dict]:
+    root = os.fspath(image_folder)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"image_folder {root} is not a folder; pass the root of the LLaVA images.")
+    out = []
+    for row, record in enumerate(records):
+        rel = record.get("image")
+        if rel is None:
+            out.append(record)
+            continue
+        full = os.path.join(root, rel)
+        if not os.path.isfile(full):
+            raise FileNotFoundError(
+                f"{source}: row {row} (id={record.get('id')!r}) refers to image {rel!r}, but {full} does not exist; "
+                "pass image_folder= the folder the LLaVA image paths are relative to."
+            )
+        out.append({**record, "image": full})
+    return out
 
 
 def load_pool(pool, *, name: str | None = None) -> Pool:
@@ -350,14 +469,15 @@ __all__ = [
     "INPUT_HASH_COLUMN",
     "RECORD_HASH_COLUMN",
     "Pool",
+    "ROWS_PER_PARQUET",
     "check_row_identity",
     "column_values",
     "dataset_record_hashes",
+    "group_label",
     "input_columns",
     "input_hashes",
     "is_records_format",
     "iter_dataset_records",
-    "load_llava_records",
     "load_pool",
     "load_records",
     "record_hash",

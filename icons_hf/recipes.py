@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -43,14 +42,13 @@ from .gradients.inputs import collate_rows
 from .hub import push_selection
 from .influence import compute_influence
 from .options import add_dataclass_options, given_options
-from .pools import load_llava_records
+from .pools import load_records
 from .provenance import Provenance
-from .settings import PRESETS, FeatureSettings, InfluenceSettings, SelectionSettings
+from .settings import NAME_PATTERN, PRESETS, FeatureSettings, InfluenceSettings, SelectionSettings
 
 logger = logging.getLogger(__name__)
 
 HUB_PREFIX = "hub:"
-_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 # Settings fields whose names two stages share get a stage-specific option name.
 SETTINGS_OPTIONS = (
@@ -268,7 +266,7 @@ def parse_task_specs(specs: Sequence[str]) -> list[TaskSpec]:
             raise ValueError(f"--task {spec!r}: expected NAME=SOURCE, e.g. --task vqa=vqa_val.json:images")
         task, _, sub = name.partition("/")
         for part in (task, sub) if sub else (task,):
-            if not _NAME.match(part):
+            if not NAME_PATTERN.match(part):
                 raise ValueError(f"--task {spec!r}: {part!r} may only use letters, digits, '_', '.', '-'.")
         if (task, sub) in seen:
             raise ValueError(f"--task {spec!r}: {name} is given twice.")
@@ -291,7 +289,7 @@ def load_rows(source: str, *, what: str):
             raise ValueError(f"{what} {source} holds several splits ({', '.join(data)}); pass the folder of one split.")
         return data
     if source.endswith((".json", ".jsonl")):
-        return load_llava_records(source)
+        return load_records(source)
     raise ValueError(f"{what} {source}: expected a .json/.jsonl file, a save_to_disk folder or hub:REPO_ID[@SPLIT].")
 
 

@@ -11,43 +11,41 @@
     subset_overlap.png          per task: share of the task's own top rows that the subset holds
     composition.png             pool vs subset by group (source, image folder, question type, ...)
 
-Definitions (the same as :func:`icons_hf.select`): task ``k``'s *top set* is the rows whose influence exceeds
-``tau_k``, the task's ``threshold_percentile``-th percentile (NumPy's linear interpolation); a row's *votes*
-are the number of top sets holding it. The overlap of task ``a`` with task ``b`` is
-``|top_a & top_b| / |top_a|``. A selection made with another method than ``vote`` is reported against the
-thresholds of the 80th percentile.
+Definitions (the same as :func:`icons_hf.select`, counted with the same function,
+:func:`icons_hf.rules.vote_hits`): task ``k``'s *top set* is the rows whose influence exceeds ``tau_k`` (or
+reaches it, when the selection used ``threshold_inclusive``), the task's ``threshold_percentile``-th percentile
+(NumPy's linear interpolation); a row's *votes* are the number of top sets holding it. The overlap of task ``a``
+with task ``b`` is ``|top_a & top_b| / |top_a|``. A selection made with another method than ``vote`` is reported
+against the thresholds of the 80th percentile. The numbers are :mod:`icons_hf.report_numbers`, the figures
+:mod:`icons_hf.report_figures`; the method, specialist and features are described by their registry entries.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-from collections import Counter
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .consensus import task_overlap, vote_histogram
-from .export import ExportFolder, markdown_table, read_export
-from .pools import column_values, is_records_format, load_pool
-from .ranks import column_arrays, percentile_ranks, task_columns
+from .card import markdown_table
+from .export import ExportFolder, read_export
+from .features import describe_features
+from .pools import group_label, is_records_format, load_pool
+from .ranks import column_arrays, task_columns
+from .report_figures import (
+    FIGURES,
+    plot_composition,
+    plot_heatmap,
+    plot_scores,
+    plot_subset_overlap,
+    plot_votes,
+)
+from .report_numbers import composition_rows, report_numbers
+from .rules import RULES
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_THRESHOLD_PERCENTILE = 80.0
-FIGURES = {
-    "scores": "score_distributions.png",
-    "votes": "vote_histogram.png",
-    "heatmap": "task_overlap_heatmap.png",
-    "subset_overlap": "subset_overlap.png",
-    "composition": "composition.png",
-}
-_MAX_GROUPS = 15
-_POOL_COLOR, _SUBSET_COLOR, _THRESHOLD_COLOR = "#9aa5b1", "#e8702a", "#b8281e"
-_OTHER_COLOR, _FLOOR_COLOR = "#f5bf8f", "#6a3d9a"
-
 
 # --------------------------------------------------------------------------------------------------- reading
 
@@ -75,39 +73,6 @@ def _read(export_dir: str) -> tuple[ExportFolder, object]:
     return export, scores
 
 
-def _groups_from_records(records: Sequence[Mapping], field: str | None, where: str) -> tuple[list[str], str] | None:
-    """One group label per record and the grouping's name: ``field``'s value, or (``field=None``) the default."""
-    if field is not None:
-        out = []
-        for i, record in enumerate(records):
-            if field not in record:
-                raise ValueError(
-                    f"{where}: record {i} has no {field!r} field; pass group_column= a field every record has, or "
-                    "groups= a mapping from pool row to group."
-                )
-            out.append(_label(record[field]))
-        return out, field
-    if records and all("source" in r for r in records):
-        return [_label(r["source"]) for r in records], "source"
-    # LLaVA-665K: the image's top folder names the source (coco, gqa, ocr_vqa, textvqa, vg); no image = text-only.
-    images = [r.get("image") for r in records]
-    if any(isinstance(im, str) and "/" in im for im in images):
-        labels = [
-            im.split("/")[0] if isinstance(im, str) and "/" in im else ("text-only" if not im else "(no folder)")
-            for im in images
-        ]
-        return labels, "image folder"
-    return None
-
-
-def _label(value) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (list, dict)):
-        return json.dumps(value, sort_keys=True)
-    return str(value)
-
-
 def _lookup_groups(groups, rows) -> list[str]:
     out = []
     for row in rows:
@@ -120,7 +85,7 @@ def _lookup_groups(groups, rows) -> list[str]:
                 f"groups= has {len(groups)} entries but the scores refer to pool row {row}; give one group per pool "
                 "row, in pool order."
             )
-        out.append(_label(groups[row]))
+        out.append(group_label(groups[row]))
     return out
 
 
@@ -141,9 +106,13 @@ def _reachable_pool(export: ExportFolder):
     return pool
 
 
-def _record_groups(export: ExportFolder, pool_index, group_column):
-    records, subset_file = export.subset_records()
-    found = _groups_from_records(records, group_column, str(subset_file))
+def _pool_groups(export: ExportFolder, pool_index, group_column):
+    """The subset's group labels, and the scored pool rows' when the pool is still reachable (the grouping is
+    the pool's own: :meth:`icons_hf.pools.Pool.group_labels`)."""
+    if group_column is None and not is_records_format(export.format):
+        logger.info("No group_column= given for a datasets pool; the report has no composition section.")
+        return None
+    found = export.subset_pool().group_labels(group_column)
     if found is None:
         logger.info(
             "The records have no source field or image folders; pass group_column= or groups= for a "
@@ -153,32 +122,11 @@ def _record_groups(export: ExportFolder, pool_index, group_column):
     sub_labels, name = found
     pool_labels = None
     pool = _reachable_pool(export)
-    if pool is not None and pool.records is not None:
-        pool_found = _groups_from_records(pool.records, group_column, pool.path)
+    if pool is not None:
+        pool_found = pool.group_labels(group_column)
         if pool_found is not None:
             pool_labels = [pool_found[0][int(i)] for i in pool_index]
     return sub_labels, pool_labels, name
-
-
-def _column_groups(export: ExportFolder, pool_index, group_column):
-    import pyarrow.parquet as pq
-
-    sub_labels = []
-    for path in export.subset_shards():
-        names = pq.read_schema(path).names
-        if group_column not in names:
-            raise ValueError(
-                f"{path} has no column {group_column!r} (columns: {', '.join(names)}); pass another group_column=."
-            )
-        sub_labels += [_label(v) for v in pq.read_table(path, columns=[group_column]).column(0).to_pylist()]
-    pool_labels = None
-    pool = _reachable_pool(export)
-    if pool is not None and pool.dataset is not None:
-        if group_column not in pool.dataset.column_names:
-            raise ValueError(f"the pool {pool.path} has no column {group_column!r}; pass another group_column=.")
-        values = column_values(pool.dataset, group_column)
-        pool_labels = [_label(values[int(i)]) for i in pool_index]
-    return sub_labels, pool_labels, group_column
 
 
 def _resolve_groups(export: ExportFolder, positions, pool_index, group_column, groups):
@@ -190,296 +138,7 @@ def _resolve_groups(export: ExportFolder, positions, pool_index, group_column, g
         if group_column is not None:
             raise ValueError("pass either group_column= or groups=, not both.")
         return _lookup_groups(groups, positions), _lookup_groups(groups, pool_index), "group"
-    if is_records_format(export.format):
-        return _record_groups(export, pool_index, group_column)
-    if group_column is None:
-        logger.info("No group_column= given for a datasets pool; the report has no composition section.")
-        return None
-    return _column_groups(export, pool_index, group_column)
-
-
-# --------------------------------------------------------------------------------------------------- numbers
-
-
-def score_label(metadata: Mapping) -> str:
-    """What a task's score column holds: percentile ranks in 0-1 (the balanced specialist) or influence scores."""
-    specialist = str(metadata.get("influence", {}).get("specialist", "mean"))
-    return "percentile rank (0-1)" if specialist.startswith("balanced") else "influence score"
-
-
-def _pairwise(top: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Top-set sizes, ``|top_a & top_b| / |top_a|`` and the Jaccard index of every pair of tasks."""
-    sizes = top.sum(axis=0)
-    inter = top.T.astype(np.int64) @ top.astype(np.int64)
-    share = np.divide(inter, sizes[:, None], out=np.zeros(inter.shape), where=sizes[:, None] > 0)
-    union = sizes[:, None] + sizes[None, :] - inter
-    jaccard = np.divide(inter, union, out=np.zeros(inter.shape), where=union > 0)
-    return sizes, share, jaccard
-
-
-def _vote_counts(scores, top: np.ndarray) -> dict:
-    """Rows per vote count (pool and selected), every count from 0 to the number of tasks; votes are recounted from
-    ``top`` when the table has none (a method other than vote)."""
-    if "votes" not in scores.column_names:
-        scores = scores.add_column("votes", top.sum(axis=1).astype(np.int32).tolist())
-    histogram = vote_histogram(scores)
-    for v in range(top.shape[1] + 1):
-        histogram.setdefault(v, {"pool": 0, "selected": 0})
-    return dict(sorted(histogram.items()))
-
-
-def _mean_ranks(mat: np.ndarray, selected: np.ndarray, tasks: list[str]) -> dict:
-    """Per task, the mean within-pool percentile rank of the pool's rows and of the selected rows."""
-    out = {}
-    for j, task in enumerate(tasks):
-        ranks = percentile_ranks(mat[:, j]) if len(mat) else np.zeros(0)
-        out[task] = {"pool": float(ranks.mean()) if len(ranks) else 0.0,
-                     "selected": float(ranks[selected].mean()) if selected.any() else 0.0}
-    return out
-
-
-def _compute(metadata: Mapping, scores) -> dict:
-    sel = metadata["selection"]
-    columns = task_columns(scores)
-    tasks = [c[len("influence_") :] for c in columns]
-    arrays = column_arrays(scores, [*columns, "index", "selected"])
-    mat = np.stack([np.asarray(arrays[c], dtype=np.float64) for c in columns], axis=1)
-    if not np.all(np.isfinite(mat)):
-        row, col = np.argwhere(~np.isfinite(mat))[0]
-        raise ValueError(f"scores.parquet row {int(row)} has a non-finite {columns[col]}; recompute the influence.")
-    index = arrays["index"].astype(np.int64)
-    selected = arrays["selected"].astype(bool)
-    n, n_sel = len(index), int(selected.sum())
-
-    percentile = sel.get("threshold_percentile")
-    stored = sel.get("thresholds") or {}
-    if percentile is None:
-        percentile = DEFAULT_THRESHOLD_PERCENTILE
-    computed = np.percentile(mat, percentile, axis=0) if n else np.zeros(len(tasks))
-    thresholds = np.asarray([float(stored.get(t, computed[j])) for j, t in enumerate(tasks)])
-    top = mat > thresholds[None, :]
-
-    histogram = _vote_counts(scores, top)
-    sizes, share, jaccard = _pairwise(top)
-    own_top = task_overlap(scores)
-    above = {t: float(selected[top[:, j]].mean()) if sizes[j] else 0.0 for j, t in enumerate(tasks)}
-    return {
-        "tasks": tasks,
-        "num_candidates": n,
-        "num_selected": n_sel,
-        "threshold_percentile": float(percentile),
-        "thresholds_from": "selection" if stored else "computed",
-        "thresholds": {t: float(x) for t, x in zip(tasks, thresholds, strict=True)},
-        "top_set_sizes": {t: int(s) for t, s in zip(tasks, sizes, strict=True)},
-        "vote_histogram": {int(v): h for v, h in histogram.items()},
-        "pairwise_overlap": {a: {b: float(share[i, j]) for j, b in enumerate(tasks)} for i, a in enumerate(tasks)},
-        "pairwise_jaccard": {a: {b: float(jaccard[i, j]) for j, b in enumerate(tasks)} for i, a in enumerate(tasks)},
-        "subset_overlap_top_k": own_top,
-        "subset_overlap_above_threshold": above,
-        "random_expectation": n_sel / n if n else 0.0,
-        "score_label": score_label(metadata),
-        "floor_rows_per_task": int(sel.get("floor_rows_per_task") or 0) if float(sel.get("task_floor") or 0) > 0 else 0,
-        "mean_percentile_rank": _mean_ranks(mat, selected, tasks),
-        "_matrix": mat,
-        "_selected": selected,
-        "_index": index,
-        "_share": share,
-        "_top": top,
-    }
-
-
-def _composition(sub_labels: Sequence[str], pool_labels: Sequence[str] | None) -> list[dict]:
-    sub = Counter(sub_labels)
-    pool = Counter(pool_labels) if pool_labels is not None else None
-    keys = sorted(set(sub) | set(pool or ()), key=lambda k: (-(pool or sub)[k], -sub[k], k))
-    n_sub, n_pool = max(1, len(sub_labels)), max(1, len(pool_labels or ()))
-    rows = []
-    for key in keys:
-        row = {"group": key, "selected": sub[key], "selected_share": sub[key] / n_sub}
-        if pool is not None:
-            row.update(
-                pool=pool[key], pool_share=pool[key] / n_pool, selection_rate=sub[key] / pool[key] if pool[key] else 0.0
-            )
-        rows.append(row)
-    return rows
-
-
-# --------------------------------------------------------------------------------------------------- figures
-
-
-def _new_figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _plot_scores(data: dict, path: str) -> None:
-    tasks, mat, selected, top = data["tasks"], data["_matrix"], data["_selected"], data["_top"]
-    ncols = min(3, len(tasks))
-    nrows = math.ceil(len(tasks) / ncols)
-    fig = _new_figure(4.4 * ncols, 3.3 * nrows + 0.7)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    pct = data["threshold_percentile"]
-    for j, task in enumerate(tasks):
-        ax = axes[j // ncols][j % ncols]
-        values = mat[:, j]
-        bins = np.histogram_bin_edges(values, bins=min(50, max(10, int(np.sqrt(len(values))))))
-        ax.hist(values, bins=bins, color=_POOL_COLOR, label="pool")
-        # The subset split by this task's own threshold: its top-set rows, and rows selected for the other tasks.
-        ax.hist(
-            [values[selected & top[:, j]], values[selected & ~top[:, j]]],
-            bins=bins,
-            stacked=True,
-            color=[_SUBSET_COLOR, _OTHER_COLOR],
-            label=["selected, above this task's threshold", "selected, below it (picked for other tasks)"],
-        )
-        tau = data["thresholds"][task]
-        ax.axvline(
-            tau, color=_THRESHOLD_COLOR, linestyle="--", linewidth=1.5, label=f"threshold ({pct:g}th percentile)"
-        )
-        ax.set_title(
-            f"task {task}: threshold {tau:.3g}\n{int((selected & ~top[:, j]).sum()):,} of "
-            f"{int(selected.sum()):,} selected rows below it",
-            fontsize="medium",
-        )
-        ax.set_xlabel(data["score_label"])
-        ax.set_ylabel("rows")
-    for j in range(len(tasks), nrows * ncols):
-        axes[j // ncols][j % ncols].set_visible(False)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=4, fontsize="small", frameon=False)
-    fig.suptitle(f"Per-task score distributions ({data['score_label']}): pool and selected rows")
-    fig.savefig(path)
-
-
-def _plot_votes(data: dict, path: str) -> None:
-    hist = data["vote_histogram"]
-    votes = np.asarray(list(hist))
-    pool = np.asarray([h["pool"] for h in hist.values()])
-    chosen = np.asarray([h["selected"] for h in hist.values()])
-    fig = _new_figure(max(5.0, 0.9 * len(votes) + 2.5), 3.8)
-    ax = fig.subplots()
-    width = 0.4
-    bars_pool = ax.bar(votes - width / 2, pool, width, color=_POOL_COLOR, label="pool")
-    bars_sel = ax.bar(votes + width / 2, chosen, width, color=_SUBSET_COLOR, label="selected")
-    ax.bar_label(bars_pool, fontsize="x-small", padding=1)
-    ax.bar_label(bars_sel, fontsize="x-small", padding=1)
-    ax.set_xticks(votes)
-    ax.set_xlabel(f"votes (tasks whose {data['threshold_percentile']:g}th-percentile threshold the row exceeds)")
-    ax.set_ylabel("rows")
-    ax.set_title("Vote histogram: pool vs selected")
-    ax.margins(y=0.12)
-    ax.legend(frameon=False)
-    fig.savefig(path)
-
-
-def _plot_heatmap(data: dict, path: str) -> None:
-    tasks, share = data["tasks"], data["_share"]
-    side = max(4.0, 0.75 * len(tasks) + 2.5)
-    fig = _new_figure(side + 1.0, side)
-    ax = fig.subplots()
-    image = ax.imshow(share * 100, cmap="viridis", vmin=0, vmax=100)
-    ax.set_xticks(range(len(tasks)), labels=tasks, rotation=45, ha="right")
-    ax.set_yticks(range(len(tasks)), labels=tasks)
-    for i in range(len(tasks)):
-        for j in range(len(tasks)):
-            value = share[i, j] * 100
-            ax.text(
-                j,
-                i,
-                f"{value:.0f}%",
-                ha="center",
-                va="center",
-                fontsize="small",
-                color="black" if value > 60 else "white",
-            )
-    pct = data["threshold_percentile"]
-    ax.set_xlabel(f"task b (top {100 - pct:g}%: rows above its {pct:g}th percentile)")
-    ax.set_ylabel("task a")
-    ax.set_title("Overlap of the tasks' top rows:\nshare of task a's top rows also in task b's")
-    fig.colorbar(image, ax=ax, label="overlap (%)", shrink=0.85)
-    fig.savefig(path)
-
-
-def _plot_subset_overlap(data: dict, path: str) -> None:
-    tasks = data["tasks"]
-    x = np.arange(len(tasks))
-    top_k = np.asarray([data["subset_overlap_top_k"][t] for t in tasks]) * 100
-    above = np.asarray([data["subset_overlap_above_threshold"][t] for t in tasks]) * 100
-    fig = _new_figure(max(5.0, 1.1 * len(tasks) + 2.5), 3.8)
-    ax = fig.subplots()
-    label_k = f"task's top {data['num_selected']:,} rows"
-    label_above = f"task's rows above its {data['threshold_percentile']:g}th percentile"
-    if np.allclose(top_k, above):
-        # The usual case (fraction = 1 - percentile/100, no ties): both measures are the same set.
-        b1 = ax.bar(x, top_k, 0.6, color="#3b75af", label=f"{label_k} (= {label_above})")
-        ax.bar_label(b1, fmt="%.0f%%", fontsize="x-small", padding=1)
-    else:
-        width = 0.4
-        b1 = ax.bar(x - width / 2, top_k, width, color="#3b75af", label=label_k)
-        b2 = ax.bar(x + width / 2, above, width, color="#7fb3d5", label=label_above)
-        ax.bar_label(b1, fmt="%.0f%%", fontsize="x-small", padding=1)
-        ax.bar_label(b2, fmt="%.0f%%", fontsize="x-small", padding=1)
-    ax.axhline(
-        data["random_expectation"] * 100,
-        color="black",
-        linestyle=":",
-        linewidth=1.2,
-        label=f"random subset of the same size ({data['random_expectation']:.0%})",
-    )
-    floor = data["floor_rows_per_task"]
-    if floor and data["num_selected"]:
-        # Per-task floors reserve each task's own best rows: every bar is at least this high, and tasks whose other
-        # top rows the votes do not favour stay at it (hence equal bars).
-        share = floor / data["num_selected"] * 100
-        ax.axhline(
-            share,
-            color=_FLOOR_COLOR,
-            linestyle="--",
-            linewidth=1.2,
-            label=f"per-task floor: each task's own top {floor:,} rows are reserved ({share:.0f}%)",
-        )
-    ax.set_xticks(x, labels=tasks, rotation=30 if len(tasks) > 5 else 0, ha="right" if len(tasks) > 5 else "center")
-    ax.set_xlabel("target task")
-    ax.set_ylabel("share held by the subset (%)")
-    ax.set_ylim(0, 105)
-    ax.set_title("How much of each task's own top rows the subset holds")
-    fig.legend(loc="outside lower center", fontsize="small", frameon=False, ncols=1)
-    fig.savefig(path)
-
-
-def _plot_composition(rows: list[dict], group_name: str, path: str) -> None:
-    shown = rows[:_MAX_GROUPS]
-    if len(rows) > _MAX_GROUPS:
-        rest = rows[_MAX_GROUPS:]
-        other = {"group": f"other ({len(rest)} groups)", "selected_share": sum(r["selected_share"] for r in rest)}
-        if "pool_share" in rows[0]:
-            other["pool_share"] = sum(r["pool_share"] for r in rest)
-        shown = [*shown, other]
-    labels = [r["group"] for r in shown][::-1]
-    y = np.arange(len(shown))
-    has_pool = "pool_share" in shown[0]
-    fig = _new_figure(6.5, max(2.8, 0.45 * len(shown) + 1.6))
-    ax = fig.subplots()
-    height = 0.4 if has_pool else 0.6
-    sel = np.asarray([r["selected_share"] for r in shown][::-1]) * 100
-    if has_pool:
-        pool = np.asarray([r["pool_share"] for r in shown][::-1]) * 100
-        bp = ax.barh(y + height / 2, pool, height, color=_POOL_COLOR, label="pool")
-        ax.bar_label(bp, fmt="%.1f%%", fontsize="x-small", padding=2)
-    bs = ax.barh(y - height / 2 if has_pool else y, sel, height, color=_SUBSET_COLOR, label="selected")
-    ax.bar_label(bs, fmt="%.1f%%", fontsize="x-small", padding=2)
-    ax.set_yticks(y, labels=labels)
-    ax.set_xlabel("share of rows (%)")
-    ax.set_ylabel(group_name)
-    ax.margins(x=0.15)
-    ax.set_title(f"Composition by {group_name}" + (": pool vs selected" if has_pool else " (selected rows)"))
-    fig.legend(loc="outside lower center", frameon=False, fontsize="small", ncols=2)
-    fig.savefig(path)
-
+    return _pool_groups(export, pool_index, group_column)
 
 # --------------------------------------------------------------------------------------------------- page
 
@@ -500,10 +159,16 @@ def _floor_text(sel: Mapping) -> str:
     )
 
 
+def _features_text(influence: Mapping) -> str:
+    precond, projection = influence.get("preconditioner") or {}, influence.get("projection") or {}
+    return describe_features(precond.get("feature"), projection.get("kind")) or "not recorded"
+
+
 def _md_settings(metadata: Mapping, data: dict) -> list[str]:
     sel, pool = metadata["selection"], metadata["pool"]
     tasks, n, n_sel, pct = data["tasks"], data["num_candidates"], data["num_selected"], data["threshold_percentile"]
-    skipped = metadata.get("influence", {}).get("skipped", [])
+    influence = metadata.get("influence", {})
+    skipped = influence.get("skipped", [])
     lines = [
         f"# Selection report: {pool['name']}",
         "",
@@ -517,9 +182,11 @@ def _md_settings(metadata: Mapping, data: dict) -> list[str]:
                     + ")",
                 ],
                 ["selected rows", f"{n_sel:,} ({_pct(n_sel / n) if n else '-'} of the scored rows)"],
-                ["method", f"`{sel['method']}`" + (f" (task `{sel['task']}`)" if sel.get("task") else "")],
+                ["method", f"`{sel['method']}`" + (f": {RULES[sel['method']].describe(sel)}" if sel["method"] in RULES
+                                                   else "")],
                 ["per-task floor", _floor_text(sel)],
-                ["specialist", f"`{metadata.get('influence', {}).get('specialist', 'mean')}`"],
+                ["specialist", f"`{influence.get('specialist', 'mean')}` ({data['score_kind']})"],
+                ["features", _features_text(influence)],
                 ["target tasks", ", ".join(f"`{t}`" for t in tasks)],
                 [
                     "threshold percentile",
@@ -562,9 +229,9 @@ def _md_distributions(data: dict) -> list[str]:
         "## Influence score distributions",
         "",
         f"Each task's score is its {data['score_label']}. Each task's threshold is the {pct:g}th percentile of its "
-        "scores; rows above it form the task's *top set* and give the row that task's vote. In each task's panel "
-        "the selected rows are split at that task's threshold: light orange marks selected rows below it, picked "
-        "for the other tasks.",
+        f"scores; rows {'at or above' if data['threshold_inclusive'] else 'above'} it form the task's *top set* and "
+        "give the row that task's vote. In each task's panel the selected rows are split at that task's threshold: "
+        "light orange marks selected rows below it, picked for the other tasks.",
         "",
         *_scale_notes(data),
         f"![Influence score distributions per task with thresholds]({FIGURES['scores']})",
@@ -737,23 +404,23 @@ def write_report(
     output_dir = os.fspath(output_dir) if output_dir is not None else os.path.join(export_dir, "report")
     export, scores = _read(export_dir)
     metadata = export.metadata
-    data = _compute(metadata, scores)
+    data = report_numbers(metadata, scores)
 
     grouping = _resolve_groups(export, np.sort(data["_index"][data["_selected"]]), data["_index"], group_column, groups)
     composition, name = None, None
     if grouping is not None:
         sub_labels, pool_labels, default_name = grouping
-        composition = _composition(sub_labels, pool_labels)
+        composition = composition_rows(sub_labels, pool_labels)
         name = group_name or default_name
 
     os.makedirs(output_dir, exist_ok=True)
-    _plot_scores(data, os.path.join(output_dir, FIGURES["scores"]))
-    _plot_votes(data, os.path.join(output_dir, FIGURES["votes"]))
+    plot_scores(data, os.path.join(output_dir, FIGURES["scores"]))
+    plot_votes(data, os.path.join(output_dir, FIGURES["votes"]))
     if len(data["tasks"]) > 1:
-        _plot_heatmap(data, os.path.join(output_dir, FIGURES["heatmap"]))
-    _plot_subset_overlap(data, os.path.join(output_dir, FIGURES["subset_overlap"]))
+        plot_heatmap(data, os.path.join(output_dir, FIGURES["heatmap"]))
+    plot_subset_overlap(data, os.path.join(output_dir, FIGURES["subset_overlap"]))
     if composition:
-        _plot_composition(composition, name, os.path.join(output_dir, FIGURES["composition"]))
+        plot_composition(composition, name, os.path.join(output_dir, FIGURES["composition"]))
 
     public = {k: v for k, v in data.items() if not k.startswith("_")}
     public["composition"] = {"group_name": name, "groups": composition} if composition else None

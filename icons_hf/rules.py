@@ -10,12 +10,15 @@ breaking the remaining ties by the tie-break and then by the ascending row ``ind
         \"\"\"score(z) = median_k I_k(z).\"\"\"
         return Ranking.of(np.median(inputs.matrix, axis=1))
 
-after which ``select(method="median")`` and ``SelectionSettings(method="median")`` accept it.
+after which ``select(method="median")``, ``SelectionSettings(method="median")`` and ``icons-hf select --method
+median`` accept it, and the dataset card and the report describe it (``card_text=``, or the docstring's first
+sentence).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,43 +63,79 @@ class Ranking:
         return cls(primary=primary, primary_key=primary, tiebreak=zeros, tiebreak_key=zeros)
 
 
-RULES: dict[str, Callable[[RuleInput], Ranking]] = {}
+@dataclass(frozen=True)
+class Rule:
+    """A registered consensus rule: ``function(RuleInput) -> Ranking`` (calling the entry calls it) and how the
+    card names it (``card_text``, a phrase that may use the selection's provenance fields, e.g. ``{task!r}``)."""
+
+    name: str
+    function: Callable[[RuleInput], Ranking]
+    card_text: str
+    task_floor: float = 0.0
+
+    def __call__(self, inputs: RuleInput) -> Ranking:
+        return self.function(inputs)
+
+    def describe(self, selection: Mapping) -> str:
+        """``card_text`` with the selection's provenance fields filled in."""
+        return self.card_text.format_map(defaultdict(lambda: "?", selection))
+
+
+RULES: dict[str, Rule] = {}
 RULE_FLOORS: dict[str, float] = {}  # each rule's default task_floor
 
 
-def consensus_rule(name: str, *, task_floor: float = 0.0):
-    """Registers ``function(RuleInput) -> Ranking`` as the consensus rule ``name`` (its docstring holds the formula);
-    ``task_floor`` is the share of the subset the rule reserves as per-task floors when ``select`` is not told."""
+def consensus_rule(name: str, *, task_floor: float = 0.0, card_text: str | None = None):
+    """Registers ``function(RuleInput) -> Ranking`` as the consensus rule ``name`` (its docstring holds the
+    formula); ``task_floor`` is the share of the subset the rule reserves as per-task floors when ``select`` is not
+    told; ``card_text`` is the phrase the dataset card and the report use for it (default: the docstring's first
+    sentence)."""
     if not 0.0 <= task_floor <= 1.0:
         raise ValueError(f"task_floor={task_floor!r} of consensus rule {name!r} must be between 0 and 1.")
 
     def register(function):
         if name in RULES:
             raise ValueError(f"a consensus rule named {name!r} is already registered.")
-        RULES[name] = function
+        text = card_text or first_sentence(function.__doc__).replace("{", "{{").replace("}", "}}") or name
+        RULES[name] = Rule(name, function, text, float(task_floor))
         RULE_FLOORS[name] = float(task_floor)
         return function
 
     return register
 
 
-def rule_names() -> tuple[str, ...]:
-    """The registered consensus rules, in registration order."""
-    return tuple(RULES)
+def first_sentence(doc: str | None) -> str:
+    """The first sentence of a docstring, on one line, in Markdown (the default description of a registry
+    entry)."""
+    text = " ".join((doc or "").split()).replace("``", "`")
+    return text.split(". ")[0].rstrip(".")
 
 
 def vote_thresholds(inputs: RuleInput) -> list:
     """``tau_k``: NumPy's linear-interpolation percentile of each task's scores, in the column's own dtype."""
-    return [np.percentile(column, inputs.percentile) for column in inputs.columns]
+    return column_thresholds(inputs.columns, inputs.percentile)
 
 
-@consensus_rule("vote", task_floor=1.0)
+def column_thresholds(columns, percentile: float) -> list:
+    """The ``percentile`` of each column (NumPy's linear interpolation), in the column's own dtype."""
+    return [np.percentile(column, percentile) for column in columns]
+
+
+def vote_hits(columns, thresholds, inclusive: bool) -> np.ndarray:
+    """``rows x tasks`` booleans: task ``k`` votes for a row whose score is above ``tau_k`` (``>=`` when
+    ``inclusive``). The one definition of a vote: :func:`vote` and the report (:mod:`icons_hf.report_numbers`)
+    count with it."""
+    hits = [(col >= t) if inclusive else (col > t) for col, t in zip(columns, thresholds, strict=True)]
+    return np.stack(hits, axis=1) if hits else np.zeros((0, 0), dtype=bool)
+
+
+@consensus_rule("vote", task_floor=1.0, card_text="ICONS consensus voting")
 def vote(inputs: RuleInput) -> Ranking:
     """ICONS: ``votes(z) = sum_k 1[I_k(z) > tau_k]`` (``>=`` when ``inclusive``), ``tau_k`` the ``percentile`` of
     task ``k``'s scores; rows ranked by votes, ties by the mean within-task percentile rank, then by index."""
     thresholds = vote_thresholds(inputs)
-    hits = [(col >= t) if inputs.inclusive else (col > t) for col, t in zip(inputs.columns, thresholds, strict=True)]
-    votes = np.sum(hits, axis=0, dtype=np.int64) if hits else np.zeros(len(inputs.index), dtype=np.int64)
+    hits = vote_hits(inputs.columns, thresholds, inputs.inclusive)
+    votes = hits.sum(axis=1, dtype=np.int64) if hits.size else np.zeros(len(inputs.index), dtype=np.int64)
     rank, rank_key = mean_rank(inputs.matrix)
     return Ranking(
         primary=votes.astype(np.float64), primary_key=votes, tiebreak=rank, tiebreak_key=rank_key,
@@ -107,19 +146,19 @@ def vote(inputs: RuleInput) -> Ranking:
     )
 
 
-@consensus_rule("mean")
+@consensus_rule("mean", card_text="the mean of the per-task influence scores")
 def mean(inputs: RuleInput) -> Ranking:
     """``score(z) = mean_k I_k(z)``, the raw task scores averaged."""
     return Ranking.of(inputs.matrix.mean(axis=1))
 
 
-@consensus_rule("max")
+@consensus_rule("max", card_text="the maximum of the per-task influence scores")
 def maximum(inputs: RuleInput) -> Ranking:
     """``score(z) = max_k I_k(z)``."""
     return Ranking.of(inputs.matrix.max(axis=1))
 
 
-@consensus_rule("rank")
+@consensus_rule("rank", card_text="the mean within-task percentile rank")
 def rank(inputs: RuleInput) -> Ranking:
     """``score(z) = mean_k q_k(z)``, ``q_k`` the within-task percentile rank (``icons_hf.ranks``)."""
     primary, key = mean_rank(inputs.matrix)
@@ -127,7 +166,7 @@ def rank(inputs: RuleInput) -> Ranking:
     return Ranking(primary=primary, primary_key=key, tiebreak=zeros, tiebreak_key=zeros)
 
 
-@consensus_rule("norm")
+@consensus_rule("norm", card_text="the mean of per-task z-scored influence scores")
 def norm(inputs: RuleInput) -> Ranking:
     """``score(z) = mean_k (I_k(z) - mean I_k) / std I_k`` (a constant task is centred only)."""
     std = inputs.matrix.std(axis=0)
@@ -135,7 +174,7 @@ def norm(inputs: RuleInput) -> Ranking:
     return Ranking.of(((inputs.matrix - inputs.matrix.mean(axis=0)) / std).mean(axis=1))
 
 
-@consensus_rule("task")
+@consensus_rule("task", card_text="the influence on the single task {task!r} (LESS-style)")
 def single_task(inputs: RuleInput) -> Ranking:
     """``score(z) = I_t(z)`` for the one task ``t`` named by ``task=`` (LESS-style specialist selection)."""
     if inputs.task not in inputs.task_names:
@@ -144,7 +183,7 @@ def single_task(inputs: RuleInput) -> Ranking:
     return Ranking.of(inputs.matrix[:, inputs.task_names.index(inputs.task)])
 
 
-@consensus_rule("random")
+@consensus_rule("random", card_text="a uniformly random subset (seed {seed})")
 def uniform(inputs: RuleInput) -> Ranking:
     """``score(z) ~ U(0, 1)`` drawn with ``seed``: a uniformly random subset."""
     return Ranking.of(np.random.default_rng(inputs.seed).random(len(inputs.index)))
@@ -191,5 +230,5 @@ def veto(inputs: RuleInput) -> Ranking:
         tiebreak_text=ranking.tiebreak_text)
 
 
-__all__ = ["RULES", "RULE_FLOORS", "VETO_RANK", "Ranking", "RuleInput", "consensus_rule", "rule_names",
-           "vote_thresholds"]
+__all__ = ["RULES", "RULE_FLOORS", "VETO_RANK", "Ranking", "Rule", "RuleInput", "column_thresholds", "consensus_rule",
+           "first_sentence", "vote_hits", "vote_thresholds"]

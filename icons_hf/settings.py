@@ -23,15 +23,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import numbers
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from .features import FEATURE_TYPES, PROJECTIONS
 from .rules import RULE_FLOORS
 from .rules import RULES as RULE_REGISTRY
 from .specialists import SPECIALISTS as SPECIALIST_REGISTRY
 
 PRESETS = ("default", "paper")
+# A task, subtask, sub-pool or checkpoint name: it names a score column (influence_<task>) and a store folder.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 def validate_choice(name: str, value, choices: Sequence) -> None:
@@ -133,9 +137,9 @@ class FeatureSettings(_Settings):
     """How per-example gradient features are computed and stored (the warmup checkpoints' side)."""
 
     train_feature: str = field(default="sgd", **_help(
-        "pool (train) rows: 'sgd' plain gradients (default, as the released ICONS scripts) or 'adam' (the LESS map "
-        "of the checkpoint's Adam state, as the ICONS/LESS papers); validation rows always use plain gradients",
-        choices=("sgd", "adam")))
+        "feature type of the pool (train) rows (icons_hf.features): 'sgd' plain gradients (default, as the released "
+        "ICONS scripts) or 'adam' (the LESS map of the checkpoint's Adam state, as the ICONS/LESS papers); "
+        "validation rows always use plain gradients", choices=FEATURE_TYPES))
     adam_variant: str = field(default="less", **_help(
         "Adam feature: 'less' m'/sqrt(v'+eps) (LESS released code) or 'torch' (bias-corrected AdamW update)",
         choices=("less", "torch")))
@@ -144,8 +148,8 @@ class FeatureSettings(_Settings):
         "LoRA adapters and, e.g., a trainable multimodal projector) or 'lora' (only LoRA parameters, names holding "
         "'lora_', as the released ICONS code; the paper preset)", choices=("trainable", "lora")))
     projection: str = field(default="countsketch", **_help(
-        "random projection: 'countsketch' (hashed, any device), 'rademacher' (dense TRAK-style), 'identity' (none)",
-        choices=("countsketch", "rademacher", "identity")))
+        "random projection (icons_hf.features): 'countsketch' (hashed, any device), 'rademacher' (dense "
+        "TRAK-style), 'identity' (none)", choices=PROJECTIONS))
     dim: int = field(default=8192, **_help("projected feature dimension (ignored by 'identity')"))
     seed: int = field(default=0, **_help("projection seed"))
     batch_size: int = field(default=8, **_help("rows per forward/backward; features do not depend on it"))
@@ -171,7 +175,7 @@ class FeatureSettings(_Settings):
     def __post_init__(self):
         for name in ("train_feature", "adam_variant", "parameters", "projection", "dtype", "on_bad_row"):
             validate_choice(name, getattr(self, name), dataclasses.fields(self)[self._index(name)].metadata["choices"])
-        _positive_int("dim", self.dim, minimum=0 if self.projection == "identity" else 1)
+        _positive_int("dim", self.dim, minimum=1 if PROJECTIONS[self.projection].uses_dim else 0)
         _positive_int("seed", self.seed, minimum=0)
         _positive_int("batch_size", self.batch_size)
         _positive_int("max_tokens_per_batch", self.max_tokens_per_batch, allow_none=True)
@@ -297,5 +301,6 @@ class SelectionSettings(_Settings):
 
 
 __all__ = [
-    "DEFAULT_VOTE_FLOOR", "PRESETS", "FeatureSettings", "InfluenceSettings", "SelectionSettings", "validate_choice",
+    "DEFAULT_VOTE_FLOOR", "NAME_PATTERN", "PRESETS", "FeatureSettings", "InfluenceSettings", "SelectionSettings",
+    "validate_choice",
 ]

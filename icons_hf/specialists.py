@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .ranks import percentile_ranks
+from .rules import first_sentence
 
 
 def mean_unit(features: np.ndarray, norms: np.ndarray, *, subtask: bool) -> np.ndarray:
@@ -58,13 +59,19 @@ VALIDATION_REDUCTIONS: dict[str, Callable] = {
 
 @dataclass(frozen=True)
 class Specialist:
-    """A registered specialist: its ``combine`` function, whether it works on per-example cosine columns, and
-    the validation reduction (``"examples"`` for per-example specialists)."""
+    """A registered specialist: its ``combine`` function, whether it works on per-example cosine columns, the
+    validation reduction (``"examples"`` for per-example specialists), and how it describes itself: ``card_text``
+    (the dataset card's sentence), ``score_kind`` (what its scores are, in a sentence of the report), ``axis_label``
+    (the report's axis) and ``subtasks`` (how a task given as subtasks is combined)."""
 
     name: str
     combine: Callable
     per_example: bool
     validation: str
+    card_text: str = ""
+    score_kind: str = "influence scores"
+    axis_label: str = "influence score"
+    subtasks: str = "max over subtasks"
 
     def reduce_validation(self, features: np.ndarray, norms: np.ndarray, *, subtask: bool) -> np.ndarray:
         """``dim x columns`` float64 matrix the pool's unit features are multiplied by."""
@@ -74,8 +81,11 @@ class Specialist:
 SPECIALISTS: dict[str, Specialist] = {}
 
 
-def specialist(name: str, *, per_example: bool, validation: str | None = None):
-    """Registers a specialist (see the module docstring for the two shapes)."""
+def specialist(name: str, *, per_example: bool, validation: str | None = None, card_text: str | None = None,
+               score_kind: str = "influence scores", axis_label: str = "influence score", subtasks: str | None = None):
+    """Registers a specialist (see the module docstring for the two shapes). The descriptions default to the
+    docstring's first sentence (``card_text``), plain influence scores, and subtasks' examples pooled
+    (per-example) or the max over subtasks (row-wise)."""
     validation = "examples" if per_example else (validation or "mean_unit")
     if validation not in VALIDATION_REDUCTIONS:
         raise ValueError(f"validation={validation!r} is not one of: {', '.join(VALIDATION_REDUCTIONS)}.")
@@ -85,18 +95,20 @@ def specialist(name: str, *, per_example: bool, validation: str | None = None):
     def register(function):
         if name in SPECIALISTS:
             raise ValueError(f"a specialist named {name!r} is already registered.")
-        SPECIALISTS[name] = Specialist(name, function, per_example, validation)
+        pooled = subtasks or ("examples pooled" if per_example else "max over subtasks")
+        text = card_text or f"Influence of a pool row on a task: {first_sentence(function.__doc__)}."
+        SPECIALISTS[name] = Specialist(name, function, per_example, validation, text, score_kind, axis_label, pooled)
         return function
 
     return register
 
 
-def specialist_names() -> tuple[str, ...]:
-    """The registered specialists, in registration order."""
-    return tuple(SPECIALISTS)
-
-
-@specialist("balanced", per_example=True)
+@specialist(
+    "balanced", per_example=True, score_kind="within-pool percentile ranks (0 to 1, the best example's)",
+    axis_label="percentile rank (0-1)",
+    card_text="Influence of a pool row on a task is the highest within-pool percentile rank it reaches for any one of "
+    "the task's validation examples, by the cosine similarity of gradient features summed over checkpoints with the "
+    "weights below; every validation example thus contributes about the same number of top rows.")
 def balanced(columns: Iterable[np.ndarray], n_rows: int) -> np.ndarray:
     """``I_k(z) = max_v q_v(z)``, ``q_v`` the within-pool percentile rank of ``c_v``. A row scores high when it is
     among the best rows of *some* validation example, so a task's top rows are about the same number per example
@@ -107,7 +119,12 @@ def balanced(columns: Iterable[np.ndarray], n_rows: int) -> np.ndarray:
     return acc
 
 
-@specialist("zscore", per_example=True)
+@specialist(
+    "zscore", per_example=True, score_kind="mean z-scores over the task's validation examples",
+    axis_label="mean z-score",
+    card_text="Influence of a pool row on a task is the mean over the task's validation examples of its z-scored "
+    "cosine similarity with that example's gradient feature (standardised over the pool, summed over checkpoints with "
+    "the weights below).")
 def zscore(columns: Iterable[np.ndarray], n_rows: int) -> np.ndarray:
     """``I_k(z) = mean_v (c_v(z) - mean c_v) / std c_v``: every example's column standardised over the pool (a
     constant column is centred only), then averaged. Subtasks' examples are pooled."""
@@ -120,7 +137,11 @@ def zscore(columns: Iterable[np.ndarray], n_rows: int) -> np.ndarray:
     return acc / max(count, 1)
 
 
-@specialist("mean", per_example=False, validation="mean_unit")
+@specialist(
+    "mean", per_example=False, validation="mean_unit", score_kind="mean cosine similarities", axis_label="mean cosine",
+    card_text="Influence of a pool row on a task is the mean cosine similarity between its gradient feature and the "
+    "task's validation gradient features (the ICONS paper's specialist), summed over checkpoints with the weights "
+    "below.")
 def mean(products: np.ndarray) -> np.ndarray:
     """The ICONS paper (following LESS): ``I_k(z) = max_s mean_{v in s} c_v(z)`` over the task's subtasks ``s``
     (one subtask for a task given whole). The mean cosine is the cosine with the examples' mean unit vector, so
@@ -128,7 +149,13 @@ def mean(products: np.ndarray) -> np.ndarray:
     return products.max(axis=1)
 
 
-@specialist("mean_released", per_example=False, validation="mean_raw_for_subtasks")
+@specialist(
+    "mean_released", per_example=False, validation="mean_raw_for_subtasks",
+    score_kind="products with the mean validation gradient", axis_label="influence score",
+    card_text="Influence of a pool row on a task is, as the released ICONS scripts compute it, the mean cosine "
+    "similarity between its gradient feature and the task's validation gradient features, summed over checkpoints "
+    "with the weights below; for a task given as subtasks, the product of the row's unit feature with each subtask's "
+    "unnormalised mean validation gradient, so a subtask with larger gradients weighs more in the max.")
 def mean_released(products: np.ndarray) -> np.ndarray:
     """The released ICONS scripts: as ``"mean"`` for a task given whole; for a task given as subtasks (MME),
     ``I_k(z) = max_s sum_c w_c (g_z^c / |g_z^c|) . mean_{v in s} g_v^c``, the validation gradients averaged
@@ -136,4 +163,4 @@ def mean_released(products: np.ndarray) -> np.ndarray:
     return products.max(axis=1)
 
 
-__all__ = ["SPECIALISTS", "VALIDATION_REDUCTIONS", "Specialist", "specialist", "specialist_names"]
+__all__ = ["SPECIALISTS", "VALIDATION_REDUCTIONS", "Specialist", "specialist"]

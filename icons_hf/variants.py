@@ -1,8 +1,5 @@
-"""Specialist variants and feature diagnostics, measured beside the paper's rule.
+"""Feature diagnostics, measured beside the paper's rule.
 
-* :func:`balanced_influence`: the per-validation-example balanced specialists by their earlier name
-  (``mode="quota"`` is :func:`icons_hf.compute_influence`'s default ``specialist="balanced"``, ``mode="zscore"``
-  its ``specialist="zscore"``; the formulas are in :mod:`icons_hf.influence`).
 * :func:`adam_feature_diagnostics`: how much of an Adam (LESS) train feature is the optimizer's shared momentum
   term rather than the row's own gradient, and how parallel the features of different rows are.
 
@@ -16,30 +13,16 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 
 from .gradients import compute_gradients, resolve_optimizer_state, unwrap_model
 from .gradients.precondition import AdamState
-from .influence import compute_influence
-from .settings import validate_choice
 from .store import load_gradients
 
 logger = logging.getLogger(__name__)
-
-
-BALANCE_MODES = ("quota", "zscore")
-
-
-def balanced_influence(train, tasks: Mapping, *, mode: str = "quota", checkpoint_weights: Sequence[float] | None = None,
-                       batch_size: int = 4096, work_dir: str | os.PathLike | None = None):
-    """Per-validation-example balanced specialist scores: :func:`icons_hf.compute_influence` with
-    ``specialist="balanced"`` (``mode="quota"``) or ``specialist="zscore"`` (``mode="zscore"``)."""
-    validate_choice("mode", mode, BALANCE_MODES)
-    return compute_influence(train, tasks, specialist="balanced" if mode == "quota" else "zscore",
-                             checkpoint_weights=checkpoint_weights, batch_size=batch_size, work_dir=work_dir)
 
 
 def adam_feature_diagnostics(

@@ -117,6 +117,23 @@ def test_callback_and_compute_gradients_take_their_defaults_from_the_settings(tm
         assert {k: meta["settings"][k] for k in expected} == expected and meta["dim"] == expected["dim"]
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"preset": "paper", "dim": 16, "shard_size": 2},
+     {"settings": {"projection": "rademacher", "shard_size": 2}, "dim": 16},
+     {"projection": "rademacher", "dim": 16, "shard_size": 2}],
+)
+def test_compute_checkpoint_stores_takes_settings_in_every_style(tmp_path, tiny_lora_llama, token_rows, kwargs):
+    pool = Dataset.from_list(token_rows(3, seed=1))
+    entry = compute_checkpoint_stores(tiny_lora_llama(seed=0), pool, {"t": pool}, tmp_path, checkpoint="checkpoint-1",
+                                      show_progress=False, **kwargs)
+    for path in (entry["train"], entry["tasks"]["t"]):
+        meta = json.load(open(os.path.join(path, "store.json")))
+        assert (meta["settings"]["projection"], meta["settings"]["dim"], meta["dim"]) == ("rademacher", 16, 16)
+    with pytest.raises(TypeError, match="FeatureSettings has no setting 'dims'"):
+        compute_checkpoint_stores(tiny_lora_llama(seed=0), pool, {"t": pool}, tmp_path, checkpoint="c", dims=3)
+
+
 def test_checkpoint_name_is_required_and_checked(tmp_path, tiny_lora_llama, token_rows):
     pool = Dataset.from_list(token_rows(3, seed=1))
     model = tiny_lora_llama(seed=0)

@@ -317,3 +317,63 @@ def test_card_describes_the_vote_threshold_as_configured(tmp_path, inclusive, pe
     card = open(os.path.join(out, "README.md")).read()
     assert words in card
     assert ("| selection | `threshold_percentile` | none |" in card) == (percentile is None)
+
+
+def table(**columns):
+    n = len(next(iter(columns.values())))
+    return Dataset.from_dict({"index": list(range(n)), **{f"influence_{k}": v for k, v in columns.items()}})
+
+
+def _selection(n, chosen, tasks=("a",)):
+    rng = np.random.default_rng(0)
+    t = Dataset.from_dict({"index": list(range(n)), **{f"influence_{k}": rng.normal(size=n).tolist() for k in tasks}})
+    scores = select(t, num_rows=len(chosen), method="task", task=tasks[0])
+    sel = [i in chosen for i in range(n)]
+    scores = scores.remove_columns("selected").add_column("selected", sel)
+    return scores
+
+
+def test_export_round_trips_hf_dataset(tmp_path):
+    pool = Dataset.from_dict({"text": [f"row {i}" for i in range(10)], "label": list(range(10))})
+    scores = select(table(a=[float(i % 4) for i in range(10)], b=[float(-i) for i in range(10)]), fraction=0.3)
+    out = export_selection(pool, scores, tmp_path / "subset", license="cc-by-4.0")
+    chosen = [i for i, s in enumerate(scores["selected"]) if s]
+    reloaded = Dataset.from_parquet(str(tmp_path / "subset" / "data" / "train-00000-of-00001.parquet"))
+    assert reloaded.to_list() == pool.select(chosen).to_list()
+    assert json.load(open(os.path.join(out, "indices.json"))) == chosen
+    table_back = Dataset.from_parquet(os.path.join(out, "scores.parquet"))
+    assert table_back["selected"] == scores["selected"]
+    from huggingface_hub import DatasetCard
+
+    card = DatasetCard.load(os.path.join(out, "README.md"))
+    assert card.data.license == "cc-by-4.0"
+    assert card.data.size_categories == ["n<1K"]
+    assert "## Votes" in card.text and "wu2025icons" in card.text
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_export_llava_records_by_position_with_duplicate_ids(tmp_path, suffix):
+    records = [{"id": f"id{i % 3}", "image": f"{i}.png", "conversations": [{"from": "human", "value": f"q{i}"},
+               {"from": "gpt", "value": f"a{i}"}]} for i in range(9)]
+    pool = tmp_path / f"pool{suffix}"
+    with open(pool, "w") as handle:
+        if suffix == ".json":
+            json.dump(records, handle)
+        else:
+            handle.writelines(json.dumps(r) + "\n" for r in records)
+    scores = select(table(a=[0, 9, 1, 8, 2, 7, 3, 6, 4]), fraction=0.34, method="task", task="a")
+    out = export_selection(str(pool), scores, tmp_path / "out")
+    path = os.path.join(out, f"pool_icons{suffix}")
+    with open(path) as handle:
+        back = json.load(handle) if suffix == ".json" else [json.loads(line) for line in handle]
+    assert back == [records[1], records[3], records[5]]
+    meta = json.load(open(os.path.join(out, "selection.json")))
+    assert meta["subset_file"] == f"pool_icons{suffix}" and meta["num_selected"] == 3
+
+
+def test_export_refuses_wrong_pool_and_unselected_scores(tmp_path):
+    pool = Dataset.from_dict({"x": [1, 2, 3]})
+    with pytest.raises(ValueError, match="call icons_hf.select"):
+        export_selection(pool, table(a=[1.0, 2.0, 3.0]), tmp_path / "a")
+    with pytest.raises(ValueError, match="refers to row 4"):
+        export_selection(pool, select(table(a=[1.0, 2, 3, 4, 5]), fraction=0.4), tmp_path / "b")

@@ -12,6 +12,7 @@ pytest.importorskip("matplotlib")
 from datasets import Dataset  # noqa: E402
 
 from icons_hf import export_selection, select  # noqa: E402
+from icons_hf.provenance import provenance  # noqa: E402
 from icons_hf.report import FIGURES, write_report  # noqa: E402
 
 FOLDERS = ["coco", "gqa", "ocr_vqa", "textvqa", "vg", None]
@@ -244,13 +245,13 @@ def test_report_errors(tmp_path, llava_export):
             "100% of the subset reserved in equal shares: each task's own top 20 rows",
         ),
         (
-            "balanced-quota",
+            "zscore",
             0.5,
-            "percentile rank (0-1)",
+            "mean z-score",
             "50% of the subset reserved in equal shares: each task's own top 10 rows",
         ),
-        ("mean", 0.0, "influence score", "none (the subset is ranked by the method alone, the ICONS paper's rule)"),
-        (None, 0.0, "influence score", "none (the subset is ranked by the method alone, the ICONS paper's rule)"),
+        ("mean", 0.0, "mean cosine", "none (the subset is ranked by the method alone, the ICONS paper's rule)"),
+        (None, 0.0, "mean cosine", "none (the subset is ranked by the method alone, the ICONS paper's rule)"),
     ],
 )
 def test_report_names_the_score_scale_and_the_floors(tmp_path, specialist, task_floor, label, floor_text):
@@ -286,3 +287,25 @@ def test_report_names_the_score_scale_and_the_floors(tmp_path, specialist, task_
     floors = data["floor_rows_per_task"]
     assert (f"Per-task floors reserve each task's own top {floors} rows" in markdown) == bool(floors)
     assert len(records) == n
+
+
+def test_report_counts_votes_as_select_did_with_inclusive_thresholds(tmp_path):
+    """Ties at the threshold (scores with one decimal): the paper preset votes on >=, and so does the report."""
+    rng = np.random.default_rng(3)
+    n = 120
+    llava_pool(tmp_path / "pool.json", n, rng)
+    table = score_table(n, TASKS, rng, decimals=1)
+    scores = select(table, fraction=0.2, preset="paper")
+    export_dir = export_selection(str(tmp_path / "pool.json"), scores, tmp_path / "export")
+    write_report(export_dir)
+    data = json.load(open(os.path.join(export_dir, "report", "report.json")))
+    assert data["threshold_inclusive"] is True
+    thresholds = provenance(scores)["selection"]["thresholds"]
+    at_or_above = {t: int((np.asarray(table[f"influence_{t}"]) >= np.float32(thresholds[t])).sum()) for t in TASKS}
+    above = {t: int((np.asarray(table[f"influence_{t}"]) > np.float32(thresholds[t])).sum()) for t in TASKS}
+    assert data["top_set_sizes"] == at_or_above and at_or_above != above  # the ties decide
+    votes = np.asarray(scores["votes"])
+    selected = np.asarray(scores["selected"])
+    expected = {str(v): {"pool": int((votes == v).sum()), "selected": int(((votes == v) & selected).sum())}
+                for v in range(len(TASKS) + 1)}
+    assert data["vote_histogram"] == expected

@@ -1,5 +1,5 @@
-"""Selection variants: the balanced specialist, the per-task floor of select(), and the Adam-term diagnostics,
-each against an independent loop-based reference on fresh random inputs."""
+"""Selection variants: the per-example specialists (balanced, zscore), the per-task floor of select(), and the
+Adam-term diagnostics, each against an independent loop-based reference on fresh random inputs."""
 
 import math
 
@@ -11,7 +11,7 @@ from datasets import Dataset
 from icons_hf import compute_influence, select
 from icons_hf.provenance import provenance
 from icons_hf.testing import write_store
-from icons_hf.variants import adam_feature_diagnostics, balanced_influence, pairwise_cosine
+from icons_hf.variants import adam_feature_diagnostics, pairwise_cosine
 
 
 def reference_rank(values, i):
@@ -21,7 +21,7 @@ def reference_rank(values, i):
     return (below + equal / 2) / (len(values) - 1)
 
 
-def test_balanced_influence_matches_loops(tmp_path):
+def test_per_example_specialists_match_loops(tmp_path):
     rng = np.random.default_rng(7)
     n, dim, lrs = 17, 5, [2e-4, 1e-4]
     train = [rng.normal(size=(n, dim)) for _ in lrs]
@@ -57,8 +57,8 @@ def test_balanced_influence_matches_loops(tmp_path):
             sum((col[z] - mu) / sd for col, (mu, sd) in zip(cols, stats, strict=True)) / len(cols) for z in range(n)
         ]
 
-    for mode, expected in (("quota", quota), ("zscore", zscore)):
-        scores = balanced_influence(train_paths, tasks, mode=mode)
+    for specialist, expected in (("balanced", quota), ("zscore", zscore)):
+        scores = compute_influence(train_paths, tasks, specialist=specialist)
         assert scores.column_names == ["index", "influence_a", "influence_b"]
         np.testing.assert_array_equal(scores["index"], np.arange(n))
         np.testing.assert_allclose(scores["influence_a"], expected(["a"]), atol=1e-5)
@@ -66,25 +66,23 @@ def test_balanced_influence_matches_loops(tmp_path):
         # It plugs into select() like compute_influence's table, and says which specialist made it.
         assert sum(select(scores, fraction=0.3)["selected"]) == math.floor(0.3 * n)
         info = provenance(scores)["influence"]
-        assert info["specialist"] == {"quota": "balanced", "zscore": "zscore"}[mode]
+        assert info["specialist"] == specialist
         assert info["checkpoint_weights"] == pytest.approx(weights)
-        # The same specialist is compute_influence's (balanced is its default), streamed in small batches.
-        specialist = {"quota": "balanced", "zscore": "zscore"}[mode]
-        direct = compute_influence(train_paths, tasks, specialist=specialist, batch_size=3)
+        # Streamed in small batches, the scores are the same.
+        direct = compute_influence(train_paths, tasks, specialist=specialist, batch_size=3, cache_file_name=None)
         assert direct.to_dict() == scores.to_dict()
-    assert compute_influence(train_paths, tasks).to_dict() == balanced_influence(train_paths, tasks).to_dict()
-    with pytest.raises(ValueError, match="mode"):
-        balanced_influence(train_paths, tasks, mode="max")
+    default = compute_influence(train_paths, tasks)
+    assert default.to_dict() == compute_influence(train_paths, tasks, specialist="balanced").to_dict()
 
 
-def test_balanced_influence_refuses_mismatched_stores(tmp_path):
+def test_per_example_specialist_refuses_mismatched_stores(tmp_path):
     rng = np.random.default_rng(0)
     train = write_store(tmp_path / "train", rng.normal(size=(5, 4)))
     other = write_store(tmp_path / "val", rng.normal(size=(3, 4)), weights="elsewhere")
     with pytest.raises(ValueError, match="other model weights"):
-        balanced_influence(train, {"t": other})
+        compute_influence(train, {"t": other}, specialist="balanced")
     with pytest.raises(ValueError, match="checkpoint_weights"):
-        balanced_influence(train, {"t": write_store(tmp_path / "v2", rng.normal(size=(3, 4)))}, checkpoint_weights=[-1])
+        compute_influence(train, {"t": write_store(tmp_path / "v2", rng.normal(size=(3, 4)))}, checkpoint_weights=[-1])
 
 
 def reference_floor_select(mat, n_keep, floor, primary):

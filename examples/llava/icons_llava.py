@@ -31,7 +31,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextTo
 
 from icons_hf import recipes
 from icons_hf.data import DEFAULT_SYSTEM, prepare_llava_dataset
-from icons_hf.pools import load_llava_records
+from icons_hf.pools import load_records
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> str | None:
     fmt = dict(tokenizer=tokenizer, image_processor=AutoImageProcessor.from_pretrained(args.processor or args.model),
                image_token_id=image_token_id, num_image_tokens=num_image_tokens, system=args.system)
 
-    records = load_llava_records(args.data_path)
+    records = load_records(args.data_path)
     if not records:
         raise ValueError(f"{args.data_path} holds no rows.")
     has_image = np.asarray([r.get("image") is not None for r in records])

@@ -5,19 +5,10 @@ from .capture import LinearCapture
 from .extractor import compute_gradients
 from .inputs import collate_rows, unwrap_model
 from .loss import per_row_loss
-from .precondition import (
-    ADAM_VARIANTS,
-    FEATURES,
-    AdamState,
-    Preconditioner,
-    resolve_optimizer_state,
-)
-from .projection import PROJECTIONS, Projector
+from .precondition import AdamState, Preconditioner, resolve_optimizer_state
+from .projection import Projector
 
 __all__ = [
-    "ADAM_VARIANTS",
-    "FEATURES",
-    "PROJECTIONS",
     "AdamState",
     "BadRowError",
     "LinearCapture",

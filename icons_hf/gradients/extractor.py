@@ -21,8 +21,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..distributed import is_main_process
+from ..features import FEATURE_TYPES
 from ..pools import input_columns, input_hashes
-from ..settings import FeatureSettings
+from ..settings import FeatureSettings, validate_choice
 from ..store import StoreWriter
 from .badrows import (
     NO_SUPERVISED,
@@ -45,7 +46,6 @@ from .inputs import (
 )
 from .loss import head_selection_supported, per_row_loss, supervised_losses
 from .precondition import (
-    FEATURES,
     Preconditioner,
     checkpoint_learning_rate,
     resolve_optimizer_state,
@@ -136,21 +136,20 @@ class _Setup:
 
 
 def _setup(model: nn.Module, dataset, settings: FeatureSettings, feature: str, optimizer_state, learning_rate):
-    if feature not in FEATURES:
-        raise ValueError(f"feature={feature!r} is not supported; choose one of: {', '.join(FEATURES)}.")
+    validate_choice("feature", feature, FEATURE_TYPES)
     device = model_device(model)
     capture = LinearCapture(model, settings.parameters)
     state = None
-    if feature == "adam":
+    if FEATURE_TYPES[feature].needs_optimizer_state:
         if optimizer_state is None:
             raise ValueError(
-                "feature='adam' needs optimizer_state (a Trainer checkpoint folder, optimizer or mapping)."
+                f"feature={feature!r} needs optimizer_state (a Trainer checkpoint folder, optimizer or mapping)."
             )
         state = resolve_optimizer_state(optimizer_state, model)
         state.check_covers(capture.shapes)
         if learning_rate is None and isinstance(optimizer_state, (str, os.PathLike)):
             learning_rate = checkpoint_learning_rate(optimizer_state)
-    precondition = Preconditioner(feature, settings.adam_variant, state, device=device)
+    precondition = Preconditioner(feature, settings, state, device=device)
     shapes = {n: int(np.prod(s)) for n, s in capture.shapes.items()}
     projector = Projector(settings.projection, settings.dim, settings.seed, shapes, device=device)
     named = dict(model.named_parameters())
@@ -320,8 +319,8 @@ def compute_gradients(
             export of this dataset can check its rows are still the scored ones, in the scored order.
         output_dir: the store folder. The same call again resumes an interrupted run; a rerun with settings that
             change the features is refused, naming the setting. ``store.json`` records the settings whole.
-        feature: this dataset's feature: ``"sgd"`` (the gradient; validation rows always) or ``"adam"`` (needs
-            ``optimizer_state``); ``None``: the settings' ``train_feature``, the pool's feature
+        feature: this dataset's feature type (:mod:`icons_hf.features`): ``"sgd"`` (validation rows always) or
+            ``"adam"`` (needs ``optimizer_state``); ``None``: the settings' ``train_feature``, the pool's feature
             (:func:`icons_hf.compute_checkpoint_stores` passes it for the pool).
         optimizer_state: a Trainer checkpoint folder (``optimizer.pt``), a live torch optimizer, or a mapping
             ``parameter name -> {"exp_avg", "exp_avg_sq"[, "step"]}``. Never modified.

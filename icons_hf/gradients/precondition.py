@@ -1,14 +1,9 @@
-"""Preconditioners that turn a per-example gradient into a feature.
+"""What turns a per-example gradient into a feature: the checkpoint's optimizer state (:class:`AdamState`), its
+learning rate, and :class:`Preconditioner`, which runs the registered feature type (formulas in
+:mod:`icons_hf.features`).
 
-* ``sgd``: the gradient itself.
-* ``adam`` with ``adam_variant="less"`` (default, the map of the released LESS code, used by ICONS):
-  ``m' = b1 m + (1 - b1) g``, ``v' = b2 v + (1 - b2) g^2``, feature ``m' / sqrt(v' + eps)``.
-* ``adam`` with ``adam_variant="torch"`` (the update ``torch.optim.AdamW`` would take next):
-  with ``t = step + 1``, ``m_hat = m' / (1 - b1^t)``, ``v_hat = v' / (1 - b2^t)``, feature
-  ``m_hat / (sqrt(v_hat) + eps)``.
-
-``m``, ``v`` and ``step`` are the checkpoint's optimizer state. They are read, never written: every example
-sees the same state, and the optimizer is unchanged afterwards.
+The optimizer state is read, never written: every example sees the same state, and the optimizer is unchanged
+afterwards.
 """
 
 from __future__ import annotations
@@ -21,11 +16,10 @@ from collections.abc import Mapping
 import torch
 
 from ..distributed import is_main_process
+from ..features import FEATURE_TYPES
+from ..settings import FeatureSettings, validate_choice
 
 logger = logging.getLogger(__name__)
-
-FEATURES = ("sgd", "adam")
-ADAM_VARIANTS = ("less", "torch")
 
 
 class AdamState:
@@ -172,54 +166,26 @@ def resolve_optimizer_state(optimizer_state, model: torch.nn.Module) -> AdamStat
 
 
 class Preconditioner:
-    """Maps a batch of per-example gradients of one parameter to features (see the module docstring)."""
+    """Maps a batch of per-example gradients of one parameter to features with the registered feature type
+    ``feature`` (:data:`icons_hf.features.FEATURE_TYPES`); ``settings`` are the :class:`FeatureSettings` (its
+    ``adam_variant`` for ``"adam"``), ``state`` the optimizer state a feature type may need."""
 
-    def __init__(self, feature: str, adam_variant: str = "less", state: AdamState | None = None, device="cpu"):
-        if feature not in FEATURES:
-            raise ValueError(f"feature={feature!r} is not supported; choose 'sgd' or 'adam'.")
-        if adam_variant not in ADAM_VARIANTS:
-            raise ValueError(f"adam_variant={adam_variant!r} is not supported; choose 'less' or 'torch'.")
-        if feature == "adam" and state is None:
+    def __init__(self, feature: str, settings: FeatureSettings | None = None, state: AdamState | None = None,
+                 device="cpu"):
+        validate_choice("feature", feature, FEATURE_TYPES)
+        entry = FEATURE_TYPES[feature]
+        if entry.needs_optimizer_state and state is None:
             raise ValueError(
-                "feature='adam' needs optimizer_state: a Trainer checkpoint folder, a live optimizer, or a mapping "
-                "name -> {'exp_avg', 'exp_avg_sq'}."
+                f"feature={feature!r} needs optimizer_state: a Trainer checkpoint folder, a live optimizer, or a "
+                "mapping name -> {'exp_avg', 'exp_avg_sq'}."
             )
         self.feature = feature
-        self.adam_variant = adam_variant
         self.state = state
         self.device = torch.device(device)
-        self._moments: dict[str, tuple] = {}
+        self.method = entry.build(state=state, settings=settings or FeatureSettings(), device=self.device)
 
     def describe(self) -> dict:
-        out = {"feature": self.feature}
-        if self.feature == "adam":
-            out.update(adam_variant=self.adam_variant, betas=list(self.state.betas), eps=self.state.eps)
-        return out
-
-    def _get(self, name):
-        """Per-parameter constants ``(a, c, alpha, value, eps_out)`` on the compute device, so that the feature is
-        ``(a + alpha * g) / (sqrt(c + value * g^2) + eps_out)``: for ``less``, ``a = b1 m``, ``c = b2 v + eps``,
-        ``alpha = 1 - b1``, ``value = 1 - b2``, ``eps_out = 0``; for ``torch`` the bias corrections are folded in
-        and ``eps_out = eps``. Built once from float32 copies: the optimizer's own tensors are never touched."""
-        if name not in self._moments:
-            st = self.state.moments[name]
-            m = st["exp_avg"].detach().to(self.device, torch.float32, copy=True).reshape(-1)
-            v = st["exp_avg_sq"].detach().to(self.device, torch.float32, copy=True).reshape(-1)
-            b1, b2 = self.state.betas
-            eps = self.state.eps
-            if self.adam_variant == "less":
-                self._moments[name] = (m.mul_(b1), v.mul_(b2).add_(eps), 1.0 - b1, 1.0 - b2, 0.0)
-            else:
-                t = int(st.get("step", 0)) + 1
-                c1, c2 = 1.0 - b1**t, 1.0 - b2**t
-                self._moments[name] = (m.mul_(b1 / c1), v.mul_(b2 / c2), (1.0 - b1) / c1, (1.0 - b2) / c2, eps)
-        return self._moments[name]
+        return {"feature": self.feature, **self.method.describe()}
 
     def __call__(self, name: str, grads: torch.Tensor) -> torch.Tensor:
-        if self.feature == "sgd":
-            return grads
-        a, c, alpha, value, eps_out = self._get(name)
-        denominator = torch.addcmul(c, grads, grads, value=value).sqrt_()
-        if eps_out:
-            denominator.add_(eps_out)
-        return torch.add(a, grads, alpha=alpha).div_(denominator)
+        return self.method(name, grads)
