@@ -189,3 +189,61 @@ def test_reduced_run_under_accelerate_launch_with_two_processes(tmp_path):
         checkpoint = out / "seed0" / "poolA" / f"features-{kind}" / run["checkpoints"][0]["checkpoint"]
         train = json.loads((checkpoint / "train" / "store.json").read_text())
         assert train["num_features"] == 80
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("gain-sgd-balanced", dict(base="gain", feature="sgd", specialist="balanced", floor=None)),
+    ("veto-sgd-balanced", dict(base="veto", floor=None)),
+    ("rank-sgd-balanced", dict(base="rank", floor=None)),
+    ("blend-sgd-balanced", dict(base="blend", floor=0.5)),
+])
+def test_candidate_rule_names(replica, name, expected):
+    _, harness = replica
+    rule = harness.Rule.parse(name)
+    assert {k: getattr(rule, k) for k in expected} == expected
+
+
+def test_clean_pool_is_pool_a_uncorrupted(replica, tmp_path):
+    _, harness = replica
+    material = harness.Material()
+    split = harness.seed_split(material, 1, stage1_images=1000, validation_per_task=6, test_per_task=30)
+    noisy, noisy_kinds = harness.build_pool(material, split, harness.POOLS["A"], size=300, seed=1,
+                                            image_dir=str(tmp_path / "a"))
+    clean, clean_kinds = harness.build_pool(material, split, harness.POOLS["A-clean"], size=300, seed=1,
+                                            image_dir=str(tmp_path / "c"))
+    assert set(clean_kinds) == {"clean"} and Counter(noisy_kinds)["clean"] < 250
+    originals = {}
+    for r in material.train_records:
+        originals.setdefault((r["conversations"][0]["value"], r["image"]), set()).add(r["conversations"][1]["value"])
+    for a, c in zip(noisy, clean, strict=True):
+        question, answer = (t["value"] for t in c["conversations"])
+        assert question == a["conversations"][0]["value"]  # the same draw of questions as pool A: its task mix
+        assert answer in originals[(question, os.path.basename(c["image"]))]  # every row as easy-VQA has it
+
+
+def test_candidates_run_end_to_end(replica, tmp_path):
+    script, _ = replica
+    out, reports = tmp_path / "runs", tmp_path / "report"
+    argv = [
+        "--output_dir", str(out), "--report_dir", str(reports), "--seeds", "0", "--pools", "A-clean", "B",
+        "--candidates", "--report_name", "replica_candidates", "--pool_size", "100",
+        "--validation_per_task", "6", "--test_per_task", "24", "--vision_steps", "2", "--stage1_steps", "2",
+        "--stage1_questions", "20", "--warmup_epochs", "1", "--warmup_fraction", "0.1", "--warmup_batch_size", "4",
+        "--checkpoints", "1", "--dim", "64", "--diagnostic_rows", "6", "--train_steps", "2", "--workers", "1",
+    ]
+    script.main(argv)
+    summary = json.loads((reports / "candidates_easyvqa.json").read_text())
+    assert (reports / "candidates_easyvqa.md").stat().st_size > 0
+    assert set(summary["pools"]) == {"A-clean", "B"}
+    for pool, entry in summary["pools"].items():
+        assert set(entry["relative_per_seed"]) == set(script.CANDIDATE_RULES)
+        assert entry["relative_per_seed"]["full"] == {"0": pytest.approx(100.0)} or pool == "B"
+        choice = entry["groups"]["choice"]
+        for name in ("default", "gain", "blend"):
+            paired = entry["relative_per_seed"][name]["0"] - entry["relative_per_seed"]["random"]["0"]
+            assert choice[name]["difference_vs_random"][0] == pytest.approx(paired)
+        assert entry["kept"]["gain"]["rows"] == 20 and entry["kept"]["full"]["rows"] == 100
+        assert sum(entry["kept"]["blend"]["rows_per_task"].values()) == 20
+    assert all(k["harmful_share"] == 0 for k in summary["pools"]["A-clean"]["kept"].values())
+    assert summary["pools"]["B"]["kept"]["full"]["harmful_share"] == pytest.approx(0.45)
+    assert summary["candidate_names"]["paper"] == "icons" and summary["cost"]["cpu_min"] > 0

@@ -4,6 +4,7 @@ its own rules (votes within per-task floors, even cluster sampling) against brut
 both replicas train on (replica_common) against the loops each replica had before."""
 
 import importlib
+import json
 import math
 import os
 import sys
@@ -177,3 +178,79 @@ def test_shared_batch_order_matches_both_old_loops(many, n, batch_size, steps, c
     ours = [b.tolist() for b in many["common"].fixed_step_batches(n, batch_size, steps, seed)]
     assert ours == old_batch_order(n, batch_size, steps, seed, cap_at_epoch_end)
     assert len(ours) == steps and all(0 <= i < n for b in ours for i in b)
+
+
+def test_clean_pool_has_no_harmful_rows_and_a_third_conversation_rows(many):
+    tasks, harness = many["tasks"], importlib.import_module("many_harness")
+    spec, size, seed = tasks.POOLS["M-clean"], 1200, 4
+    facts = tasks.fact_table(seed)
+    rows = tasks.build_pool(spec, size, seed, facts, set())
+    kinds = Counter(r["kind"] for r in rows)
+    assert not any(kinds[k] for k in ("wrong", "noise", "off_task")) and kinds["near_duplicate"] > 0
+    assert kinds["generalist"] / size >= 0.30
+    asked = Counter()
+    for row in rows:
+        for q, a in row["segments"]:
+            assert a == solve(q, facts), row  # every answer of every row is right
+        if row["kind"] == "generalist":
+            asked[len(row["segments"])] += 1
+            assert len({tasks_of(q) for q, _ in row["segments"]}) == len(row["segments"])
+    assert set(asked) == {2, 3, 4}
+    comp = harness.composition(rows, np.arange(size))
+    assert comp["harmful_share"] == 0 and comp["multi_task"] >= kinds["generalist"]
+    assert comp["rows_by_task"]["add"] == sum(any(q[0] == "A" for q, _ in r["segments"]) for r in rows)
+    with pytest.raises(ValueError, match="generalist_tasks"):
+        tasks.PoolSpec(kinds={"single": 1.0}, task_shares={"add": 1.0}, generalist_tasks=(1, 3))
+
+
+@pytest.mark.parametrize("rule,kwargs", [("gain", dict(method="gain")), ("veto", dict(method="veto")),
+                                         ("rank", dict(method="rank")),
+                                         ("blend", dict(method="random", task_floor=0.5, seed=7))])
+def test_candidate_rules_are_the_library_calls(many, rule, kwargs):
+    from icons_hf import select
+
+    table = score_table(3, 500, 8)
+    ours = many["rules"].select_rows(rule, 0.2, balanced=table, mean=table, features=None, seed=7)
+    library = np.flatnonzero(np.asarray(select(table, fraction=0.2, **kwargs)["selected"]))
+    np.testing.assert_array_equal(ours, library)
+    assert len(ours) == 100
+
+
+def test_candidate_tests_follow_the_decision_rule():
+    sys.path.insert(0, HERE)
+    try:
+        candidates = importlib.import_module("candidates")
+    finally:
+        sys.path.remove(HERE)
+    per = {"random": {0: 100.0, 1: 98.0, 2: 102.0}, "default": {0: 110.0, 1: 109.0, 2: 111.0},
+           "floor0": {0: 95.0, 1: 92.0, 2: 97.0}, "full": {0: 100.0, 1: 100.0, 2: 100.0}}
+    group = candidates.seed_group(per, [0, 1, 2])
+    assert group["default"]["difference_vs_random"] == pytest.approx([10.0, 1.0])
+    assert group["default"]["passes"] and group["floor0"]["loses_to_random"]
+    assert group["floor0"]["loses_to"] == ["random", "default"] and not group["floor0"]["passes"]
+    assert "difference_vs_random" not in group["random"] and group["full"]["relative"] == [100.0, 0.0]
+
+
+def test_candidates_run_end_to_end(tmp_path):
+    sys.path.insert(0, HERE)
+    try:
+        script = importlib.import_module("replica_many")
+        reports = tmp_path / "report"
+        script.main(["--output_dir", str(tmp_path / "runs"), "--report_dir", str(reports), "--seeds", "0",
+                     "--pools", "M-clean", "--candidates", "--report_name", "many_candidates", "--pool_size", "120",
+                     "--validation_per_task", "4", "--test_per_leaf", "6", "--base_rows", "40", "--base_steps", "2",
+                     "--warmup_fraction", "0.1", "--warmup_epochs", "1", "--warmup_batch_size", "4",
+                     "--checkpoints", "1", "--dim", "64", "--train_steps", "2", "--workers", "1"])
+    finally:
+        sys.path.remove(HERE)
+    summary = json.loads((reports / "candidates_many.json").read_text())
+    entry = summary["pools"]["M-clean"]
+    assert set(entry["relative_per_seed"]) == {"default", "floor50", "floor0", "paper", "gain", "veto", "rank",
+                                               "blend", "random", "full"}
+    kept = entry["kept"]
+    assert kept["full"]["rows"] == 120 and all(k["rows"] == 24 and k["harmful_share"] == 0
+                                               for name, k in kept.items() if name != "full")
+    assert kept["full"]["generalist_share"] >= 0.30
+    paired = entry["relative_per_seed"]["gain"]["0"] - entry["relative_per_seed"]["random"]["0"]
+    assert entry["groups"]["choice"]["gain"]["difference_vs_random"][0] == pytest.approx(paired)
+    assert "decision_rule.md" in (reports / "many_candidates.md").read_text()

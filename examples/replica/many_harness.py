@@ -32,6 +32,9 @@ HARMFUL = ("wrong", "noise", "off_task")
 KINDS = ("single", "generalist", "near_duplicate", "wrong", "noise", "off_task")
 # Leaves with a large question space: their validation questions are kept out of the pool.
 LARGE_SPACE = ("count", "last", "max", "sentiment", "yesno/contains")
+# A question's first character names its task (many_tasks.question); E, I and G are yesno's subtasks.
+TAG_TASK = {"A": "add", "C": "compare", "K": "count", "R": "last", "F": "fact", "M": "max", "P": "sentiment",
+            "E": "yesno", "I": "yesno", "G": "yesno"}
 
 
 def write_json(path: str, payload) -> None:
@@ -93,13 +96,24 @@ class Material:
         return [{"segments": [question(leaves[int(rng.integers(len(leaves)))], rng, self.facts)]} for _ in range(size)]
 
 
+def segment_task(segment_question: str) -> str | None:
+    """The target task a question segment asks (by its tag), None for an off-task question."""
+    return TAG_TASK.get(segment_question[0])
+
+
 def composition(rows: list[dict], positions: np.ndarray) -> dict:
+    """Counts of the hidden kinds of the rows at ``positions``, their harmful share, single-task rows per task,
+    ``multi_task`` (rows with questions of two or more target tasks, near-duplicates of generalist rows included)
+    and ``rows_by_task`` (rows holding a question of the task, a multi-task row counted for each of its tasks)."""
     kinds = [rows[int(i)]["kind"] for i in positions]
     out = {k: kinds.count(k) for k in KINDS}
     out["rows"] = len(kinds)
     out["harmful_share"] = sum(out[k] for k in HARMFUL) / max(1, len(kinds))
     tasks = [rows[int(i)]["task"] for i in positions if rows[int(i)]["kind"] == "single"]
     out["single_by_task"] = {t: tasks.count(t) for t in TARGETS}
+    asked = [{segment_task(q) for q, _ in rows[int(i)]["segments"]} - {None} for i in positions]
+    out["multi_task"] = sum(len(a) >= 2 for a in asked)
+    out["rows_by_task"] = {t: sum(t in a for a in asked) for t in TARGETS}
     return out
 
 

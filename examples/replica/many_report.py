@@ -7,7 +7,9 @@ import json
 import os
 
 import numpy as np
-from many_harness import KINDS, read_json, run_key
+from candidates import CANDIDATES
+from candidates import summarise as summarise_candidates
+from many_harness import HARMFUL, KINDS, read_json, run_key
 from many_rules import RULES
 from many_tasks import POOLS, TARGETS
 
@@ -156,7 +158,8 @@ def write(results, report_dir, name) -> list[str]:
     rules, fractions = args["rules"], args["fractions"]
     paths = [os.path.join(report_dir, f"{name}.{ext}") for ext in ("md", "json", "png")]
     figure(results, paths[2], rules, fractions)
-    results["decision"] = decide(results)
+    if not args.get("candidates"):  # candidates are judged across every family (decision_rule.md)
+        results["decision"] = decide(results)
     with open(paths[1], "w") as handle:
         json.dump(results, handle, indent=1, default=float)
     with open(paths[0], "w") as handle:
@@ -289,6 +292,10 @@ def _summary_lines(results) -> list[str]:
                              f"{_fmt(st['random'])}%; paired difference {_fmt(st['difference'])} points"
                              + (f" (held-out seeds {held}: {_fmt(sh['difference'])})"
                                 if sh and "difference" in sh else "") + ".")
+    if args.get("candidates"):  # judged across every family by benchmarks/results/decision_rule.md
+        lines.append("- The candidates of benchmarks/results/decision_rule.md, judged across every family there; "
+                     "per-pool tests and what each keeps: candidates_many.md.")
+        return lines
     d = results["decision"]
     lines.append(f"- Choice across both regimes (rule below): on the choice seeds `{d['choice']['best']}`; "
                  f"rules passing on every pool: {', '.join(d['choice']['passing']) or 'none'} (no rule beats random by "
@@ -300,9 +307,12 @@ def markdown(results, name) -> list[str]:
     args = results["arguments"]
     rules, fractions = args["rules"], args["fractions"]
     held = [s for s in args["seeds"] if s not in args["choice_seeds"]]
+    command = "python examples/replica/replica_many.py"
+    if args.get("candidates"):
+        command += f" --candidates --pools {' '.join(args['pools'])} --report_name {name}"
     lines = ["# Many-task replica: does consensus pay with eight target tasks?", "",
              "Regenerate everything on this page with one command (resumable from `--output_dir`):", "",
-             "```", "python examples/replica/replica_many.py", "```", "",
+             "```", command, "```", "",
              "## Summary", "", *_summary_lines(results), "",
              "## Setup", "", (__import__("replica_many").__doc__ or "").split("\n\n")[1].replace("\n", " "), "",
              "| target task | questions |", "|---|---|"]
@@ -339,8 +349,11 @@ def markdown(results, name) -> list[str]:
             lines += fraction_table(results, pool, rules, pool_fractions, set(held))
         lines += ["", f"### Pool {pool} at 20%: accuracy % by task, paired difference against random, what is kept", ""]
         lines += rule_table(results, pool, [r for r in rules], 0.2)
-    lines += ["", "## Choosing the default across both regimes (20%)", "", "The rule: " + DECISION_RULE, ""]
-    lines += _decision_lines(results)
+    if not args.get("candidates"):
+        lines += ["", "## Choosing the default across both regimes (20%)", "", "The rule: " + DECISION_RULE, ""]
+        lines += _decision_lines(results)
+    else:
+        lines += [""]
     lines += ["## Base model (no stage two)", "", "| seed | " + " | ".join(TARGETS) + " |",
               "|---" * (len(TARGETS) + 1) + "|"]
     lines += [f"| {s} | " + " | ".join(f"{acc[t]:.0f}" for t in TARGETS) + " |" for s, acc in results["base"].items()]
@@ -353,3 +366,33 @@ def markdown(results, name) -> list[str]:
                      f"{', '.join(f'{x:.1f}' for x in inv['load_average_before'])} / "
                      f"{', '.join(f'{x:.1f}' for x in inv['load_average_after'])}.")
     return lines
+
+
+def _pool_mix(pool: str) -> str:
+    spec = POOLS[pool]
+    kinds = ", ".join(f"{k} {v:.0%}" for k, v in spec.kinds.items())
+    shares = ", ".join(f"{t} {v:.0%}" for t, v in spec.task_shares.items())
+    low, high = spec.generalist_tasks
+    return (f"{spec.description}. Kinds: {kinds}; generalist rows ask {low}-{high} target tasks; single-task "
+            f"shares: {shares}")
+
+
+def candidate_summary(args, results, invocations, fraction: float) -> dict:
+    """The per-seed numbers of decision_rule.md's candidates for :func:`candidates.summarise`."""
+    pools = {}
+    for pool in args.pools:
+        per = {}
+        for name in CANDIDATES:
+            key = run_key("full", 1.0) if name == "full" else run_key(name, fraction)
+            rel = {s: v["relative"] for s, v in results["runs"][pool].get(key, {}).items()}
+            comps = {}
+            for s in rel:
+                c = read_json(os.path.join(args.output_dir, f"seed{s}", pool, "selections.json"))["composition"][key]
+                comps[s] = {"rows": c["rows"], "harmful": sum(c[k] for k in HARMFUL), "generalist": c["multi_task"],
+                            "rows_per_task": c["rows_by_task"]}
+            per[name] = {"relative_per_seed": rel, "composition_per_seed": comps}
+        pools[pool] = per
+    return summarise_candidates("many", pools, choice_seeds=args.choice_seeds,
+                                heldout_seeds=[s for s in range(6) if s not in args.choice_seeds],
+                                names={c: c for c in CANDIDATES}, pool_mixes={p: _pool_mix(p) for p in args.pools},
+                                invocations=invocations, fraction=fraction)

@@ -27,11 +27,19 @@ RULES = (
     Rule("floor50", "balanced specialist, vote, task_floor=0.5"),
     Rule("floor-vote", "balanced specialist; equal per-task floors filling the whole subset, each task taking its "
                        "rows above its 80th-percentile threshold in order of votes (then its own score)"),
+    Rule("gain", "balanced specialist, select(method='gain'): equal per-task floors, each task's rows above its "
+                 "threshold ordered by the summed percentile rank over all tasks"),
+    Rule("veto", "balanced specialist, select(method='veto'): votes among the rows no task ranks in its bottom 5%"),
+    Rule("rank", "balanced specialist, select(method='rank'): mean within-task percentile rank, no floors"),
+    Rule("blend", "balanced specialist, select(method='random', task_floor=0.5, seed=<the run's seed>): half the "
+                  "subset equal per-task floors, half a seeded random sample"),
     Rule("random", "uniform random rows (seeded)"),
     Rule("kmeans", "coverage: k-means (k=32) of the unit train features of the last checkpoint, clusters sampled "
                    "evenly (random within a cluster), in the spirit of COINCIDE"),
 )
 RULE_NAMES = tuple(r.name for r in RULES)
+# The candidates of benchmarks/results/decision_rule.md (besides ``full``), by the names the results use.
+CANDIDATES = ("default", "floor50", "floor0", "paper", "gain", "veto", "rank", "blend", "random")
 
 
 def score_matrix(table) -> tuple[list[str], np.ndarray]:
@@ -114,6 +122,10 @@ def select_rows(rule: str, fraction: float, *, balanced, mean, features: np.ndar
         return paper_selection(mean, fraction)
     if rule.startswith("floor") and rule[5:].isdigit():
         return _selected(select(balanced, fraction=fraction, method="vote", task_floor=int(rule[5:]) / 100))
+    if rule in ("gain", "veto", "rank"):  # each rule's own default task_floor
+        return _selected(select(balanced, fraction=fraction, method=rule))
+    if rule == "blend":
+        return _selected(select(balanced, fraction=fraction, method="random", task_floor=0.5, seed=seed))
     if rule == "floor-vote":
         return floor_vote(score_matrix(balanced)[1], n_keep)
     if rule == "random":

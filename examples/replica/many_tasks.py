@@ -4,8 +4,8 @@ tasks, and the pool generator with its hidden row kinds.
 
 A row is a short character sequence: ``^`` then one or more segments ``<tag><question>:<answer>;``. The answer is
 one character of the task's answer space and the only supervised token of its segment. A single-task row has one
-segment; a *generalist* row has two or three segments of different target tasks (all correct), so one row teaches
-several tasks at once.
+segment; a *generalist* row has two or three segments of different target tasks (two to four in ``M-clean``, all
+correct), so one row teaches several tasks at once, as a multi-question conversation does.
 """
 
 from __future__ import annotations
@@ -135,11 +135,16 @@ class PoolSpec:
     task_shares: dict[str, float]
     description: str = ""
     harmful: tuple[str, ...] = field(default=("wrong", "noise", "off_task"))
+    generalist_tasks: tuple[int, int] = (2, 3)  # fewest and most target tasks a generalist row asks about
 
     def __post_init__(self):
         for name, shares in (("kinds", self.kinds), ("task_shares", self.task_shares)):
             if abs(sum(shares.values()) - 1) > 1e-9:
                 raise ValueError(f"PoolSpec {name} must sum to 1, got {sum(shares.values())}.")
+        low, high = self.generalist_tasks
+        if not 2 <= low <= high <= len(TARGETS):
+            raise ValueError(f"PoolSpec generalist_tasks={self.generalist_tasks} must be (fewest, most) with "
+                             f"2 <= fewest <= most <= {len(TARGETS)}.")
 
 
 POOLS = {
@@ -156,6 +161,15 @@ POOLS = {
         task_shares={"fact": 0.22, "sentiment": 0.18, "yesno": 0.16, "last": 0.13, "max": 0.11, "count": 0.09,
                      "compare": 0.06, "add": 0.05},
         description="40% harmful, 8% generalist rows; the shares of M1 reversed",
+    ),
+    # The paper's own regime: no harmful row, and a third of the pool conversation-like rows that answer questions
+    # of 2-4 target tasks (every answer supervised), as LLaVA-665K's multi-question conversations do.
+    "M-clean": PoolSpec(
+        kinds={"single": 0.55, "generalist": 0.35, "near_duplicate": 0.10},
+        task_shares={"add": 0.24, "compare": 0.18, "count": 0.14, "max": 0.12, "last": 0.10, "yesno": 0.10,
+                     "sentiment": 0.07, "fact": 0.05},
+        description="no harmful rows, 35% generalist (conversation) rows of 2-4 tasks; M1's task shares",
+        generalist_tasks=(2, 4),
     ),
 }
 
@@ -180,7 +194,8 @@ def make_row(kind: str, rng, spec: PoolSpec, facts, exclude: set[str]) -> tuple[
     while True:
         task = _pick_task(rng, spec.task_shares)
         if kind == "generalist":
-            n = 2 + int(rng.integers(2))
+            low, high = spec.generalist_tasks
+            n = low + int(rng.integers(high - low + 1))
             others = [t for t in TARGETS if t != task]
             tasks = [task, *[others[int(i)] for i in rng.choice(len(others), n - 1, replace=False)]]
             segments = [question(_leaf(rng, t), rng, facts) for t in tasks]

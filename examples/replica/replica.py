@@ -7,6 +7,8 @@ off-task rows, unreadable images) besides clean ones, and for every selection ru
 the same start for the same number of steps, scored on held-out test questions.
 
     python examples/replica/replica.py                      # the default run (6 seeds, both pools)
+    python examples/replica/replica.py --candidates --pools A B A-clean --report_name replica_candidates
+                                                             # decision_rule.md's candidates at 20%, three pools
     accelerate launch examples/replica/replica.py            # the same, under accelerate (one process on a CPU)
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \\
         examples/replica/replica.py                          # two processes: warmups run data-parallel (the
@@ -41,6 +43,12 @@ PAPER_RULE = "icons"  # the paper's rule: Adam (LESS) features, mean-cosine spec
 COMPARE_RULES = ["mean", "less-shape", "less-color", "less-yesno", "icons-sgd", "icons-sgd-balanced",
                  "icons-sgd-balanced-floor50", "icons-sgd-floor", "icons-balanced-floor"]
 OTHER_POOL_RULES = ["icons-sgd", "icons-sgd-balanced", "icons-sgd-balanced-floor50"]
+# The candidates of benchmarks/results/decision_rule.md -> this replica's rule names. `paper` is this replica's
+# paper rule as it always was: Adam (LESS) features, mean-cosine specialist, votes above the 80th percentile (the
+# 100(1-f) percentile at 20%) with `>`; the library's preset="paper" uses plain gradients and `>=`.
+CANDIDATE_RULES = {"default": DEFAULT_RULE, "floor50": "icons-sgd-balanced-floor50", "floor0": "icons-sgd-balanced",
+                   "paper": PAPER_RULE, "gain": "gain-sgd-balanced", "veto": "veto-sgd-balanced",
+                   "rank": "rank-sgd-balanced", "blend": "blend-sgd-balanced", "random": "random", "full": "full"}
 
 # Arguments that change what a finished job computed; a rerun into the same output_dir must keep them.
 RESULT_FIELDS = (
@@ -101,6 +109,10 @@ class ReplicaArguments:
                 "multi-process accelerate launch, where the ranks share the jobs."})
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "Allow an output_dir whose finished jobs used other arguments (their results are deleted)."})
+    candidates: bool = field(default=False, metadata={
+        "help": "Run only full and the candidates of benchmarks/results/decision_rule.md (CANDIDATE_RULES) at "
+                "--compare_fraction on every pool, no fraction sweep; also write "
+                "<report_dir>/candidates_easyvqa.{json,md}."})
 
     def __post_init__(self):
         from replica_harness import POOLS, Rule
@@ -123,6 +135,8 @@ class ReplicaArguments:
                 raise ValueError(f"--{name} must be at least 1 (got {getattr(self, name)}).")
         if self.workers < 0:
             raise ValueError(f"--workers {self.workers} must be 0 (one per core) or a positive count.")
+        if self.candidates:  # no sweep: the report's fraction table shows the compare fraction only
+            self.fractions = [self.compare_fraction]
 
 
 def make_parser():
@@ -137,6 +151,9 @@ def make_parser():
 def plan_runs(args: ReplicaArguments) -> dict[str, list[tuple[str, float]]]:
     """Per pool, the (rule, fraction) runs; ``full`` at 1.0 everywhere."""
     plan = {}
+    if args.candidates:
+        runs = [("full", 1.0)] + [(r, args.compare_fraction) for r in CANDIDATE_RULES.values() if r != "full"]
+        return {pool: list(runs) for pool in args.pools}
     for i, pool in enumerate(args.pools):
         runs = [("full", 1.0)]
         if i == 0:
@@ -305,6 +322,13 @@ def main(argv=None) -> dict:
     invocations = append_invocation(args.output_dir, timing)
     results = report.collect(args, plan, timing, invocations)
     paths = report.write(results, args.report_dir, args.report_name)
+    if args.candidates:
+        import candidates
+
+        summary = report.candidate_summary(args, results, invocations, CANDIDATE_RULES)
+        paths += candidates.write(summary, args.report_dir, "easy-VQA replica",
+                                  f"python examples/replica/replica.py --candidates --pools {' '.join(args.pools)} "
+                                  f"--workers 1 --report_name {args.report_name}")
     print(report.summary_text(results))
     print("\nReport: " + ", ".join(paths))
     return results

@@ -80,6 +80,9 @@ POOLS = {
     "B": PoolSpec("B", ("shape", "color"),
                   {"clean": 0.55, "wrong_same": 0.05, "wrong_other": 0.15, "off_task": 0.10, "unreadable": 0.15},
                   salt=2),
+    # Pool A without harm: the same draw of questions (salt 1), none corrupted, so its task mix is pool A's and
+    # the rows that are harmful in A are clean rows of the same tasks here.
+    "A-clean": PoolSpec("A-clean", ("shape", "color", "yesno"), {"clean": 1.0}, salt=1),
 }
 
 
@@ -472,12 +475,19 @@ def composition(records, kinds, selected: np.ndarray) -> dict:
 # ------------------------------------------------------------------------------------------- selection rules
 
 
+# Rule name base -> the select() method it runs.
+BASE_METHODS = {"icons": "vote", "mean": "mean", "less": "task", "gain": "gain", "veto": "veto", "rank": "rank",
+                "blend": "random", "random": "random", "full": None}
+
+
 @dataclass(frozen=True)
 class Rule:
     """A selection rule by name: ``<base>[-<task>][-sgd|-adam][-balanced|-zscore][-floor|-floor<percent>]``.
 
     Bases: ``icons`` (vote, the paper's generalist), ``mean`` (mean of task scores), ``less`` (one task's score;
-    name the task: ``less-shape``), ``random``, ``full`` (the whole pool). Modifiers: ``sgd``/``adam`` choose the
+    name the task: ``less-shape``), ``gain``/``veto``/``rank`` (``select(method=...)`` with the method's own default
+    ``task_floor``), ``blend`` (``select(method="random", task_floor=0.5)``: half per-task floors, half a seeded
+    random sample), ``random``, ``full`` (the whole pool). Modifiers: ``sgd``/``adam`` choose the
     train-side feature (default ``adam``, the paper's); ``balanced`` / ``zscore`` choose
     :func:`icons_hf.compute_influence`'s ``specialist`` (default ``mean``, the paper's); ``floor`` reserves the
     whole subset as per-task floors (``select(task_floor=1.0)``), ``floor50`` half of it (``task_floor=0.5``);
@@ -490,15 +500,16 @@ class Rule:
     task: str | None = None
     feature: str = "adam"
     specialist: str = "mean"
-    floor: float = 0.0
+    floor: float | None = 0.0  # None: the select() method's own default task_floor
 
     @classmethod
     def parse(cls, name: str) -> Rule:
         parts = name.split("-")
         base, rest = parts[0], parts[1:]
-        if base not in ("icons", "mean", "less", "random", "full"):
+        if base not in BASE_METHODS:
             raise ValueError(
-                f"selection rule {name!r}: unknown base {base!r}; use icons, mean, less-<task>, random or full."
+                f"selection rule {name!r}: unknown base {base!r}; use icons, mean, less-<task>, gain, veto, rank, "
+                "blend, random or full."
             )
         task = None
         if base == "less":
@@ -522,6 +533,10 @@ class Rule:
                 )
         if base in ("random", "full") and kw:
             raise ValueError(f"selection rule {name!r}: {base} takes no modifiers.")
+        if base in ("gain", "veto", "rank"):
+            kw.setdefault("floor", None)
+        elif base == "blend":
+            kw.setdefault("floor", 0.5)
         return cls(name=name, base=base, task=task, **kw)
 
     @property
@@ -537,7 +552,7 @@ def select_rows(rule: Rule, scores: dict, n_rows: int, fraction: float, *, seed:
     if rule.base == "full":
         return np.ones(n_rows, dtype=bool)
     table = scores[("sgd", "balanced")] if rule.base == "random" else scores[(rule.feature, rule.specialist)]
-    method = {"icons": "vote", "mean": "mean", "less": "task", "random": "random"}[rule.base]
+    method = BASE_METHODS[rule.base]
     out = select(table, fraction=fraction, threshold_percentile=threshold_percentile, method=method, task=rule.task,
                  seed=seed, task_floor=rule.floor)
     cols = column_arrays(out, ["index", "selected"])
@@ -771,7 +786,7 @@ class Worker(JobCache):
             split = self.split(seed)
             os.makedirs(folder, exist_ok=True)
             records, kinds = build_pool(material, split, spec, size=a.pool_size, seed=seed,
-                                        image_dir=os.path.join(folder, "unreadable"))
+                                        image_dir=os.path.abspath(os.path.join(folder, "unreadable")))
             if self.rank == 0:
                 _write_json(os.path.join(folder, "pool.json"), {"records": records, "kinds": kinds})
             barrier()

@@ -10,6 +10,8 @@ inputs, off-task rows). Row kinds are hidden from every rule.
 
     python examples/replica/replica_many.py                 # the default run (6 seeds, pools M1 and M2)
     python examples/replica/replica_many.py --seeds 0 1 2   # a part of it; rerun to add the rest
+    python examples/replica/replica_many.py --candidates --pools M1 M2 M-clean --report_name replica_many_candidates
+                                                            # decision_rule.md's candidates at 20% on three pools
 
 Per seed: a base model trained on clean one-question rows of every task but the fact table; per pool, a LoRA
 warmup with ``transformers.Trainer`` + ``icons_hf.IconsCallback`` on 5% of the pool writes the gradient
@@ -29,10 +31,12 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 
+from candidates import CANDIDATES
 from many_rules import RULE_NAMES
 from replica_common import append_invocation, check_output_dir, cpu_seconds
 
 logger = logging.getLogger("replica_many")
+CANDIDATE_FRACTION = 0.2
 
 # Arguments that change what a finished job computed; a rerun into the same output_dir must keep them.
 RESULT_FIELDS = ("pool_size", "validation_per_task", "test_per_leaf", "hidden", "base_rows", "base_steps",
@@ -74,6 +78,15 @@ class ManyTaskArguments:
     learning_rate: float = field(default=5e-3, metadata={"help": "Warmup and stage-two learning rate."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Start over when the arguments changed."})
+    candidates: bool = field(default=False, metadata={
+        "help": "Run the candidates of benchmarks/results/decision_rule.md only (--rules and every pool's fractions "
+                "become the candidates at 20%) and also write <report_dir>/candidates_many.{json,md}."})
+
+    def __post_init__(self):
+        if self.candidates:
+            self.rules = [c for c in CANDIDATES if c != "full"]
+            self.fractions = [CANDIDATE_FRACTION]
+            self.other_pool_fractions = [CANDIDATE_FRACTION]
 
 
 def make_parser():
@@ -151,6 +164,13 @@ def main(argv=None) -> dict:
 
     results = report.collect(args, plan, invocations)
     paths = report.write(results, args.report_dir, args.report_name)
+    if args.candidates:
+        import candidates
+
+        summary = report.candidate_summary(args, results, invocations, CANDIDATE_FRACTION)
+        command = (f"python examples/replica/replica_many.py --candidates --pools {' '.join(args.pools)} "
+                   f"--workers 1 --report_name {args.report_name}")
+        paths += candidates.write(summary, args.report_dir, "Many-task replica", command)
     logger.info("report: %s", ", ".join(paths))
     return results
 

@@ -10,6 +10,7 @@ from collections import defaultdict
 from dataclasses import asdict
 
 import numpy as np
+from candidates import summarise as summarise_candidates
 from replica_harness import ALL_ANSWERS, ANSWERS, KIND_HELP, KINDS, POOLS, pool_dir, run_key, seed_dir
 
 TASKS = ("shape", "color", "yesno")
@@ -529,3 +530,30 @@ def summary_text(results) -> str:
     t = results["timing"]
     lines.append(f"wall {t['wall_s'] / 60:.1f} min, CPU {t['cpu_s'] / 60:.1f} min ({t['mode']})")
     return "\n".join(lines)
+
+
+def candidate_summary(args, results, invocations, names: dict) -> dict:
+    """The per-seed numbers of decision_rule.md's candidates (``names``: candidate -> this replica's rule) for
+    :func:`candidates.summarise`; relative performance in % of full."""
+    pools = {}
+    for pool in args.pools:
+        per = {}
+        for name, rule in names.items():
+            key = run_key(rule, 1.0 if rule == "full" else args.compare_fraction)
+            entry = results["summary"][pool].get(key)
+            if entry is None:
+                continue
+            rel = {int(s): 100 * v for s, v in entry["relative_per_seed"].items()}
+            comps = {}
+            for s in rel:
+                c = _read(os.path.join(pool_dir(args.output_dir, s, pool), "selections.json"))[key]["composition"]
+                comps[s] = {"rows": c["rows"], "harmful": c["rows"] - c["kind"].get("clean", 0), "generalist": None,
+                            "rows_per_task": {t: c["question_type"].get(t, 0) for t in TASKS}}
+            per[name] = {"relative_per_seed": rel, "composition_per_seed": comps}
+        pools[pool] = per
+    mixes = {p: f"targets {', '.join(POOLS[p].tasks)}; kinds "
+             + ", ".join(f"{k} {v:.0%}" for k, v in POOLS[p].mix.items())
+             + ("; the same questions as pool A, none corrupted" if p == "A-clean" else "") for p in args.pools}
+    return summarise_candidates("easyvqa", pools, choice_seeds=[s for s in args.seeds if s not in args.holdout_seeds]
+                                or [0, 1, 2], heldout_seeds=args.holdout_seeds, names=names, pool_mixes=mixes,
+                                invocations=list(invocations), fraction=args.compare_fraction)
