@@ -125,9 +125,11 @@ def kmeans_features(train_store: str) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def warmup_features(model, pool_ds, validation: dict, *, out_dir: str, seed: int, args) -> tuple[list[str], dict, dict]:
+def warmup_features(model, pool_ds, validation: dict, *, out_dir: str, seed: int, args, extraction_batch_size: int = 64,
+                    scheduler: str = "linear", logging_steps: int | None = None) -> tuple[list[str], dict, dict]:
     """LoRA warmup with ``transformers.Trainer`` on a random ``warmup_fraction`` of the pool; ``IconsCallback``
-    (library defaults but ``dim``) writes the features at each of ``checkpoints`` saves."""
+    (library defaults but ``dim`` and ``extraction_batch_size``) writes the features at each of ``checkpoints``
+    saves. ``logging_steps`` defaults to a quarter of the warmup."""
     from transformers import Trainer, TrainingArguments
 
     from icons_hf import IconsCallback
@@ -137,13 +139,13 @@ def warmup_features(model, pool_ds, validation: dict, *, out_dir: str, seed: int
     n = len(pool_ds)
     warm_ds = pool_ds.select(np.sort(rng.choice(n, max(1, round(args.warmup_fraction * n)), replace=False)))
     callback = IconsCallback(pool_ds, validation, os.path.join(out_dir, "features"), dim=args.dim, seed=seed,
-                             batch_size=64)
+                             batch_size=extraction_batch_size)
     total = math.ceil(len(warm_ds) / args.warmup_batch_size) * args.warmup_epochs
     targs = TrainingArguments(
         output_dir=os.path.join(out_dir, "warmup"), per_device_train_batch_size=args.warmup_batch_size,
-        num_train_epochs=args.warmup_epochs, learning_rate=args.learning_rate, lr_scheduler_type="linear",
+        num_train_epochs=args.warmup_epochs, learning_rate=args.learning_rate, lr_scheduler_type=scheduler,
         warmup_steps=max(1, total // 10), save_strategy="steps", save_steps=max(1, total // args.checkpoints),
-        save_only_model=True, logging_steps=max(1, total // 4), report_to="none", use_cpu=True,
+        save_only_model=True, logging_steps=logging_steps or max(1, total // 4), report_to="none", use_cpu=True,
         remove_unused_columns=False, seed=seed, disable_tqdm=True, dataloader_pin_memory=False,
     )
     trainer = Trainer(model=model, args=targs, train_dataset=warm_ds, data_collator=IconsCollator(0),

@@ -5,13 +5,12 @@ when it finishes and is skipped when that file exists (the run resumes)."""
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 
 import numpy as np
 import torch
-from many_harness import read_json, write_json
+from many_harness import read_json, warmup_features, write_json
 from real_model import as_dataset, exact_match, load_base, prepare_base, tensorize, top_model, train_fixed_steps
 from real_rules import select_rows
 from real_tasks import HARMFUL, KINDS, LARGE_SPACE, SUBTASKS, TARGETS, balanced_questions, build_pool, leaf_tasks
@@ -87,6 +86,7 @@ def score_diagnostics(rows: list[dict], tables: dict) -> dict:
 
     out = {}
     lengths = np.asarray([sum(len(m["content"]) for m in r["messages"] if m["role"] == "assistant") for r in rows])
+    length_ranks = percentile_ranks(lengths)
     for name, table in tables.items():
         out[name] = {}
         for task in TARGETS:
@@ -97,40 +97,11 @@ def score_diagnostics(rows: list[dict], tables: dict) -> dict:
                       "conversation": [i for i, r in enumerate(rows) if r["kind"] == "conversation"
                                        and task in r["tasks"]]}
             entry = {g: float(score[idx].mean()) if idx else None for g, idx in groups.items()}
-            entry["pct_rank"] = {g: float(percentile_ranks(score)[idx].mean()) if idx else None
-                                 for g, idx in groups.items()}
-            entry["spearman_length"] = float(np.corrcoef(percentile_ranks(score), percentile_ranks(lengths))[0, 1])
+            ranks = percentile_ranks(score)
+            entry["pct_rank"] = {g: float(ranks[idx].mean()) if idx else None for g, idx in groups.items()}
+            entry["spearman_length"] = float(np.corrcoef(ranks, length_ranks)[0, 1])
             out[name][task] = entry
     return out
-
-
-def warmup_features(model, pool_ds, validation: dict, *, out_dir: str, seed: int, args) -> tuple[list[str], dict, dict]:
-    """LoRA warmup with ``transformers.Trainer`` on a random ``warmup_fraction`` of the pool; ``IconsCallback``
-    (library defaults but ``dim``) writes the features at each of ``checkpoints`` saves."""
-    from transformers import Trainer, TrainingArguments
-
-    from icons_hf import IconsCallback
-    from icons_hf.data import IconsCollator
-
-    rng = np.random.default_rng([seed, 4])
-    n = len(pool_ds)
-    warm_ds = pool_ds.select(np.sort(rng.choice(n, max(1, round(args.warmup_fraction * n)), replace=False)))
-    callback = IconsCallback(pool_ds, validation, os.path.join(out_dir, "features"), dim=args.dim, seed=seed,
-                             batch_size=16)
-    total = math.ceil(len(warm_ds) / args.warmup_batch_size) * args.warmup_epochs
-    targs = TrainingArguments(
-        output_dir=os.path.join(out_dir, "warmup"), per_device_train_batch_size=args.warmup_batch_size,
-        num_train_epochs=args.warmup_epochs, learning_rate=args.learning_rate,
-        lr_scheduler_type="constant_with_warmup" if args.checkpoints == 1 else "linear",
-        warmup_steps=max(1, total // 10), save_strategy="steps", save_steps=max(1, total // args.checkpoints),
-        save_only_model=True, logging_steps=1, report_to="none", use_cpu=True,
-        remove_unused_columns=False, seed=seed, disable_tqdm=True, dataloader_pin_memory=False,
-    )
-    trainer = Trainer(model=model, args=targs, train_dataset=warm_ds, data_collator=IconsCollator(0),
-                      callbacks=[callback])
-    trainer.train()
-    train, tasks = callback.stores()
-    return train, tasks, {"warmup_rows": len(warm_ds), "warmup_steps": int(trainer.state.global_step)}
 
 
 class Worker(JobCache):
@@ -204,8 +175,10 @@ class Worker(JobCache):
         validation = {t: ({s: self.dataset(r) for s, r in v.items()} if isinstance(v, dict) else self.dataset(v))
                       for t, v in material.validation_rows().items()}
         states_cpu = time.process_time() - t0
-        train, tasks, info = warmup_features(self.fresh_model(seed), pool_ds, validation, out_dir=folder, seed=seed,
-                                             args=a)
+        # One checkpoint at the warmup's end: a constant rate, so its learning-rate weight is not zero.
+        train, tasks, info = warmup_features(
+            self.fresh_model(seed), pool_ds, validation, out_dir=folder, seed=seed, args=a, extraction_batch_size=16,
+            scheduler="constant_with_warmup" if a.checkpoints == 1 else "linear", logging_steps=1)
         info["prefix_states_cpu_s"] = states_cpu
         info["features_cpu_s"] = time.process_time() - t0 - states_cpu
         balanced = compute_influence(train, tasks)
