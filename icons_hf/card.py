@@ -49,7 +49,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
 def _method_text(sel: dict) -> str:
     method = sel["method"]
     floor = float(sel.get("task_floor") or 0.0)
-    if floor > 0 and sel.get("floor_rows_per_task") == 0:
+    if floor > 0 and sel.get("floor_rows_per_task") == 0 and not any((sel.get("floor_rows_by_task") or {}).values()):
         floor = 0.0  # fewer rows than tasks: the floors held no row and the method's ranking alone decided
     settings = sel.get("settings") or {}
     inclusive = settings.get("threshold_inclusive", sel.get("threshold_inclusive", False))
@@ -74,7 +74,14 @@ def _method_text(sel: dict) -> str:
             f"({votes}; ties by the mean within-task percentile rank, then by row position)"
         )
     text = RULES[method].describe(sel) if method in RULES else method
-    if floor > 0:
+    by_task = sel.get("floor_rows_by_task")
+    if floor > 0 and by_task:
+        text += (
+            f", after {floor:.0%} of the subset was reserved as per-task floors in proportion to the pool's task mix ("
+            + ", ".join(f"{task} {rows}" for task, rows in by_task.items())
+            + " rows) of each task's own highest-influence rows"
+        )
+    elif floor > 0:
         text += (
             f", after {floor:.0%} of the subset was reserved as equal per-task floors "
             f"({sel.get('floor_rows_per_task')} rows per task) of each task's own highest-influence rows"

@@ -17,7 +17,8 @@ Size: ``int(fraction * N)`` rows (as Python computes it), or exactly ``num_rows`
 Coverage (``task_floor``, any method): before the method's ranking fills the subset, each of the ``K`` tasks
 reserves ``floor(task_floor * n / K)`` rows, its own highest-scoring rows, taken in turns (task order, one row
 each) so that a row wanted by several tasks is counted once and the next task takes its next best; the method's
-ranking then fills the rest. The default is ``task_floor=1.0`` for ``vote`` (every task gets an equal share of
+ranking then fills the rest. A rule may size the floors unequally (``Ranking.floor_weights``; ``mix`` sizes them
+by the pool's task mix): ``floor(task_floor * n)`` rows split in proportion to the weights. The default is ``task_floor=1.0`` for ``vote`` (every task gets an equal share of
 the subset, and the votes order only the fewer than ``K`` rows the floors leave) and ``0`` for the other
 methods. Why: with few tasks, votes starve a task whose valuable rows only it likes (rows liked by two tasks
 outvote rows liked by one), and in the easy-VQA replica (README) rows above two tasks' thresholds were about as
@@ -110,7 +111,9 @@ def select(
         "task_floor": config.floor_share(), **ranking.info,
     }
     if floor_rows is not None:
-        info["floor_rows_per_task"] = floor_rows
+        info["floor_rows_per_task"] = min(floor_rows)  # the least any task's floor holds (all, in equal shares)
+        if ranking.floor_weights is not None:
+            info["floor_rows_by_task"] = dict(zip(inputs.task_names, floor_rows, strict=True))
     old = Provenance.of(scores)
     return Provenance(influence=old.influence, selection=info, extra=old.extra).attach(out)
 
@@ -122,8 +125,9 @@ def _choose(inputs: RuleInput, ranking: Ranking, n_keep: int, config: SelectionS
     share = config.floor_share()
     selected = np.zeros(n_total, dtype=bool)
     floor_keys = inputs.matrix if ranking.floor_keys is None else ranking.floor_keys
-    floor_rows = _reserve_task_floors(floor_keys, inputs.index, n_keep, share, selected) if share > 0 else None
-    if floor_rows == 0:
+    quotas = floor_quotas(n_keep, share, n_tasks, ranking.floor_weights) if share > 0 else None
+    floor_rows = _reserve_task_floors(floor_keys, inputs.index, quotas, selected) if quotas is not None else None
+    if quotas is not None and not sum(quotas):
         logger.warning(
             "task_floor=%g reserves no row: %d rows are selected for %d tasks (floor(%g x %d / %d) = 0 per task), so "
             "the %r ranking alone decides; select more rows for per-task floors.",
@@ -190,24 +194,40 @@ def selected_rows(scores):
     )
 
 
-def _reserve_task_floors(
-    mat: np.ndarray, index: np.ndarray, n_keep: int, task_floor: float, selected: np.ndarray
-) -> int:
-    """Marks every task's reserved rows in ``selected`` (in place): ``floor(task_floor * n_keep / K)`` per task,
-    its best rows by its column of ``mat`` (its own score, or the rule's ``floor_keys``; then ascending index),
-    tasks taking turns. Returns the rows per task."""
+def floor_quotas(n_keep: int, task_floor: float, n_tasks: int, weights=None) -> list[int]:
+    """Rows each task's floor reserves: ``floor(task_floor * n_keep / K)`` each (equal shares), or, with
+    ``weights`` (a rule's ``floor_weights``), ``floor(task_floor * n_keep)`` rows split in proportion to them by
+    largest remainders (equal remainders: the first task first)."""
+    if weights is None:
+        return [math.floor(task_floor * n_keep / n_tasks)] * n_tasks
+    weights = np.asarray(weights, dtype=np.float64)
+    if len(weights) != n_tasks or (weights < 0).any() or not weights.sum() > 0:
+        raise ValueError(f"floor weights {weights.tolist()} must be {n_tasks} non-negative numbers with a positive sum.")
+    total = math.floor(task_floor * n_keep)
+    exact = total * weights / weights.sum()
+    quotas = np.floor(exact).astype(np.int64)
+    for j in np.lexsort((np.arange(n_tasks), -(exact - quotas)))[: total - int(quotas.sum())]:
+        quotas[j] += 1
+    return quotas.tolist()
+
+
+def _reserve_task_floors(mat: np.ndarray, index: np.ndarray, quotas: list[int], selected: np.ndarray) -> list[int]:
+    """Marks every task's reserved rows in ``selected`` (in place): ``quotas[k]`` rows for task ``k``, its best rows
+    by its column of ``mat`` (its own score, or the rule's ``floor_keys``; then ascending index), tasks taking
+    turns (one row each per turn while they have quota left). Returns the quotas."""
     n_tasks = mat.shape[1]
-    per_task = math.floor(task_floor * n_keep / n_tasks)
-    # A task's pointer passes its own picks and rows other tasks took first: at most n_keep rows of its order, so
-    # only the head of each order is sorted.
-    orders = [_order_head(mat[:, j], index, per_task * n_tasks) for j in range(n_tasks)]
+    # A task's pointer passes its own picks and rows other tasks took first: at most sum(quotas) rows of its order,
+    # so only the head of each order is sorted.
+    orders = [_order_head(mat[:, j], index, sum(quotas)) for j in range(n_tasks)]
     pointers = [0] * n_tasks
-    for _ in range(per_task):
+    for turn in range(max(quotas, default=0)):
         for j in range(n_tasks):
+            if turn >= quotas[j]:
+                continue
             while selected[orders[j][pointers[j]]]:
                 pointers[j] += 1
             selected[orders[j][pointers[j]]] = True
-    return per_task
+    return list(quotas)
 
 
 def _order_head(scores: np.ndarray, index: np.ndarray, k: int) -> np.ndarray:

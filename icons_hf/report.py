@@ -153,7 +153,10 @@ def _floor_text(sel: Mapping) -> str:
         return "none (the subset is ranked by the method alone" + (
             ", the ICONS paper's rule)" if sel["method"] == "vote" else ")"
         )
-    rows = sel.get("floor_rows_per_task")
+    rows, by_task = sel.get("floor_rows_per_task"), sel.get("floor_rows_by_task")
+    if by_task:
+        return f"{floor:.0%} of the subset reserved in proportion to the pool's task mix: " + ", ".join(
+            f"{task} {n:,}" for task, n in by_task.items())
     return f"{floor:.0%} of the subset reserved in equal shares" + (
         f": each task's own top {rows:,} rows" if rows else ""
     )

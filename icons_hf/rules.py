@@ -55,6 +55,7 @@ class Ranking:
     info: dict = field(default_factory=dict)
     tiebreak_text: str = "ascending index"
     floor_keys: np.ndarray | None = None  # rows x tasks: the order of each task's floor (None: its own scores)
+    floor_weights: np.ndarray | None = None  # per task: its share of the floored rows (None: equal shares)
 
     @classmethod
     def of(cls, primary: np.ndarray) -> Ranking:
@@ -228,6 +229,25 @@ def veto(inputs: RuleInput) -> Ranking:
         tiebreak_key=ranking.tiebreak_key, extra_columns=ranking.extra_columns,
         info={**ranking.info, "veto_rank": VETO_RANK, "vetoed_rows": int(vetoed.sum())},
         tiebreak_text=ranking.tiebreak_text)
+
+
+@consensus_rule("mix", task_floor=1.0)
+def mix(inputs: RuleInput) -> Ranking:
+    """Floors in proportion to the pool's task mix: a row's home task is the task that scores it highest,
+    ``argmax_k I_k(z)`` (a tie goes to the first task), task ``k``'s share ``s_k`` is the fraction of the pool's
+    rows at home in it, and its floor holds ``s_k`` of the floored rows (largest remainders, ties to the first
+    task), its own top rows; rows left after the floors go by the mean within-task percentile rank, then by index.
+    The subset keeps the pool's task mix as a random subset does, and each task's share is its own best rows. The
+    home task compares scores across tasks, so the tasks' scores must share a scale, as the balanced specialist's
+    percentile ranks do (within-task percentile ranks would not do: each is uniform over the pool, which pulls
+    every estimate toward equal shares)."""
+    n, k = inputs.matrix.shape
+    counts = np.bincount(np.argmax(inputs.matrix, axis=1), minlength=k) if n else np.zeros(k, dtype=np.int64)
+    shares = counts / max(1, n)
+    primary, key = mean_rank(inputs.matrix)
+    zeros = np.zeros(n)
+    return Ranking(primary=primary, primary_key=key, tiebreak=zeros, tiebreak_key=zeros, floor_weights=shares,
+                   info={"task_mix": {t: float(v) for t, v in zip(inputs.task_names, shares, strict=True)}})
 
 
 __all__ = ["RULES", "RULE_FLOORS", "VETO_RANK", "Ranking", "Rule", "RuleInput", "column_thresholds", "consensus_rule",

@@ -1,4 +1,4 @@
-"""The consensus rules 'gain' and 'veto' against brute-force loops written from their docstrings, on fresh random
+"""The consensus rules 'gain', 'veto' and 'mix' against brute-force loops written from their docstrings, on fresh random
 tables with and without ties, and a rule's own default task_floor."""
 
 from __future__ import annotations
@@ -109,3 +109,68 @@ def test_rules_carry_their_default_floor():
     assert SelectionSettings(method="gain").floor_share() == 1.0
     assert SelectionSettings(method="veto").floor_share() == 0.0
     assert SelectionSettings(method="gain", task_floor=0.25).floor_share() == 0.25
+
+
+def _mix_reference(mat: np.ndarray, n_keep: int) -> tuple[set[int], list[int]]:
+    """'mix' from its docstring: home task by the highest score (first on ties), floors split by the
+    home-row counts with largest remainders, tasks taking turns; the rest by mean percentile rank, then index."""
+    n, k = mat.shape
+    q = np.stack([_pct_ranks(mat[:, j]) for j in range(k)], axis=1)
+    counts = [0] * k
+    for i in range(n):
+        counts[max(range(k), key=lambda j, i=i: (mat[i, j], -j))] += 1
+    exact = [n_keep * c / n for c in counts]
+    quotas = [int(np.floor(e)) for e in exact]
+    for j in sorted(range(k), key=lambda j: (-(exact[j] - quotas[j]), j))[: n_keep - sum(quotas)]:
+        quotas[j] += 1
+    orders = [sorted(range(n), key=lambda i, j=j: (-mat[i, j], i)) for j in range(k)]
+    chosen: list[int] = []
+    for turn in range(max(quotas)):
+        for j in range(k):
+            if turn < quotas[j]:
+                chosen.append(next(i for i in orders[j] if i not in chosen))
+    left = sorted((i for i in range(n) if i not in chosen), key=lambda i: (-round(q[i].mean(), 9), i))
+    return set(chosen) | set(left[: n_keep - len(chosen)]), quotas
+
+
+@pytest.mark.parametrize("seed,n,k,ties,skew", [(7, 60, 3, False, 0.0), (8, 97, 4, True, 0.6), (9, 200, 5, True, 1.5),
+                                                (10, 150, 2, False, 3.0)])
+@pytest.mark.parametrize("fraction", [0.1, 0.2, 0.37])
+def test_mix_matches_brute_force(seed, n, k, ties, skew, fraction):
+    mat = _random_table(seed, n, k, ties)
+    mat[:, 0] += skew * mat[:, 0] ** 2  # a task whose scores run higher: more rows at home in it
+    mat = mat.astype(np.float32).astype(np.float64)  # the values the float32 table holds
+    out = select(_table(mat), fraction=fraction, method="mix")
+    got = set(np.flatnonzero(np.asarray(out["selected"])).tolist())
+    reference, quotas = _mix_reference(mat, int(fraction * n))
+    assert got == reference
+    sel = provenance(out)["selection"]
+    assert list(sel["floor_rows_by_task"].values()) == quotas and sel["floor_rows_per_task"] == min(quotas)
+
+
+def test_mix_sizes_floors_by_the_pool_mix():
+    # 60 rows at home in task 0, 20 in task 1, 20 in task 2: a 20-row subset reserves 12, 4 and 4.
+    rng = np.random.default_rng(11)
+    mat = rng.random((100, 3)) * 0.1
+    home = np.repeat([0, 1, 2], [60, 20, 20])
+    mat[np.arange(100), home] += 1.0
+    out = select(_table(mat), num_rows=20, method="mix")
+    sel = provenance(out)["selection"]
+    assert sel["floor_rows_by_task"] == {"t0": 12, "t1": 4, "t2": 4}
+    assert sel["task_mix"] == pytest.approx({"t0": 0.6, "t1": 0.2, "t2": 0.2})
+    picked = np.flatnonzero(np.asarray(out["selected"]))
+    assert np.bincount(home[picked], minlength=3).tolist() == [12, 4, 4]
+    # Equal floors instead keep 7, 7 and 6 (6 each, then the best mean rank).
+    equal = np.flatnonzero(np.asarray(select(_table(mat), num_rows=20, method="gain")["selected"]))
+    assert sorted(np.bincount(home[equal], minlength=3).tolist()) != [4, 4, 12]
+
+
+def test_floor_quotas_split_by_largest_remainder():
+    from icons_hf.consensus import floor_quotas
+
+    assert floor_quotas(10, 1.0, 3) == [3, 3, 3]
+    assert floor_quotas(10, 1.0, 3, [1, 1, 1]) == [4, 3, 3]
+    assert floor_quotas(10, 0.5, 2, [0.7, 0.3]) == [4, 1]
+    assert floor_quotas(7, 1.0, 3, [0.0, 1.0, 1.0]) == [0, 4, 3]
+    with pytest.raises(ValueError, match="non-negative"):
+        floor_quotas(10, 1.0, 2, [0.0, 0.0])

@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 # The candidates' names, as every family's results use them (decision_rule.md), in the order the tables show them.
-CANDIDATES = ("default", "floor50", "floor0", "paper", "gain", "veto", "rank", "blend", "random", "full")
+CANDIDATES = ("default", "floor50", "floor0", "paper", "gain", "veto", "rank", "mix", "blend", "random", "full")
 CANDIDATE_HELP = {
     "default": "balanced specialist, `select(method=\"vote\")`, `task_floor=1` (equal per-task floors)",
     "floor50": "balanced, vote, `task_floor=0.5`",
@@ -24,6 +24,7 @@ CANDIDATE_HELP = {
     "gain": "balanced, `select(method=\"gain\")`",
     "veto": "balanced, `select(method=\"veto\")`",
     "rank": "balanced, `select(method=\"rank\")`",
+    "mix": "balanced, `select(method=\"mix\")`: per-task floors sized by the pool's task mix",
     "blend": "balanced, `select(method=\"random\", task_floor=0.5, seed=<the run's seed>)`",
     "random": "a seeded uniform sample",
     "full": "the whole pool (the 100 of relative performance)",

@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-CANDIDATES = ("default", "floor50", "floor0", "paper", "gain", "veto", "rank", "blend")
+CANDIDATES = ("default", "floor50", "floor0", "paper", "gain", "veto", "rank", "mix", "blend")
 
 
 def _ms(values) -> tuple[float, float]:

@@ -31,6 +31,8 @@ RULES = (
                  "threshold ordered by the summed percentile rank over all tasks"),
     Rule("veto", "balanced specialist, select(method='veto'): votes among the rows no task ranks in its bottom 5%"),
     Rule("rank", "balanced specialist, select(method='rank'): mean within-task percentile rank, no floors"),
+    Rule("mix", "balanced specialist, select(method='mix'): per-task floors in proportion to the pool's task mix "
+                "(rows at home in each task), each task's own top rows"),
     Rule("blend", "balanced specialist, select(method='random', task_floor=0.5, seed=<the run's seed>): half the "
                   "subset equal per-task floors, half a seeded random sample"),
     Rule("random", "uniform random rows (seeded)"),
@@ -39,7 +41,7 @@ RULES = (
 )
 RULE_NAMES = tuple(r.name for r in RULES)
 # The candidates of benchmarks/results/decision_rule.md (besides ``full``), by the names the results use.
-CANDIDATES = ("default", "floor50", "floor0", "paper", "gain", "veto", "rank", "blend", "random")
+CANDIDATES = ("default", "floor50", "floor0", "paper", "gain", "veto", "rank", "mix", "blend", "random")
 
 
 def score_matrix(table) -> tuple[list[str], np.ndarray]:
@@ -122,7 +124,7 @@ def select_rows(rule: str, fraction: float, *, balanced, mean, features: np.ndar
         return paper_selection(mean, fraction)
     if rule.startswith("floor") and rule[5:].isdigit():
         return _selected(select(balanced, fraction=fraction, method="vote", task_floor=int(rule[5:]) / 100))
-    if rule in ("gain", "veto", "rank"):  # each rule's own default task_floor
+    if rule in ("gain", "veto", "rank", "mix"):  # each rule's own default task_floor
         return _selected(select(balanced, fraction=fraction, method=rule))
     if rule == "blend":
         return _selected(select(balanced, fraction=fraction, method="random", task_floor=0.5, seed=seed))

@@ -164,8 +164,12 @@ class Worker(JobCache):
 
         folder = self.folder(seed, name)
         done = os.path.join(folder, "selections.json")
-        if os.path.isfile(done) and all(r in read_json(done)["selections"] for r in rules if r != "full"):
-            return {"cached": True}
+        if os.path.isfile(done):
+            saved = read_json(done)
+            missing = [r for r in rules if r != "full" and r not in saved["selections"]]
+            if not missing:
+                return {"cached": True}
+            return self.add_rules(seed, name, saved, missing)
         a, material = self.args, self.material(seed)
         rows = build_pool(name, a.pool_size, seed, material.excluded())
         write_json(os.path.join(folder, "pool.json"), rows)
@@ -194,6 +198,24 @@ class Worker(JobCache):
         info["scores"] = score_diagnostics(rows, {"balanced": balanced, "mean": mean})
         write_json(done, {"selections": selections, "composition": comps, "info": info})
         return info
+
+    def add_rules(self, seed: int, name: str, saved: dict, rules: list[str]) -> dict:
+        """Selections of rules added after a pool's features were computed: from its stored features (a rule is a
+        choice over the same scores), the other rules' selections unchanged."""
+        from icons_hf import compute_influence
+        from icons_hf.checkpoints import load_run
+
+        folder = self.folder(seed, name)
+        rows = read_json(os.path.join(folder, "pool.json"))
+        train, tasks = load_run(os.path.join(folder, "features"))
+        balanced = compute_influence(train, tasks)
+        mean = compute_influence(train, tasks, preset="paper")
+        for rule in rules:
+            chosen = select_rows(rule, self.args.fraction, balanced=balanced, mean=mean, seed=seed)
+            saved["selections"][rule] = chosen.tolist()
+            saved["composition"][rule] = composition(rows, chosen)
+        write_json(os.path.join(folder, "selections.json"), saved)
+        return {"added_rules": rules}
 
     def train(self, seed: int, name: str, rule: str) -> dict:
         done = os.path.join(self.folder(seed, name), "runs", rule + ".json")

@@ -18,6 +18,8 @@ RULES = {
             "ordered by the summed percentile rank over all tasks",
     "veto": "balanced specialist, select(method='veto'): votes among rows no task ranks in its bottom 5%",
     "rank": "balanced specialist, select(method='rank'): mean within-task percentile rank",
+    "mix": "balanced specialist, select(method='mix'): per-task floors in proportion to the pool's task mix (rows "
+           "at home in each task), each task's own top rows",
     "blend": "balanced specialist, select(method='random', task_floor=0.5): half equal per-task floors, half a "
              "seeded random sample",
     "random": "a uniformly random subset (seeded)",
@@ -40,6 +42,7 @@ def select_rows(rule: str, fraction: float, *, balanced, mean, seed: int) -> np.
         "gain": lambda: select(balanced, fraction=fraction, method="gain"),
         "veto": lambda: select(balanced, fraction=fraction, method="veto"),
         "rank": lambda: select(balanced, fraction=fraction, method="rank"),
+        "mix": lambda: select(balanced, fraction=fraction, method="mix"),
         "blend": lambda: select(balanced, fraction=fraction, method="random", task_floor=0.5, seed=seed),
     }
     if rule == "random":

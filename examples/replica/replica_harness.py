@@ -477,7 +477,7 @@ def composition(records, kinds, selected: np.ndarray) -> dict:
 
 # Rule name base -> the select() method it runs.
 BASE_METHODS = {"icons": "vote", "mean": "mean", "less": "task", "gain": "gain", "veto": "veto", "rank": "rank",
-                "blend": "random", "random": "random", "full": None}
+                "mix": "mix",                 "blend": "random", "random": "random", "full": None}
 
 
 @dataclass(frozen=True)
@@ -485,7 +485,7 @@ class Rule:
     """A selection rule by name: ``<base>[-<task>][-sgd|-adam][-balanced|-zscore][-floor|-floor<percent>]``.
 
     Bases: ``icons`` (vote, the paper's generalist), ``mean`` (mean of task scores), ``less`` (one task's score;
-    name the task: ``less-shape``), ``gain``/``veto``/``rank`` (``select(method=...)`` with the method's own default
+    name the task: ``less-shape``), ``gain``/``veto``/``rank``/``mix`` (``select(method=...)`` with the method's own default
     ``task_floor``), ``blend`` (``select(method="random", task_floor=0.5)``: half per-task floors, half a seeded
     random sample), ``random``, ``full`` (the whole pool). Modifiers: ``sgd``/``adam`` choose the
     train-side feature (default ``adam``, the paper's); ``balanced`` / ``zscore`` choose
@@ -508,7 +508,7 @@ class Rule:
         base, rest = parts[0], parts[1:]
         if base not in BASE_METHODS:
             raise ValueError(
-                f"selection rule {name!r}: unknown base {base!r}; use icons, mean, less-<task>, gain, veto, rank, "
+                f"selection rule {name!r}: unknown base {base!r}; use icons, mean, less-<task>, gain, veto, rank, mix, "
                 "blend, random or full."
             )
         task = None
@@ -533,7 +533,7 @@ class Rule:
                 )
         if base in ("random", "full") and kw:
             raise ValueError(f"selection rule {name!r}: {base} takes no modifiers.")
-        if base in ("gain", "veto", "rank"):
+        if base in ("gain", "veto", "rank", "mix"):
             kw.setdefault("floor", None)
         elif base == "blend":
             kw.setdefault("floor", 0.5)
