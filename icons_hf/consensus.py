@@ -18,12 +18,12 @@ Coverage (``task_floor``, any method): before the method's ranking fills the sub
 reserves ``floor(task_floor * n / K)`` rows, its own highest-scoring rows, taken in turns (task order, one row
 each) so that a row wanted by several tasks is counted once and the next task takes its next best; the method's
 ranking then fills the rest. A rule may size the floors unequally (``Ranking.floor_weights``; ``mix`` sizes them
-by the pool's task mix): ``floor(task_floor * n)`` rows split in proportion to the weights. The default is ``task_floor=1.0`` for ``vote`` (every task gets an equal share of
-the subset, and the votes order only the fewer than ``K`` rows the floors leave) and ``0`` for the other
-methods. Why: with few tasks, votes starve a task whose valuable rows only it likes (rows liked by two tasks
-outvote rows liked by one), and in the easy-VQA replica (README) rows above two tasks' thresholds were about as
-clean as the pool while each task's own top rows were cleaner; of the floors measured there (0, 0.5, 1) the full
-floor was best on both pools.
+by the pool's task mix): ``floor(task_floor * n)`` rows split in proportion to the weights. The default is
+``task_floor=1.0`` for ``vote`` (every task gets an equal share of the subset, and the votes order only the fewer
+than ``K`` rows the floors leave) and ``0`` for the other methods. Why: with few tasks, votes starve a task
+whose valuable rows only it likes (rows liked by two tasks outvote rows liked by one), and in the easy-VQA replica
+(README) rows above two tasks' thresholds were about as clean as the pool while each task's own top rows were
+cleaner; of the floors measured there (0, 0.5, 1) the full floor was best on both pools.
 
 The paper preset (``select(scores, fraction=f, preset="paper")``) is the released ICONS generalist: per task the
 threshold is the ``100 - 100 f`` percentile of its scores, a task votes when its score is ``>=`` the threshold,
@@ -101,6 +101,14 @@ def select(
     out = with_columns(scores, {**ranking.extra_columns, "consensus": ranking.primary.astype(np.float32),
                                 "tiebreak": ranking.tiebreak.astype(np.float32), "selected": selected},
                        fingerprint=_selection_fingerprint(scores, config))
+    info = _selection_info(config, ranking, inputs.task_names, n_keep, n_total, floor_rows)
+    old = Provenance.of(scores)
+    return Provenance(influence=old.influence, selection=info, extra=old.extra).attach(out)
+
+
+def _selection_info(config: SelectionSettings, ranking: Ranking, task_names, n_keep: int, n_total: int,
+                    floor_rows: list[int] | None) -> dict:
+    """The selection part of the provenance: the settings, the sizes, the rule's own information and the floors."""
     info = {
         "settings": config.to_dict(), "method": config.method,
         "fraction": None if config.num_rows is not None else config.fraction,
@@ -113,9 +121,8 @@ def select(
     if floor_rows is not None:
         info["floor_rows_per_task"] = min(floor_rows)  # the least any task's floor holds (all, in equal shares)
         if ranking.floor_weights is not None:
-            info["floor_rows_by_task"] = dict(zip(inputs.task_names, floor_rows, strict=True))
-    old = Provenance.of(scores)
-    return Provenance(influence=old.influence, selection=info, extra=old.extra).attach(out)
+            info["floor_rows_by_task"] = dict(zip(task_names, floor_rows, strict=True))
+    return info
 
 
 def _choose(inputs: RuleInput, ranking: Ranking, n_keep: int, config: SelectionSettings):
@@ -202,7 +209,8 @@ def floor_quotas(n_keep: int, task_floor: float, n_tasks: int, weights=None) -> 
         return [math.floor(task_floor * n_keep / n_tasks)] * n_tasks
     weights = np.asarray(weights, dtype=np.float64)
     if len(weights) != n_tasks or (weights < 0).any() or not weights.sum() > 0:
-        raise ValueError(f"floor weights {weights.tolist()} must be {n_tasks} non-negative numbers with a positive sum.")
+        raise ValueError(
+            f"floor weights {weights.tolist()} must be {n_tasks} non-negative numbers with a positive sum.")
     total = math.floor(task_floor * n_keep)
     exact = total * weights / weights.sum()
     quotas = np.floor(exact).astype(np.int64)

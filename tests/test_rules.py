@@ -174,3 +174,17 @@ def test_floor_quotas_split_by_largest_remainder():
     assert floor_quotas(7, 1.0, 3, [0.0, 1.0, 1.0]) == [0, 4, 3]
     with pytest.raises(ValueError, match="non-negative"):
         floor_quotas(10, 1.0, 2, [0.0, 0.0])
+
+
+def test_mix_card_and_report_name_the_floors_per_task():
+    from icons_hf.card import _method_text
+    from icons_hf.report import _floor_text
+
+    rng = np.random.default_rng(12)
+    mat = rng.random((50, 2))
+    mat[:35, 0] += 1.0
+    sel = provenance(select(_table(mat), num_rows=10, method="mix"))["selection"]
+    assert sel["floor_rows_by_task"] == {"t0": 7, "t1": 3}
+    text = _method_text(sel)
+    assert "in proportion to the pool's task mix (t0 7, t1 3 rows)" in text and "equal" not in text
+    assert _floor_text(sel) == "100% of the subset reserved in proportion to the pool's task mix: t0 7, t1 3"

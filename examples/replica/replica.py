@@ -48,7 +48,8 @@ OTHER_POOL_RULES = ["icons-sgd", "icons-sgd-balanced", "icons-sgd-balanced-floor
 # 100(1-f) percentile at 20%) with `>`; the library's preset="paper" uses plain gradients and `>=`.
 CANDIDATE_RULES = {"default": DEFAULT_RULE, "floor50": "icons-sgd-balanced-floor50", "floor0": "icons-sgd-balanced",
                    "paper": PAPER_RULE, "gain": "gain-sgd-balanced", "veto": "veto-sgd-balanced",
-                   "rank": "rank-sgd-balanced", "mix": "mix-sgd-balanced", "blend": "blend-sgd-balanced", "random": "random", "full": "full"}
+                   "rank": "rank-sgd-balanced", "mix": "mix-sgd-balanced", "blend": "blend-sgd-balanced",
+                   "random": "random", "full": "full"}
 
 # Arguments that change what a finished job computed; a rerun into the same output_dir must keep them.
 RESULT_FIELDS = (

@@ -485,8 +485,8 @@ class Rule:
     """A selection rule by name: ``<base>[-<task>][-sgd|-adam][-balanced|-zscore][-floor|-floor<percent>]``.
 
     Bases: ``icons`` (vote, the paper's generalist), ``mean`` (mean of task scores), ``less`` (one task's score;
-    name the task: ``less-shape``), ``gain``/``veto``/``rank``/``mix`` (``select(method=...)`` with the method's own default
-    ``task_floor``), ``blend`` (``select(method="random", task_floor=0.5)``: half per-task floors, half a seeded
+    name the task: ``less-shape``), ``gain``/``veto``/``rank``/``mix`` (``select(method=...)`` with the method's own
+    default ``task_floor``), ``blend`` (``select(method="random", task_floor=0.5)``: half per-task floors, half a seeded
     random sample), ``random``, ``full`` (the whole pool). Modifiers: ``sgd``/``adam`` choose the
     train-side feature (default ``adam``, the paper's); ``balanced`` / ``zscore`` choose
     :func:`icons_hf.compute_influence`'s ``specialist`` (default ``mean``, the paper's); ``floor`` reserves the
