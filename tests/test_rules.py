@@ -183,6 +183,7 @@ def test_mix_card_and_report_name_the_floors_per_task():
     rng = np.random.default_rng(12)
     mat = rng.random((50, 2))
     mat[:35, 0] += 1.0
+    mat[35:, 1] += 1.0
     sel = provenance(select(_table(mat), num_rows=10, method="mix"))["selection"]
     assert sel["floor_rows_by_task"] == {"t0": 7, "t1": 3}
     text = _method_text(sel)

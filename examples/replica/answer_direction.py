@@ -83,7 +83,8 @@ def markdown(result: dict, pool: str, seeds: list[int]) -> str:
         "the others, and the share of rows whose balanced score (the highest within-pool percentile rank over the "
         "task's validation examples) comes from an example with the row's answer (chance: the share of validation "
         "examples with that answer).", "",
-        "| task | rows | n | cosine, same answer | cosine, other answers | best example has the row's answer | chance |",
+        "| task | rows | n | cosine, same answer | cosine, other answers | best example has the row's answer "
+        "| chance |",
         "|---|---|---|---|---|---|---|"]
     for task, kinds in result.items():
         for kind, e in kinds.items():
