@@ -195,6 +195,7 @@ def test_reduced_run_under_accelerate_launch_with_two_processes(tmp_path):
     ("gain-sgd-balanced", dict(base="gain", feature="sgd", specialist="balanced", floor=None)),
     ("veto-sgd-balanced", dict(base="veto", floor=None)),
     ("rank-sgd-balanced", dict(base="rank", floor=None)),
+    ("mix-sgd-balanced", dict(base="mix", floor=None)),
     ("blend-sgd-balanced", dict(base="blend", floor=0.5)),
 ])
 def test_candidate_rule_names(replica, name, expected):

@@ -204,7 +204,7 @@ def test_clean_pool_has_no_harmful_rows_and_a_third_conversation_rows(many):
 
 
 @pytest.mark.parametrize("rule,kwargs", [("gain", dict(method="gain")), ("veto", dict(method="veto")),
-                                         ("rank", dict(method="rank")),
+                                         ("rank", dict(method="rank")), ("mix", dict(method="mix")),
                                          ("blend", dict(method="random", task_floor=0.5, seed=7))])
 def test_candidate_rules_are_the_library_calls(many, rule, kwargs):
     from icons_hf import select
@@ -245,7 +245,7 @@ def test_candidates_run_end_to_end(tmp_path):
         sys.path.remove(HERE)
     summary = json.loads((reports / "candidates_many.json").read_text())
     entry = summary["pools"]["M-clean"]
-    assert set(entry["relative_per_seed"]) == {"default", "floor50", "floor0", "paper", "gain", "veto", "rank",
+    assert set(entry["relative_per_seed"]) == {"default", "floor50", "floor0", "paper", "gain", "veto", "rank", "mix",
                                                "blend", "random", "full"}
     kept = entry["kept"]
     assert kept["full"]["rows"] == 120 and all(k["rows"] == 24 and k["harmful_share"] == 0

@@ -54,6 +54,54 @@ def append_invocation(output_dir: str, timing: dict) -> list[dict]:
     return invocations
 
 
+def quiet_logging() -> None:
+    """The replica scripts' log format, without progress bars or the libraries' info lines."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    for noisy in ("transformers", "datasets", "icons_hf"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_job_graph(harness, args: dict, first: list[dict], after: Callable[[dict], list[dict]], workers: int,
+                  logger, hidden: tuple[str, ...] = ()) -> dict:
+    """Runs ``first`` and then, as each job finishes, the jobs ``after(job)`` names, on ``workers`` spawned
+    processes (``harness.init_worker(args, 1)``, ``harness.run_in_worker(job)``); logs each finished job (without
+    the ``hidden`` keys) and returns how many ran and how many were cached."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    counts = {"run": 0, "cached": 0}
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=harness.init_worker,
+                             initargs=(args, 1)) as pool:
+        pending = {pool.submit(harness.run_in_worker, job): job for job in first}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                job = pending.pop(future)
+                result = future.result()
+                counts["cached" if result.get("cached") else "run"] += 1
+                what = " ".join(f"{k}={v}" for k, v in job.items() if k not in ("kind", *hidden))
+                logger.info("done %s %s (%.1fs)%s", job["kind"], what, result["job_wall_s"],
+                            " cached" if result.get("cached") else "")
+                for n in after(job):
+                    pending[pool.submit(harness.run_in_worker, n)] = n
+    return counts
+
+
+def invocation_timing(started: float, load_before, workers: int, counts: dict, seeds) -> dict:
+    """One invocation's cost record (``append_invocation``): wall and CPU seconds, workers, load, jobs."""
+    import time
+
+    return {"wall_s": time.perf_counter() - started, "cpu_s": cpu_seconds(), "workers": workers,
+            "cpu_count": os.cpu_count(), "load_average_before": load_before, "load_average_after": os.getloadavg(),
+            "jobs_run": counts["run"], "jobs_cached": counts["cached"], "seeds": seeds,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
 class JobCache:
     """Per-process memo of the pieces jobs rebuild (splits, base models, pools, test sets), keyed by tuples."""
 

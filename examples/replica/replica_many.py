@@ -28,12 +28,11 @@ from __future__ import annotations
 import logging
 import os
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 
 from candidates import CANDIDATES
 from many_rules import RULE_NAMES
-from replica_common import append_invocation, check_output_dir, cpu_seconds
+from replica_common import append_invocation, check_output_dir, invocation_timing, quiet_logging, run_job_graph
 
 logger = logging.getLogger("replica_many")
 CANDIDATE_FRACTION = 0.2
@@ -109,56 +108,28 @@ def plan_runs(args: ManyTaskArguments) -> dict[str, list[tuple[str, float]]]:
 def run_jobs(args: ManyTaskArguments, plan, workers: int) -> dict:
     """Base models first; a (seed, pool)'s selections when its base exists; its trainings when they exist.
     The largest jobs of a seed go first so the two workers finish together."""
-    import multiprocessing
-
     import many_harness as harness
 
-    counts = {"run": 0, "cached": 0}
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=harness.init_worker,
-                             initargs=(asdict(args), 1)) as pool:
-        pending = {pool.submit(harness.run_in_worker, job): job
-                   for job in ({"kind": "base", "seed": s} for s in args.seeds)}
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                job = pending.pop(future)
-                result = future.result()
-                counts["cached" if result.get("cached") else "run"] += 1
-                what = " ".join(f"{k}={v}" for k, v in job.items() if k not in ("kind", "runs"))
-                logger.info("done %s %s (%.1fs)%s", job["kind"], what, result["job_wall_s"],
-                            " cached" if result.get("cached") else "")
-                if job["kind"] == "base":
-                    nxt = [{"kind": "prep", "seed": job["seed"], "pool": p, "runs": plan[p]} for p in args.pools]
-                elif job["kind"] == "prep":
-                    nxt = [{"kind": "train", "seed": job["seed"], "pool": job["pool"], "rule": r, "fraction": f}
-                           for r, f in sorted(plan[job["pool"]], key=lambda run: -run[1])]
-                else:
-                    nxt = []
-                for n in nxt:
-                    pending[pool.submit(harness.run_in_worker, n)] = n
-    return counts
+    def after(job: dict) -> list[dict]:
+        if job["kind"] == "base":
+            return [{"kind": "prep", "seed": job["seed"], "pool": p, "runs": plan[p]} for p in args.pools]
+        if job["kind"] == "prep":
+            return [{"kind": "train", "seed": job["seed"], "pool": job["pool"], "rule": r, "fraction": f}
+                    for r, f in sorted(plan[job["pool"]], key=lambda run: -run[1])]
+        return []
+
+    first = [{"kind": "base", "seed": s} for s in args.seeds]
+    return run_job_graph(harness, asdict(args), first, after, workers, logger, hidden=("runs",))
 
 
 def main(argv=None) -> dict:
     (args,) = make_parser().parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    for noisy in ("transformers", "datasets", "icons_hf"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_logging()
     started, load_before = time.perf_counter(), os.getloadavg()
     check_output_dir(args.output_dir, {k: getattr(args, k) for k in RESULT_FIELDS}, args.overwrite_output_dir)
     plan = plan_runs(args)
     workers = args.workers or (os.cpu_count() or 1)
-    counts = run_jobs(args, plan, workers)
-    timing = {
-        "wall_s": time.perf_counter() - started,
-        "cpu_s": cpu_seconds(),
-        "workers": workers, "cpu_count": os.cpu_count(), "load_average_before": load_before,
-        "load_average_after": os.getloadavg(), "jobs_run": counts["run"], "jobs_cached": counts["cached"],
-        "seeds": args.seeds, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
+    timing = invocation_timing(started, load_before, workers, run_jobs(args, plan, workers), args.seeds)
     invocations = append_invocation(args.output_dir, timing)
     import many_report as report
 

@@ -26,11 +26,10 @@ from __future__ import annotations
 import logging
 import os
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 
 from real_rules import RULE_NAMES
-from replica_common import append_invocation, check_output_dir, cpu_seconds
+from replica_common import append_invocation, check_output_dir, invocation_timing, quiet_logging, run_job_graph
 
 logger = logging.getLogger("replica_real")
 
@@ -76,58 +75,31 @@ def make_parser():
 
 
 def run_jobs(args: RealArguments, workers: int) -> dict:
-    """The base model first; then each (seed, pool)'s selections; then its trainings, largest first."""
-    import multiprocessing
-
+    """The base model first; then each (seed, pool)'s selections; then its trainings."""
     import real_harness as harness
 
     rules = ["full", *args.rules]
-    counts = {"run": 0, "cached": 0}
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=harness.init_worker,
-                             initargs=(asdict(args), 1)) as pool:
-        pending = {pool.submit(harness.run_in_worker, {"kind": "base"}): {"kind": "base"}}
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                job = pending.pop(future)
-                result = future.result()
-                counts["cached" if result.get("cached") else "run"] += 1
-                what = " ".join(f"{k}={v}" for k, v in job.items() if k not in ("kind", "rules"))
-                logger.info("done %s %s (%.1fs)%s", job["kind"], what, result["job_wall_s"],
-                            " cached" if result.get("cached") else "")
-                if job["kind"] == "base":
-                    nxt = [{"kind": "prep", "seed": s, "pool": p, "rules": rules} for s in args.seeds
-                           for p in args.pools]
-                elif job["kind"] == "prep":
-                    nxt = [{"kind": "train", "seed": job["seed"], "pool": job["pool"], "rule": r} for r in rules]
-                else:
-                    nxt = []
-                for n in nxt:
-                    pending[pool.submit(harness.run_in_worker, n)] = n
-    return counts
+
+    def after(job: dict) -> list[dict]:
+        if job["kind"] == "base":
+            return [{"kind": "prep", "seed": s, "pool": p, "rules": rules} for s in args.seeds for p in args.pools]
+        if job["kind"] == "prep":
+            return [{"kind": "train", "seed": job["seed"], "pool": job["pool"], "rule": r} for r in rules]
+        return []
+
+    return run_job_graph(harness, asdict(args), [{"kind": "base"}], after, workers, logger, hidden=("rules",))
 
 
 def main(argv=None) -> dict:
     (args,) = make_parser().parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    for noisy in ("transformers", "datasets", "icons_hf"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_logging()
     unknown = [r for r in args.rules if r not in RULE_NAMES]
     if unknown:
         raise SystemExit(f"--rules: unknown rule {unknown[0]!r}; known: {', '.join(RULE_NAMES)}.")
     started, load_before = time.perf_counter(), os.getloadavg()
     check_output_dir(args.output_dir, {k: getattr(args, k) for k in RESULT_FIELDS}, args.overwrite_output_dir)
     workers = args.workers or (os.cpu_count() or 1)
-    counts = run_jobs(args, workers)
-    timing = {
-        "wall_s": time.perf_counter() - started, "cpu_s": cpu_seconds(), "workers": workers,
-        "cpu_count": os.cpu_count(), "load_average_before": load_before, "load_average_after": os.getloadavg(),
-        "jobs_run": counts["run"], "jobs_cached": counts["cached"], "seeds": args.seeds,
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
+    timing = invocation_timing(started, load_before, workers, run_jobs(args, workers), args.seeds)
     invocations = append_invocation(args.output_dir, timing)
     import real_report as report
 
