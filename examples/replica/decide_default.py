@@ -79,23 +79,27 @@ def final_choice(groups: dict) -> dict:
             "loses_to_random_on": lost}
 
 
-def load(report_dir: str) -> tuple[dict, dict]:
-    pools, choice = {}, {}
+def load(report_dir: str) -> tuple[dict, dict, dict]:
+    """Per pool: each candidate's relative performance per seed, the choice seeds, and what each candidate keeps
+    (``kept``, where the family reports it)."""
+    pools, choice, kept = {}, {}, {}
     for path in sorted(glob.glob(os.path.join(report_dir, "candidates_*.json"))):
         with open(path) as handle:
             data = json.load(handle)
         for name, pool in data["pools"].items():
+            kept[name] = pool.get("kept", {})
             pool = pool.get("relative_per_seed", pool)
-            pools[name] = {c: {str(s): v for s, v in seeds.items()} for c, seeds in pool.items() if c != "full"}
+            pools[name] = {c: {str(s): v for s, v in seeds.items()} for c, seeds in pool.items()
+                           if c not in ("full", "kept")}
             choice[name] = [str(s) for s in data["choice_seeds"]]
-    return pools, choice
+    return pools, choice, kept
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--report_dir", default="benchmarks/results")
     args = parser.parse_args(argv)
-    pools, choice = load(args.report_dir)
+    pools, choice, kept = load(args.report_dir)
     groups = {}
     for group in ("choice", "held_out", "all"):
         seeds_of = {}
@@ -108,10 +112,32 @@ def main(argv=None) -> dict:
                          "choice": choose(verdict, usable) if usable else None}
     groups["final"] = final_choice(groups)
     with open(os.path.join(args.report_dir, "decision.json"), "w") as handle:
-        json.dump(groups, handle, indent=1)
+        json.dump({**groups, "kept": kept}, handle, indent=1)
     with open(os.path.join(args.report_dir, "decision.md"), "w") as handle:
-        handle.write(markdown(groups))
+        handle.write(markdown(groups) + "\n" + kept_markdown(kept))
     return groups
+
+
+def kept_markdown(kept: dict) -> str:
+    """Per pool and candidate (means over the seeds run): the share of the subset that is conversation
+    (generalist) rows and harmful rows, and its rows per task."""
+    lines = ["## What each candidate keeps", "", "Per pool, the mean over all seeds of the subset's share of "
+             "conversation (generalist: two or more target tasks) rows and of harmful rows, and its rows per task (rows holding a "
+             "question of the task; real model: clean answers of the task). `full` is the pool itself.", ""]
+    for pool, per in kept.items():
+        if not per:
+            continue
+        lines += [f"### {pool}", "", "| candidate | conversation share | harmful share | rows per task |",
+                  "|---|---|---|---|"]
+        for cand in (*CANDIDATES, "random", "full"):
+            k = per.get(cand)
+            if not k:
+                continue
+            conv = "–" if k.get("generalist_share") is None else f"{k['generalist_share']:.0%}"
+            tasks = ", ".join(f"{t} {v:.0f}" for t, v in k.get("rows_per_task", {}).items())
+            lines.append(f"| {cand} | {conv} | {k['harmful_share']:.0%} | {tasks} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def markdown(groups: dict) -> str:

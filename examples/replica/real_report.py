@@ -26,11 +26,22 @@ def relative(accuracy: dict, full: dict) -> float:
 
 
 def candidates(results: dict) -> dict:
-    """Per pool and rule, the per-seed relative performance (the input of examples/replica/decide_default.py)."""
-    return {"family": "real", "choice_seeds": results["arguments"]["choice_seeds"],
-            "pools": {pool: {rule: {s: d["relative"] for s, d in data["per_seed"].items()}
-                             for rule, data in entry["rules"].items() if rule != "full"}
-                      for pool, entry in results["pools"].items()}}
+    """Per pool and rule, the per-seed relative performance (the input of examples/replica/decide_default.py) and
+    what the rule keeps (``kept``, as :func:`candidates.kept` summarises it: conversation rows are the generalist
+    rows; rows per task count the clean answers of the task)."""
+    from candidates import kept
+
+    def composition(c: dict) -> dict:
+        return {"rows": c["rows"], "harmful": round(c["harmful_share"] * c["rows"]), "generalist": c["conversation"],
+                "rows_per_task": c["answers_by_task"]}
+
+    pools = {}
+    for pool, entry in results["pools"].items():
+        rules = [r for r in entry["rules"] if r != "full"]
+        pools[pool] = {rule: {s: d["relative"] for s, d in entry["rules"][rule]["per_seed"].items()} for rule in rules}
+        pools[pool]["kept"] = {rule: kept({s: composition(c[rule]) for s, c in entry["composition"].items()})
+                               for rule in [*rules, "full"]}
+    return {"family": "real", "choice_seeds": results["arguments"]["choice_seeds"], "pools": pools}
 
 
 def _run(args, seed, pool, rule):
