@@ -122,8 +122,9 @@ def kept_markdown(kept: dict) -> str:
     """Per pool and candidate (means over the seeds run): the share of the subset that is conversation
     (generalist) rows and harmful rows, and its rows per task."""
     lines = ["## What each candidate keeps", "", "Per pool, the mean over all seeds of the subset's share of "
-             "conversation (generalist: two or more target tasks) rows and of harmful rows, and its rows per task (rows holding a "
-             "question of the task; real model: clean answers of the task). `full` is the pool itself.", ""]
+             "conversation (generalist: two or more target tasks) rows and of harmful rows, and its rows per task "
+             "(rows holding a question of the task; real model: clean answers of the task). `full` is the pool "
+             "itself.", ""]
     for pool, per in kept.items():
         if not per:
             continue
