@@ -265,18 +265,3 @@ class Worker(JobCache):
         write_json(done, result)
         return result
 
-
-WORKER: Worker | None = None
-
-
-def init_worker(args: dict, threads: int) -> None:
-    global WORKER
-    torch.set_num_threads(threads)
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    for noisy in ("transformers", "datasets", "icons_hf"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    WORKER = Worker(args)
-
-
-def run_in_worker(job: dict) -> dict:
-    return WORKER.run(job)

@@ -245,18 +245,3 @@ class Worker(JobCache):
         rows = read_json(os.path.join(folder, "pool.json"))
         return rows, tensorize(load_from_disk(os.path.join(folder, "pool_states")), self.base()[1].pad_token_id)
 
-
-WORKER: Worker | None = None
-
-
-def init_worker(args: dict, threads: int) -> None:
-    global WORKER
-    torch.set_num_threads(threads)
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    for noisy in ("transformers", "datasets", "icons_hf"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    WORKER = Worker(args)
-
-
-def run_in_worker(job: dict) -> dict:
-    return WORKER.run(job)

@@ -59,25 +59,47 @@ def quiet_logging() -> None:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    """No progress bars, and only warnings from the libraries."""
+    import logging
+
+    os.environ.setdefault("TQDM_DISABLE", "1")
     for noisy in ("transformers", "datasets", "icons_hf"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def run_job_graph(harness, args: dict, first: list[dict], after: Callable[[dict], list[dict]], workers: int,
+_WORKER = None  # the job runner of a spawned worker process (run_job_graph)
+
+
+def _init_worker(worker_class, args: dict) -> None:
+    """A spawned worker: one torch thread, no progress bars or library info lines, one ``worker_class(args)``."""
+    global _WORKER
+    torch.set_num_threads(1)
+    _quiet_libraries()
+    _WORKER = worker_class(args)
+
+
+def _run_in_worker(job: dict) -> dict:
+    return _WORKER.run(job)
+
+
+def run_job_graph(worker_class, args: dict, first: list[dict], after: Callable[[dict], list[dict]], workers: int,
                   logger, hidden: tuple[str, ...] = ()) -> dict:
     """Runs ``first`` and then, as each job finishes, the jobs ``after(job)`` names, on ``workers`` spawned
-    processes (``harness.init_worker(args, 1)``, ``harness.run_in_worker(job)``); logs each finished job (without
+    processes that each hold one ``worker_class(args)`` and call its ``run(job)``; logs each finished job (without
     the ``hidden`` keys) and returns how many ran and how many were cached."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     counts = {"run": 0, "cached": 0}
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=harness.init_worker,
-                             initargs=(args, 1)) as pool:
-        pending = {pool.submit(harness.run_in_worker, job): job for job in first}
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                             initargs=(worker_class, args)) as pool:
+        pending = {pool.submit(_run_in_worker, job): job for job in first}
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
@@ -88,7 +110,7 @@ def run_job_graph(harness, args: dict, first: list[dict], after: Callable[[dict]
                 logger.info("done %s %s (%.1fs)%s", job["kind"], what, result["job_wall_s"],
                             " cached" if result.get("cached") else "")
                 for n in after(job):
-                    pending[pool.submit(harness.run_in_worker, n)] = n
+                    pending[pool.submit(_run_in_worker, n)] = n
     return counts
 
 

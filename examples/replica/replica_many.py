@@ -119,7 +119,7 @@ def run_jobs(args: ManyTaskArguments, plan, workers: int) -> dict:
         return []
 
     first = [{"kind": "base", "seed": s} for s in args.seeds]
-    return run_job_graph(harness, asdict(args), first, after, workers, logger, hidden=("runs",))
+    return run_job_graph(harness.Worker, asdict(args), first, after, workers, logger, hidden=("runs",))
 
 
 def main(argv=None) -> dict:

@@ -87,7 +87,7 @@ def run_jobs(args: RealArguments, workers: int) -> dict:
             return [{"kind": "train", "seed": job["seed"], "pool": job["pool"], "rule": r} for r in rules]
         return []
 
-    return run_job_graph(harness, asdict(args), [{"kind": "base"}], after, workers, logger, hidden=("rules",))
+    return run_job_graph(harness.Worker, asdict(args), [{"kind": "base"}], after, workers, logger, hidden=("rules",))
 
 
 def main(argv=None) -> dict:
